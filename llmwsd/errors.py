@@ -1,0 +1,120 @@
+"""One exception tree for the daemon, the admin channel and the clients.
+
+Every error a client can see is an :class:`LLMWSError` with a protocol ``code``
+(see ``shared/reference/protocol.md``) and a human message; extra fields (such
+as ``max_context``) travel in ``details``. This module imports nothing heavy so
+that llmwsctl can share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LLMWSError(Exception):
+    """Base of every llmws error; ``code`` is the protocol's error code."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_message(self) -> dict[str, Any]:
+        """The protocol's ``error`` message for this exception."""
+        return {"type": "error", "code": self.code, "message": self.message, **self.details}
+
+
+class ConfigError(LLMWSError):
+    code = "bad_config"
+
+
+class BadRequest(LLMWSError):
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class UnknownType(BadRequest):
+    code = "unknown_type"
+
+
+class ContextTooLong(LLMWSError):
+    code = "context_too_long"
+
+    def __init__(self, input_length: int, max_context: int) -> None:
+        super().__init__(
+            f"Context too long ({input_length} tokens). Max: {max_context}. Please retry.",
+            max_context=max_context,
+            input_length=input_length,
+        )
+        self.input_length = input_length
+        self.max_context = max_context
+
+
+class NoModel(LLMWSError):
+    code = "no_model"
+
+
+class Busy(LLMWSError):
+    code = "busy"
+
+
+class Forbidden(LLMWSError):
+    code = "forbidden"
+
+
+class Unauthorized(LLMWSError):
+    code = "unauthorized"
+
+
+class Unsupported(LLMWSError):
+    code = "unsupported"
+
+
+class NotFound(LLMWSError):
+    code = "not_found"
+
+
+class Interrupted(LLMWSError):
+    code = "interrupted"
+
+
+class InternalError(LLMWSError):
+    code = "internal"
+
+
+ERROR_CLASSES: dict[str, type[LLMWSError]] = {
+    cls.code: cls
+    for cls in (
+        ConfigError,
+        BadRequest,
+        InvalidJSON,
+        UnknownType,
+        NoModel,
+        Busy,
+        Forbidden,
+        Unauthorized,
+        Unsupported,
+        NotFound,
+        Interrupted,
+        InternalError,
+    )
+}
+
+
+def error_from_message(msg: dict[str, Any]) -> LLMWSError:
+    """Turn a received ``error`` message back into the matching exception."""
+    code = str(msg.get("code", "internal"))
+    message = str(msg.get("message", code))
+    details = {k: v for k, v in msg.items() if k not in ("type", "code", "message")}
+    if code == ContextTooLong.code:
+        return ContextTooLong(int(details.get("input_length", 0)), int(details.get("max_context", 0)))
+    cls = ERROR_CLASSES.get(code, LLMWSError)
+    error = cls(message, **details)
+    if cls is LLMWSError:
+        error.code = code  # type: ignore[misc]
+    return error

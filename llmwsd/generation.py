@@ -1,0 +1,180 @@
+"""What a generation is asked for and what it reports: the engine's interface types.
+
+The server builds a :class:`GenerationRequest`, the engine answers through a
+callback with :data:`GenerationEvent` values on the event loop. Nothing here
+imports torch, so the protocol layer and its tests stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmwsd.errors import BadRequest, LLMWSError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-request sampling settings; ``merge`` validates what a client sends."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    do_sample: bool = True
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    min_new_tokens: int = 0
+
+    def merge(self, data: Any) -> GenerationSettings:
+        """Return these settings updated by ``data`` (a client's dict), or raise BadRequest."""
+        if not isinstance(data, dict):
+            raise BadRequest("generation settings must be a JSON object")
+        changes: dict[str, Any] = {}
+        for key, value in data.items():
+            changes[key] = _validate_setting(key, value)
+        merged = dataclasses.replace(self, **changes)
+        if merged.min_new_tokens > merged.max_new_tokens:
+            raise BadRequest("min_new_tokens must not exceed max_new_tokens")
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+def _number(key: str, value: Any, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"setting {key!r} must be a number")
+    if integer and not isinstance(value, int):
+        raise BadRequest(f"setting {key!r} must be an integer")
+    if not math.isfinite(value):
+        raise BadRequest(f"setting {key!r} must be finite")
+    return value
+
+
+def _validate_setting(key: str, value: Any) -> Any:
+    if key == "max_new_tokens":
+        n = int(_number(key, value, integer=True))
+        if not 1 <= n <= 1_000_000:
+            raise BadRequest("max_new_tokens must be between 1 and 1000000")
+        return n
+    if key == "min_new_tokens":
+        n = int(_number(key, value, integer=True))
+        if not 0 <= n <= 1_000_000:
+            raise BadRequest("min_new_tokens must be between 0 and 1000000")
+        return n
+    if key == "temperature":
+        t = float(_number(key, value))
+        if not 0 <= t <= 100:
+            raise BadRequest("temperature must be between 0 and 100")
+        return t
+    if key == "top_p":
+        p = float(_number(key, value))
+        if not 0 < p <= 1:
+            raise BadRequest("top_p must be greater than 0 and at most 1")
+        return p
+    if key == "top_k":
+        k = int(_number(key, value, integer=True))
+        if not 0 <= k <= 1_000_000:
+            raise BadRequest("top_k must be between 0 (off) and 1000000")
+        return k
+    if key == "repetition_penalty":
+        r = float(_number(key, value))
+        if not 0 < r <= 10:
+            raise BadRequest("repetition_penalty must be greater than 0 and at most 10")
+        return r
+    if key == "do_sample":
+        if not isinstance(value, bool):
+            raise BadRequest("do_sample must be true or false")
+        return value
+    if key == "seed":
+        if value is None:
+            return None
+        s = int(_number(key, value, integer=True))
+        if not 0 <= s < 2**63:
+            raise BadRequest("seed must be between 0 and 2**63-1")
+        return s
+    if key == "stop":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+            raise BadRequest("stop must be a list of non-empty strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(s) > MAX_STOP_LENGTH for s in value):
+            raise BadRequest(f"stop strings are at most {MAX_STOP_LENGTH} characters")
+        return tuple(value)
+    raise BadRequest(f"unknown generation setting {key!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: the chat messages (role/content dicts) and its settings."""
+
+    messages: list[dict[str, str]]
+    settings: GenerationSettings
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Started:
+    tokens_in: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenText:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    total_tokens: int
+    finish_reason: str  # "stop", "length" or "cancelled"
+    ttft_ms: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: LLMWSError
+
+
+GenerationEvent = Started | TokenText | Finished | Failed
+EventCallback = Callable[[GenerationEvent], None]
+
+
+@dataclass
+class ModelInfo:
+    """What the engine tells clients about the loaded model."""
+
+    name: str
+    path: str
+    device: str
+    dtype: str
+    max_context: int
+    attention: str
+    compute_capability: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "vision": False,
+            "flash_attention": self.attention == "flash_attention_2",
+            "sdpa": self.attention == "sdpa",
+            "attention": self.attention,
+            "dtype": self.dtype,
+            "compute_capability": self.compute_capability,
+            "device": self.device,
+            "max_context": self.max_context,
+            "training": False,
+        }
