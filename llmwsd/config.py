@@ -133,7 +133,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r}")
         expected = hints[key]
-        if dataclasses.is_dataclass(expected):
+        if isinstance(expected, type) and dataclasses.is_dataclass(expected):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table")
             values[key] = _build(expected, value, f"{where} [{key}]")

@@ -93,7 +93,7 @@ def copy_atomically(src: Path, dest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llmwsd.convert",
-        description="Convert a GGUF model file into a transformers folder with safetensors weights.",
+        description="Convert a GGUF model file into a transformers model folder (safetensors).",
     )
     parser.add_argument("dest", type=Path, help="the model folder to create")
     source = parser.add_mutually_exclusive_group(required=True)

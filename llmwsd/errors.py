@@ -112,7 +112,9 @@ def error_from_message(msg: dict[str, Any]) -> LLMWSError:
     message = str(msg.get("message", code))
     details = {k: v for k, v in msg.items() if k not in ("type", "code", "message")}
     if code == ContextTooLong.code:
-        return ContextTooLong(int(details.get("input_length", 0)), int(details.get("max_context", 0)))
+        return ContextTooLong(
+            int(details.get("input_length", 0)), int(details.get("max_context", 0))
+        )
     cls = ERROR_CLASSES.get(code, LLMWSError)
     error = cls(message, **details)
     if cls is LLMWSError:

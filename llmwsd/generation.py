@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from llmwsd.errors import BadRequest, LLMWSError
 
@@ -178,3 +178,25 @@ class ModelInfo:
             "max_context": self.max_context,
             "training": False,
         }
+
+
+class GenerationHandle(Protocol):
+    request_id: str
+
+    def cancel(self) -> None: ...
+
+
+class EngineLike(Protocol):
+    """What the daemon needs of an engine (llmwsd.engine.Engine, or a test's fake)."""
+
+    info: ModelInfo
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+    async def close(self) -> None: ...

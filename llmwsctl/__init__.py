@@ -1,0 +1,1 @@
+"""llmwsctl: the operator's console for llmwsd, and the Python client library."""

@@ -1,0 +1,355 @@
+"""The daemon: owns the configuration, the engine, the sessions and the listeners.
+
+Start-up order: folders, public socket, model (READY=1 only once it is
+loaded), then serve until SIGTERM/SIGINT. :meth:`Daemon.shutdown` is the one
+idempotent way out: stop listening, close clients with 1001, let running
+generations finish within ``[server] drain_timeout``, free the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from llmwsd import __version__, models, resources
+from llmwsd.config import Config, load_config
+from llmwsd.errors import ConfigError, NoModel
+from llmwsd.generation import (
+    EngineLike,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationSettings,
+)
+from llmwsd.metrics import Metrics
+from llmwsd.protocol import PROTOCOL_VERSION
+from llmwsd.server import PublicServer
+from llmwsd.sessions import Session, SessionStore
+from llmwsd.systemd import Notifier
+
+log = logging.getLogger("llmwsd")
+
+EngineLoader = Callable[[Config, Path], Awaitable[EngineLike]]
+
+# systemd's start timeout is extended by this much, again and again, while a model loads.
+LOAD_TIMEOUT_EXTENSION_S = 90.0
+
+
+async def load_transformers_engine(config: Config, path: Path) -> EngineLike:
+    from llmwsd.engine import Engine  # torch is imported only when a model is loaded
+
+    return await Engine.load(config, path)
+
+
+def settings_from_config(config: Config) -> GenerationSettings:
+    g = config.generation_defaults
+    return GenerationSettings(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        do_sample=g.do_sample,
+    )
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        engine_loader: EngineLoader = load_transformers_engine,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.engine_loader = engine_loader
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.default_settings = settings_from_config(config)
+        self.sessions = SessionStore(self.default_settings)
+        self.engine: EngineLike | None = None
+        self.model_state = "loading"  # loading, ready, none, failed
+        self.model_error = ""
+        self.started_at = time.time()
+        self.server = PublicServer(self)
+        self._stop_requested = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def prepare_folders(self) -> None:
+        for folder in (self.config.state_dir / "models", self.config.runtime_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        """Everything up to READY=1: folders, sockets, the model."""
+        self.prepare_folders()
+        await self.server.start()
+        log.info(
+            "listening on ws://%s:%d (state %s, runtime %s)",
+            self.config.server.host,
+            self.server.port,
+            self.config.state_dir.resolve(),
+            self.config.runtime_dir.resolve(),
+        )
+        self.notifier.start_watchdog()
+        await self.load_initial_model()
+        self.notifier.ready(self.status_line())
+        self._status_task = asyncio.create_task(self._refresh_status())
+        log.info("ready: %s", self.status_line())
+
+    async def run(self) -> None:
+        """Serve until a stop signal, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            startup = asyncio.create_task(self.start())
+            stop = asyncio.create_task(self._stop_requested.wait())
+            await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if startup.done():
+                startup.result()  # start-up errors propagate
+                await stop
+            else:
+                startup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await startup
+        finally:
+            await self.shutdown()
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if sig is not None:
+            log.info("received %s, shutting down", sig.name)
+        self._stop_requested.set()
+
+    async def shutdown(self) -> None:
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.create_task(self._shutdown())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self._status_task is not None:
+            self._status_task.cancel()
+        await self.server.close()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            drain = self.config.server.drain_timeout
+            log.info("draining running generations (up to %g s)", drain)
+            await engine.drain(drain)
+            await engine.close()
+        self.notifier.stop_watchdog()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply what is safe to change while running (SIGHUP)."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.source) if self.config.source else self.config
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s", e.message)
+        else:
+            needs_restart = [
+                name
+                for name in ("server", "paths", "model", "engine")
+                if getattr(new, name) != getattr(self.config, name)
+            ]
+            if needs_restart:
+                log.warning(
+                    "reload: [%s] changed; restart llmwsd to apply", "], [".join(needs_restart)
+                )
+            self.config = dataclasses.replace(
+                self.config, generation_defaults=new.generation_defaults, models=new.models
+            )
+            self.default_settings = settings_from_config(self.config)
+            self.sessions.default_settings = self.default_settings
+            log.info("configuration reloaded from %s", self.config.source or "defaults")
+        self.notifier.ready(self.status_line())
+
+    # -- the model -------------------------------------------------------------------
+
+    async def load_initial_model(self) -> None:
+        path = await asyncio.to_thread(models.select_model, self.config)
+        if path is None:
+            self.model_state = "none"
+            log.warning(
+                "no model found in %s: serving without one",
+                ", ".join(str(d) for d in self.config.model_dirs),
+            )
+            return
+        self.notifier.status(f"loading {path.name}")
+        self.notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
+        extender = asyncio.create_task(self._extend_start_timeout())
+        started = time.monotonic()
+        try:
+            self.engine = await self.engine_loader(self.config, path)
+        except Exception as e:
+            self.model_state, self.model_error = "failed", f"{path.name} failed to load: {e}"
+            log.error("loading %s failed; serving without a model", path, exc_info=True)
+            return
+        finally:
+            extender.cancel()
+        self.model_state = "ready"
+        info = self.engine.info
+        log.info(
+            "loaded %s on %s (%s, %s attention, max context %d) in %.1f s",
+            info.name,
+            info.device,
+            info.dtype,
+            info.attention,
+            info.max_context,
+            time.monotonic() - started,
+        )
+
+    async def _extend_start_timeout(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_TIMEOUT_EXTENSION_S / 3)
+            self.notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
+
+    def no_model_reason(self) -> str:
+        if self.model_state == "loading":
+            return "the model is still loading; retry in a moment"
+        if self.model_state == "failed":
+            return self.model_error
+        return "no model is loaded: add one to a model folder or pull one with llmwsctl"
+
+    def require_engine(self) -> EngineLike:
+        if self.engine is None:
+            raise NoModel(self.no_model_reason())
+        return self.engine
+
+    # -- generations -----------------------------------------------------------------
+
+    async def start_generation(
+        self, session: Session, prompt: dict[str, str], overrides: Any = None
+    ) -> None:
+        """Submit one turn of ``session``; its events flow into the session's buffer."""
+        engine = self.require_engine()
+        settings = session.settings.merge(overrides) if overrides is not None else session.settings
+        running = session.begin_generation(prompt["user"], prompt["system"])
+        try:
+            messages, dropped = await asyncio.to_thread(
+                fit_context, engine, session.history(), prompt["user"], settings
+            )
+        except BaseException:
+            session.running = None
+            raise
+        running.dropped_turns = dropped
+        request = GenerationRequest(messages, settings, running.request_id)
+
+        def on_event(event: GenerationEvent) -> None:
+            session.on_generation_event(running, event)
+            if isinstance(event, Finished):
+                self.count_request(event)
+
+        running.cancel = engine.submit(request, on_event).cancel
+
+    def count_request(self, finished: Finished) -> None:
+        self.metrics.requests.labels(finished.finish_reason).inc()
+        self.metrics.generated_tokens.inc(finished.total_tokens)
+        self.metrics.ttft.observe(finished.ttft_ms / 1000)
+
+    # -- reports ---------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        if self.engine is not None:
+            return True, {"status": "ok", "model": self.engine.info.name}
+        return False, {"status": self.model_state, "model": None, "reason": self.no_model_reason()}
+
+    def status_line(self) -> str:
+        n = len(self.sessions)
+        sessions = f"{n} session{'s' if n != 1 else ''}"
+        if self.engine is None:
+            return f"no model ({self.model_state}), {sessions}"
+        return f"serving {self.engine.info.name} on {self.engine.info.device}, {sessions}"
+
+    async def _refresh_status(self) -> None:
+        last = ""
+        while True:
+            line = self.status_line()
+            if line != last:
+                self.notifier.status(line)
+                self.metrics.sessions.set(len(self.sessions))
+                last = line
+            await asyncio.sleep(2)
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine
+        stats = engine.stats() if engine is not None else {}
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "model": engine.info.name if engine else None,
+            "model_state": self.model_state,
+            "device": engine.info.device if engine else None,
+            "max_context": engine.info.max_context if engine else None,
+            "sessions": len(self.sessions),
+            "queue": stats.get("queued", 0),
+            "active": stats.get("active", 0),
+            "memory": resources.report(self.device())["host"],
+        }
+
+    def device(self) -> str:
+        return self.engine.info.device if self.engine is not None else "cpu"
+
+    async def resources(self) -> dict[str, Any]:
+        report = await asyncio.to_thread(resources.report, self.device())
+        if self.engine is not None:
+            report["engine"] = {
+                "model": self.engine.info.name,
+                "dtype": self.engine.info.dtype,
+                "max_context": self.engine.info.max_context,
+                **self.engine.stats(),
+            }
+        return report
+
+    def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "server": f"llmwsd/{__version__}",
+            "session_id": session.id,
+            "resumed": resumed,
+            "model": engine.info.name if engine else None,
+            "model_state": self.model_state,
+            "capabilities": engine.info.capabilities() if engine else {"device": self.device()},
+            "resources": resources.report(self.device()),
+            "config": session.settings.to_dict(),
+        }
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        entries = await asyncio.to_thread(models.scan, self.config.model_dirs)
+        loaded = Path(self.engine.info.path) if self.engine is not None else None
+        return [entry.to_dict(loaded) for entry in entries]
+
+
+def fit_context(
+    engine: EngineLike, history: list[dict[str, str]], user: str, settings: GenerationSettings
+) -> tuple[list[dict[str, str]], int]:
+    """The messages to send: drop the oldest turns (never the system message) until they fit.
+
+    Room is left for the answer: up to max_new_tokens, but at most half the context,
+    so a huge max_new_tokens does not erase the whole conversation. Returns the
+    messages and how many turns were dropped.
+    """
+    max_context = engine.info.max_context
+    budget = max_context - min(settings.max_new_tokens, max_context // 2)
+    system = [m for m in history if m["role"] == "system"]
+    turns = [m for m in history if m["role"] != "system"]
+    dropped = 0
+    while True:
+        messages = [*system, *turns, {"role": "user", "content": user}]
+        if not turns or engine.count_tokens(messages) <= budget:
+            return messages, dropped
+        # Drop a whole exchange (user + assistant) at a time.
+        turns = turns[2:]
+        dropped += 1

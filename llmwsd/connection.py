@@ -1,0 +1,258 @@
+"""A JSON-mode client connection: hello, welcome, message dispatch, event streaming.
+
+Generation events reach the socket only through the session's buffer (see
+sessions.py); direct answers (pong, config_ack, errors about a bad message)
+are sent at once and carry no seq. Every bad message is answered with an
+``error`` and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from llmwsd import protocol
+from llmwsd.errors import BadRequest, Forbidden, InternalError, LLMWSError, UnknownType, Unsupported
+from llmwsd.sessions import Session
+
+if TYPE_CHECKING:
+    from llmwsd.app import Daemon
+
+log = logging.getLogger("llmwsd.connection")
+
+CLOSE_TAKEN_OVER = 4000  # an application close code: the session moved to another connection
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class JsonConnection:
+    def __init__(self, daemon: Daemon, ws: ServerConnection, peer: str) -> None:
+        self.daemon = daemon
+        self.ws = ws
+        self.peer = peer
+        self.session: Session | None = None
+        self._streamer: asyncio.Task[None] | None = None
+        self._resources: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.handlers: dict[str, Handler] = {
+            "ping": self.on_ping,
+            "config": self.on_config,
+            "inference": self.on_inference,
+            "cancel": self.on_cancel,
+            "ack": self.on_ack,
+            "reset": self.on_reset,
+            "history": self.on_history,
+            "get_resources": self.on_get_resources,
+            "subscribe_resources": self.on_subscribe_resources,
+            "get_status": self.on_get_status,
+            "list_models": self.on_list_models,
+            "recheck_model": self.on_recheck_model,
+            "switch_model": self.on_model_management,
+            "download_model": self.on_model_management,
+            "delete_model": self.on_model_management,
+            "train": self.on_unsupported,
+            "train_status": self.on_unsupported,
+            "save_snapshot": self.on_unsupported,
+        }
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(protocol.encode_message(message))
+
+    async def send_error(self, error: LLMWSError, **extra: Any) -> None:
+        await self.send({**error.to_message(), **extra})
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, hello: dict[str, Any], hello_error: LLMWSError | None = None) -> None:
+        """Welcome first, then the buffered events, then messages until the client leaves."""
+        try:
+            session, resumed, last_seq = self._attach(hello)
+        except LLMWSError as e:
+            # A malformed hello: carry on with a fresh session and say why after the welcome.
+            hello_error, hello = e, {}
+            session, resumed, last_seq = self._attach({})
+        self.session = session
+        log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")
+        await self.send(self.daemon.welcome(session, resumed))
+        if hello_error is not None:
+            await self.send_error(hello_error)
+        self._streamer = asyncio.create_task(self._stream(session, last_seq))
+        try:
+            if "type" in hello:
+                await self.dispatch(hello)
+            async for frame in self.ws:
+                await self.dispatch_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.close()
+
+    def _attach(self, hello: dict[str, Any]) -> tuple[Session, bool, int | None]:
+        session_id = protocol.parse_session_id(hello.get("session_id"))
+        last_seq = protocol.parse_seq(hello.get("last_seq"))
+        session = self.daemon.sessions.get(session_id) if session_id else None
+        resumed = session is not None
+        if session is None:
+            session = self.daemon.sessions.create()
+            last_seq = None
+        previous = session.owner
+        session.owner = self
+        session.touch()
+        if previous is not None and previous is not self:
+            previous.taken_over()
+        return session, resumed, last_seq
+
+    def taken_over(self) -> None:
+        log.info(
+            "%s: session %s taken over by another connection",
+            self.peer,
+            self.session and self.session.id,
+        )
+        self.session = None
+        if self._streamer is not None:
+            self._streamer.cancel()
+        # Closing waits for the client's answer: do it beside the caller, not inside it.
+        self._closing = asyncio.create_task(
+            self.ws.close(CLOSE_TAKEN_OVER, "session taken over by another connection")
+        )
+
+    async def close(self) -> None:
+        for task in (self._streamer, self._resources):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
+        if self.session is not None and self.session.owner is self:
+            self.session.owner = None
+            self.session.touch()
+
+    async def _stream(self, session: Session, last_seq: int | None) -> None:
+        """Send the session's events after ``last_seq``, then live ones, in seq order."""
+        with contextlib.suppress(ConnectionClosed):
+            async for event in session.stream_from(last_seq):
+                await self.send(event)
+
+    # -- dispatch --------------------------------------------------------------------
+
+    async def dispatch_frame(self, frame: str | bytes) -> None:
+        try:
+            message = protocol.decode_message(frame)
+        except LLMWSError as e:
+            await self.send_error(e)
+            return
+        await self.dispatch(message)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        handler = self.handlers.get(kind) if isinstance(kind, str) else None
+        try:
+            if handler is None:
+                raise UnknownType(
+                    f"unknown message type {str(kind)[:64]!r}"
+                    if kind is not None
+                    else "a message needs a 'type'"
+                )
+            if self.session is None:
+                raise BadRequest("this connection no longer owns a session")
+            self.session.touch()
+            await handler(message)
+        except LLMWSError as e:
+            await self.send_error(e)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.error("%s: %s failed", self.peer, str(kind)[:64], exc_info=True)
+            await self.send_error(
+                InternalError(f"internal error while handling {str(kind)[:64]!r}")
+            )
+
+    @property
+    def current(self) -> Session:
+        assert self.session is not None  # dispatch checks it
+        return self.session
+
+    # -- handlers --------------------------------------------------------------------
+
+    async def on_ping(self, message: dict[str, Any]) -> None:
+        await self.send({"type": "pong"})
+
+    async def on_config(self, message: dict[str, Any]) -> None:
+        data = message.get("data", {k: v for k, v in message.items() if k != "type"})
+        self.current.set_settings(self.current.settings.merge(data))
+        await self.send({"type": "config_ack", "config": self.current.settings.to_dict()})
+
+    async def on_inference(self, message: dict[str, Any]) -> None:
+        prompt = protocol.parse_prompt(message.get("prompt"))
+        overrides = message.get("config")
+        await self.daemon.start_generation(self.current, prompt, overrides)
+
+    async def on_cancel(self, message: dict[str, Any]) -> None:
+        running = self.current.running
+        if running is None or running.cancel is None:
+            await self.send({"type": "cancel_ack", "cancelled": False})
+            return
+        running.cancel()
+        await self.send({"type": "cancel_ack", "cancelled": True, "request_id": running.request_id})
+
+    async def on_ack(self, message: dict[str, Any]) -> None:
+        seq = protocol.parse_seq(message.get("seq"), "seq")
+        dropped = self.current.ack(seq)
+        await self.send({"type": "ack_received", "seq": seq, "dropped": dropped})
+
+    async def on_reset(self, message: dict[str, Any]) -> None:
+        self.current.reset()
+        await self.send({"type": "reset_done"})
+
+    async def on_history(self, message: dict[str, Any]) -> None:
+        await self.send({"type": "history", "messages": self.current.history()})
+
+    async def on_get_resources(self, message: dict[str, Any]) -> None:
+        await self.send({"type": "resources", **await self.daemon.resources()})
+
+    async def on_subscribe_resources(self, message: dict[str, Any]) -> None:
+        interval = message.get("interval", 2)
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or not (interval == 0 or 0.5 <= interval <= 3600)
+            or not math.isfinite(interval)
+        ):
+            raise BadRequest("interval must be 0 (stop) or between 0.5 and 3600 seconds")
+        if self._resources is not None:
+            self._resources.cancel()
+            self._resources = None
+        if interval:
+            self._resources = asyncio.create_task(self._send_resources(float(interval)))
+        await self.send({"type": "subscribed", "interval": interval})
+
+    async def _send_resources(self, interval: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.send({"type": "resources", **await self.daemon.resources()})
+                await asyncio.sleep(interval)
+
+    async def on_get_status(self, message: dict[str, Any]) -> None:
+        await self.send({"type": "status", **self.daemon.status()})
+
+    async def on_list_models(self, message: dict[str, Any]) -> None:
+        await self.send({"type": "models_list", "models": await self.daemon.list_models()})
+
+    async def on_recheck_model(self, message: dict[str, Any]) -> None:
+        models = await self.daemon.list_models()
+        await self.send({"type": "recheck_complete", "models": models})
+
+    async def on_model_management(self, message: dict[str, Any]) -> None:
+        raise Forbidden(
+            f"{message['type']} changes the server for everyone and is not allowed on the public "
+            "port; the operator can use llmwsctl"
+        )
+
+    async def on_unsupported(self, message: dict[str, Any]) -> None:
+        raise Unsupported(f"{message['type']} is not supported by llmwsd")

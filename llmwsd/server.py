@@ -1,0 +1,142 @@
+"""The public listener: HTTP routes, the hello timeout, and the two connection modes.
+
+The first frame decides the mode (protocol.md): a JSON object starts JSON mode
+(:class:`~llmwsd.connection.JsonConnection`); anything else is a legacy text
+prompt, answered with plain text frames and a close with 1000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from llmwsd import protocol
+from llmwsd.connection import JsonConnection
+from llmwsd.errors import LLMWSError
+from llmwsd.generation import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
+from llmwsd.http import HttpRoutes, find_web_root
+
+if TYPE_CHECKING:
+    from llmwsd.app import Daemon
+
+log = logging.getLogger("llmwsd.server")
+
+
+def peer_name(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+class PublicServer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config.server
+        self.routes = HttpRoutes(
+            find_web_root(self.config.web_root), daemon.health, daemon.metrics.render
+        )
+        self.server: Server | None = None
+
+    async def start(self) -> None:
+        self.server = await serve(
+            self.handle,
+            self.config.host,
+            self.config.port,
+            process_request=self.routes.process_request,
+            max_size=self.config.max_message_size,
+            ping_interval=self.config.ping_interval or None,
+            ping_timeout=self.config.ping_timeout or None,
+            open_timeout=self.config.hello_timeout or None,
+            logger=logging.getLogger("websockets.server"),
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening and close every client with 1001 (going away)."""
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            await self.server.wait_closed()
+
+    async def handle(self, ws: ServerConnection) -> None:
+        peer = peer_name(ws)
+        self.daemon.metrics.connections.inc()
+        try:
+            first = await self._first_frame(ws, peer)
+            if first is None:
+                return
+            if first.lstrip().startswith("{"):
+                try:
+                    hello = protocol.decode_message(first)
+                except LLMWSError as e:
+                    # Meant as JSON but broken: JSON mode, with the error after the welcome.
+                    await JsonConnection(self.daemon, ws, peer).run({}, hello_error=e)
+                else:
+                    await JsonConnection(self.daemon, ws, peer).run(hello)
+            else:
+                await self._text_mode(ws, peer, first)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.error("%s: connection failed", peer, exc_info=True)
+            await ws.close(1011, "internal error")
+        finally:
+            self.daemon.metrics.connections.dec()
+            log.info("%s: closed (%s)", peer, ws.close_code)
+
+    async def _first_frame(self, ws: ServerConnection, peer: str) -> str | None:
+        timeout = self.config.hello_timeout
+        try:
+            async with asyncio.timeout(timeout or None):
+                frame = await ws.recv()
+        except TimeoutError:
+            log.info("%s: no first frame within %s s", peer, timeout)
+            await ws.close(1008, f"no first frame within {timeout:g} s")
+            return None
+        if isinstance(frame, bytes):
+            try:
+                return frame.decode("utf-8")
+            except UnicodeDecodeError:
+                await ws.close(1007, "the first frame must be UTF-8 text or a JSON object")
+                return None
+        return frame
+
+    async def _text_mode(self, ws: ServerConnection, peer: str, text: str) -> None:
+        """A legacy client: one prompt, plain text frames back, then close 1000."""
+        prompt = protocol.parse_legacy_prompt(text)
+        if not prompt["user"]:
+            await ws.close(1008, "empty prompt")
+            return
+        engine = self.daemon.engine
+        if engine is None:
+            await ws.send(f"error: {self.daemon.no_model_reason()}")
+            await ws.close(1013, "no model loaded")
+            return
+        log.info("%s: text-mode prompt (%d characters)", peer, len(text))
+        messages = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
+        messages.append({"role": "user", "content": prompt["user"]})
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        request = GenerationRequest(messages, self.daemon.default_settings)
+        handle = engine.submit(request, events.put_nowait)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, TokenText) and event.text:
+                    await ws.send(event.text)
+                elif isinstance(event, Failed):
+                    await ws.send(f"error: {event.error.message}")
+                    break
+                elif isinstance(event, Finished):
+                    self.daemon.count_request(event)
+                    break
+        finally:
+            handle.cancel()  # no-op when finished; frees the slot when the client left
+        await ws.close(1000)

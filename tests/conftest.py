@@ -1,0 +1,196 @@
+"""Fixtures: an in-process daemon with the fake engine, and a real llmwsd subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from llmwsd.app import Daemon
+from llmwsd.config import parse_config
+from tests.fake_engine import FakeEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+LLMWSD = [sys.executable, "-m", "llmwsd.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
+    """A TOML config whose folders live under ``folder``; ``sections`` override keys."""
+    base: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "hello_timeout": 5.0},
+        "paths": {
+            "state_dir": str(folder / "state"),
+            "runtime_dir": str(folder / "run"),
+            "log_dir": str(folder / "log"),
+        },
+        "models": {"dirs": [str(DEFAULT_MODEL.parent)]},
+        "generation_defaults": {"do_sample": False, "max_new_tokens": 64},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = folder / "llmws.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class RunningDaemon:
+    """An llmwsd subprocess started with a test config."""
+
+    def __init__(self, folder: Path, env: dict[str, str] | None = None, **sections: Any):
+        self.folder = folder
+        self.config_path = write_config(folder, **sections)
+        text = self.config_path.read_text()
+        self.port = int(text.split("port = ", 1)[1].split()[0])
+        inherited = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = folder / "llmwsd.stderr"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 120) -> RunningDaemon:
+        self.proc = subprocess.Popen(
+            [*LLMWSD, "--config", str(self.config_path)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("ab"),
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llmwsd exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(self.http + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.2)
+        raise TimeoutError(f"llmwsd not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def real_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    """One llmwsd with the real default model, shared by the tests that only talk to it."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        pytest.fail("the default model is missing: run `make model`")
+    daemon = RunningDaemon(tmp_path_factory.mktemp("real-daemon")).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path):
+    """Start llmwsd subprocesses with custom settings; all are stopped at the end."""
+    started: list[RunningDaemon] = []
+
+    def start(wait: bool = True, env: dict[str, str] | None = None, **sections: Any):
+        folder = tmp_path / f"daemon{len(started)}"
+        folder.mkdir()
+        daemon = RunningDaemon(folder, env=env, **sections)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    for daemon in started:
+        daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+async def fake_daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """An in-process daemon on a free port, with the fake engine and one fake model folder."""
+    model = tmp_path / "models" / "fake-model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    config = parse_config(
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "hello_timeout": 1.0},
+            "paths": {
+                "state_dir": str(tmp_path / "state"),
+                "runtime_dir": str(tmp_path / "run"),
+                "log_dir": str(tmp_path / "log"),
+            },
+            "models": {"dirs": [str(tmp_path / "models")]},
+        }
+    )
+    daemon = Daemon(config, engine_loader=FakeEngine.loader())
+    await daemon.start()
+    yield daemon
+    await daemon.shutdown()
+
+
+def ws_url(daemon: Daemon) -> str:
+    return f"ws://127.0.0.1:{daemon.server.port}/"
+
+
+async def recv_json(ws: websockets.ClientConnection, timeout: float = 30) -> dict[str, Any]:
+    message = await asyncio.wait_for(ws.recv(), timeout)
+    return json.loads(message)
+
+
+async def recv_until(
+    ws: websockets.ClientConnection, kinds: set[str], timeout: float = 60
+) -> list[dict[str, Any]]:
+    """Receive messages until one whose type is in ``kinds``; return them all."""
+    received = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        message = await recv_json(ws, max(remaining, 0.01))
+        received.append(message)
+        if message.get("type") in kinds:
+            return received
+
+
+def answer_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e.get("type") == "token")

@@ -1,0 +1,98 @@
+"""A fast stand-in for the transformers engine, for protocol tests.
+
+It answers every prompt with "echo: <user text>" one word per token, with a
+configurable delay per token, and honours cancel and max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from llmwsd.config import Config
+from llmwsd.errors import ContextTooLong
+from llmwsd.generation import (
+    EventCallback,
+    Failed,
+    Finished,
+    GenerationRequest,
+    ModelInfo,
+    Started,
+    TokenText,
+)
+
+
+class FakeHandle:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeEngine:
+    def __init__(
+        self, path: Path = Path("/models/fake-model"), token_delay: float = 0.01, max_context=4096
+    ):
+        self.info = ModelInfo(path.name, str(path), "cpu", "float32", max_context, "sdpa")
+        self.token_delay = token_delay
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.submitted: list[GenerationRequest] = []
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def loader(cls, **kwargs: Any):
+        async def load(config: Config, path: Path) -> FakeEngine:
+            return cls(path, **kwargs)
+
+        return load
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"].split()) + 4 for m in messages)
+
+    def answer(self, request: GenerationRequest) -> list[str]:
+        words = ["echo:", *request.messages[-1]["content"].split()]
+        return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> FakeHandle:
+        self.submitted.append(request)
+        handle = FakeHandle(request.request_id or f"fake{next(self._ids)}")
+        task = asyncio.get_running_loop().create_task(self._run(request, on_event, handle))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return handle
+
+    async def _run(self, request: GenerationRequest, on_event: EventCallback, handle: FakeHandle):
+        tokens_in = self.count_tokens(request.messages)
+        if tokens_in >= self.info.max_context:
+            on_event(Failed(ContextTooLong(tokens_in, self.info.max_context)))
+            return
+        started = time.monotonic()
+        on_event(Started(tokens_in, request.settings.max_new_tokens))
+        pieces = self.answer(request)[: request.settings.max_new_tokens]
+        reason = "stop" if len(pieces) < request.settings.max_new_tokens else "length"
+        sent = 0
+        for piece in pieces:
+            await asyncio.sleep(self.token_delay)
+            if handle.cancelled:
+                reason = "cancelled"
+                break
+            on_event(TokenText(piece))
+            sent += 1
+        elapsed = time.monotonic() - started
+        on_event(Finished(sent, reason, self.token_delay * 1000, sent / max(elapsed, 1e-6)))
+
+    def stats(self) -> dict[str, Any]:
+        return {"active": len(self.tasks), "queued": 0}
+
+    async def drain(self, timeout: float) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=timeout)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()

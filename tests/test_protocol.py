@@ -1,0 +1,227 @@
+"""The WebSocket protocol against an in-process daemon with the fake engine (fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import pytest
+import websockets
+
+from llmwsd.app import Daemon
+from tests.conftest import answer_text, recv_json, recv_until, ws_url
+
+
+async def hello(daemon: Daemon, **fields):
+    ws = await websockets.connect(ws_url(daemon), max_size=None)
+    await ws.send(json.dumps(fields))
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome"
+    return ws, welcome
+
+
+async def test_welcome_shape(fake_daemon: Daemon):
+    ws, welcome = await hello(fake_daemon)
+    assert welcome["protocol"] == 1
+    assert welcome["resumed"] is False
+    assert welcome["model"] == "fake-model"
+    assert welcome["capabilities"]["max_context"] == 4096
+    for key in ("device", "total_gb", "free_gb"):
+        assert key in welcome["resources"]
+    await ws.close()
+
+
+async def test_inference_events_have_seq_and_request_id(fake_daemon: Daemon):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "inference", "prompt": {"system": "", "user": "hi there"}}))
+    events = await recv_until(ws, {"done"})
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
+    assert [e["seq"] for e in events] == list(
+        range(events[0]["seq"], events[0]["seq"] + len(events))
+    )
+    assert {e["request_id"] for e in events} == {events[0]["request_id"]}
+    assert answer_text(events) == "echo: hi there"
+    assert events[-1]["finish_reason"] == "stop"
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "bad_request"),
+        ('{"type": "bogus"}', "unknown_type"),
+        ('{"no_type": 1}', "unknown_type"),
+        ('{"type": "inference"}', "bad_request"),
+        ('{"type": "inference", "prompt": {"user": 5}}', "bad_request"),
+        ('{"type": "inference", "prompt": {"user": "x"}, "config": {"top_p": 0}}', "bad_request"),
+        ('{"type": "config", "data": {"temperature": -1}}', "bad_request"),
+        ('{"type": "config", "data": {"nonsense": 1}}', "bad_request"),
+        ('{"type": "ack", "seq": "x"}', "bad_request"),
+        ('{"type": "subscribe_resources", "interval": -3}', "bad_request"),
+        ('{"type": "train"}', "unsupported"),
+        ('{"type": "save_snapshot"}', "unsupported"),
+        ('{"type": "switch_model", "model": "x"}', "forbidden"),
+        ('{"type": "delete_model", "model_name": "x"}', "forbidden"),
+        ('{"type": "download_model", "repo": "a/b", "target_dir": "b"}', "forbidden"),
+    ],
+)
+async def test_bad_messages_get_an_error_and_the_connection_stays(fake_daemon, frame, code):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(frame)
+    error = await recv_json(ws)
+    assert error["type"] == "error" and error["code"] == code, error
+    assert error["message"]
+    await ws.send(json.dumps({"type": "ping"}))
+    assert (await recv_json(ws))["type"] == "pong"
+    await ws.close()
+
+
+async def test_binary_frame_after_hello(fake_daemon):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(b"\xff\x00binary")
+    error = await recv_json(ws)
+    assert error["code"] == "bad_request"
+    await ws.send(json.dumps({"type": "ping"}))
+    assert (await recv_json(ws))["type"] == "pong"
+    await ws.close()
+
+
+async def test_broken_first_frame_still_gets_welcome_first(fake_daemon):
+    ws = await websockets.connect(ws_url(fake_daemon))
+    await ws.send('{"session_id": ')
+    assert (await recv_json(ws))["type"] == "welcome"
+    assert (await recv_json(ws))["code"] == "invalid_json"
+    await ws.close()
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "", None, "x" * 10_000, 42, "not-a-uuid"])
+async def test_bad_session_ids(fake_daemon, tmp_path, bad_id):
+    fields = {"session_id": bad_id} if bad_id is not None else {"session_id": None, "x": 1}
+    ws, welcome = await hello(fake_daemon, **fields)
+    if bad_id is not None:
+        error = await recv_json(ws)
+        assert error["code"] == "bad_request"
+    assert welcome["resumed"] is False
+    assert len(welcome["session_id"]) == 36
+    await ws.close()
+
+
+async def test_config_history_reset_status(fake_daemon):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "config", "data": {"temperature": 0.2, "stop": ["x"]}}))
+    ack = await recv_json(ws)
+    assert ack["type"] == "config_ack" and ack["config"]["temperature"] == 0.2
+    await ws.send(json.dumps({"type": "inference", "prompt": {"system": "be brief", "user": "a"}}))
+    await recv_until(ws, {"done"})
+    await ws.send(json.dumps({"type": "history"}))
+    history = await recv_json(ws)
+    assert [m["role"] for m in history["messages"]] == ["system", "user", "assistant"]
+    await ws.send(json.dumps({"type": "reset"}))
+    assert (await recv_json(ws))["type"] == "reset_done"
+    await ws.send(json.dumps({"type": "history"}))
+    assert (await recv_json(ws))["messages"] == []
+    await ws.send(json.dumps({"type": "get_status"}))
+    status = await recv_json(ws)
+    assert (
+        status["type"] == "status" and status["sessions"] >= 1 and status["model"] == "fake-model"
+    )
+    await ws.close()
+
+
+async def test_cancel_ends_with_cancelled(fake_daemon):
+    fake_daemon.engine.token_delay = 0.05
+    ws, _ = await hello(fake_daemon)
+    prompt = " ".join(["word"] * 200)
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": prompt}}))
+    await recv_until(ws, {"token"})
+    await ws.send(json.dumps({"type": "cancel"}))
+    events = await recv_until(ws, {"done"})
+    assert events[-1]["finish_reason"] == "cancelled"
+    await ws.close()
+
+
+async def test_second_inference_while_running_is_busy(fake_daemon):
+    fake_daemon.engine.token_delay = 0.05
+    ws, _ = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "one two three four"}}))
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "again"}}))
+    events = await recv_until(ws, {"done"})
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and errors[0]["code"] == "busy"
+    await ws.close()
+
+
+async def test_resources_and_models(fake_daemon):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "get_resources"}))
+    res = await recv_json(ws)
+    assert res["type"] == "resources" and "free_gb" in res
+    await ws.send(json.dumps({"type": "list_models"}))
+    models = await recv_json(ws)
+    assert [m["name"] for m in models["models"]] == ["fake-model"]
+    assert models["models"][0]["loaded"] is True
+    await ws.send(json.dumps({"type": "subscribe_resources", "interval": 0.5}))
+    assert (await recv_json(ws))["type"] == "subscribed"
+    kinds = [(await recv_json(ws))["type"] for _ in range(2)]
+    assert kinds == ["resources", "resources"]
+    await ws.send(json.dumps({"type": "subscribe_resources", "interval": 0}))
+    await ws.close()
+
+
+async def test_text_mode(fake_daemon):
+    ws = await websockets.connect(ws_url(fake_daemon))
+    await ws.send("<|system|>You are helpful<|end|>\n<|user|>Hello world<|end|>\n<|assistant|>\n")
+    frames = [frame async for frame in ws]
+    assert "".join(frames) == "echo: Hello world"
+    assert ws.close_code == 1000
+    assert fake_daemon.engine.submitted[-1].messages[0] == {
+        "role": "system",
+        "content": "You are helpful",
+    }
+
+
+async def test_hello_timeout_closes_1008(fake_daemon):
+    ws = await websockets.connect(ws_url(fake_daemon))
+    await asyncio.wait_for(ws.wait_closed(), 10)
+    assert ws.close_code == 1008
+
+
+async def test_huge_frame_closes_1009_and_daemon_serves_on(fake_daemon):
+    ws, _ = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "ping", "pad": "x" * (20 * 1024 * 1024)}))
+    await asyncio.wait_for(ws.wait_closed(), 10)
+    assert ws.close_code == 1009
+    ws2, _ = await hello(fake_daemon)
+    await ws2.send(json.dumps({"type": "ping"}))
+    assert (await recv_json(ws2))["type"] == "pong"
+    await ws2.close()
+
+
+async def test_http_routes(fake_daemon):
+    base = f"http://127.0.0.1:{fake_daemon.server.port}"
+
+    async def get(path: str) -> tuple[int, bytes]:
+        def fetch():
+            try:
+                with urllib.request.urlopen(base + path, timeout=5) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        return await asyncio.to_thread(fetch)
+
+    async def check():
+        status, body = await get("/healthz")
+        assert status == 200 and json.loads(body)["model"] == "fake-model"
+        status, _ = await get("/")
+        assert status == 200
+        status, body = await get("/metrics")
+        assert status == 200 and b"llmws_" in body
+        for path in ("/nope", "/../etc/passwd", "/%2e%2e/etc/passwd", "/share/web/../../x"):
+            status, _ = await get(path)
+            assert status == 404, path
+
+    await check()
