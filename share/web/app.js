@@ -1,0 +1,869 @@
+// The llmws page: chat, settings, resources and models over one ResumableConnection.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const SETTINGS_KEY = "llmws.settings";
+const SERVER_KEY = "llmws.server";
+const TOKEN_KEY = "llmws.token";
+const PENDING_KEY = "llmws.pendingPrompt"; // the question of an unfinished answer, for a reload
+const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 2048 };
+const RESOURCES_INTERVAL_S = 2;
+
+const ERROR_TEXT = {
+  context_too_long: (m) =>
+    `The conversation is too long for this model` +
+    (m.input_length ? ` (${m.input_length} tokens, at most ${m.max_context})` : "") +
+    `. Start a new chat or send a shorter message.`,
+  busy: () => "The server is busy right now. Try again in a moment.",
+  forbidden: (m) => `Not allowed: ${m.message}`,
+  unauthorized: () => "The server needs a valid token: enter it under Connection.",
+  no_model: () => "The server has no model loaded.",
+  interrupted: () => "The server restarted while answering; the answer stops here.",
+  unsupported: (m) => `The server does not support this: ${m.message}`,
+};
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function errorText(message) {
+  const describe = ERROR_TEXT[message.code];
+  return describe ? describe(message) : message.message || `Error (${message.code || "unknown"})`;
+}
+
+function formatBytes(bytes) {
+  if (!Number.isFinite(bytes)) return "";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit += 1;
+  }
+  return `${value.toFixed(value >= 100 || unit === 0 ? 0 : 1)} ${units[unit]}`;
+}
+
+// The first of `keys` in `object` that holds a finite number.
+function pick(object, ...keys) {
+  if (!object || typeof object !== "object") return undefined;
+  for (const key of keys) {
+    const value = object[key];
+    if (typeof value === "number" && Number.isFinite(value)) return value;
+  }
+  return undefined;
+}
+
+// The token is kept for this tab only (sessionStorage); the rest in localStorage.
+function storageFor(key) {
+  return key === TOKEN_KEY ? window.sessionStorage : window.localStorage;
+}
+
+function readStored(key) {
+  try {
+    return storageFor(key).getItem(key) || "";
+  } catch {
+    return "";
+  }
+}
+
+function writeStored(key, value) {
+  try {
+    storageFor(key).setItem(key, value);
+  } catch {
+    // Not remembered (private browsing, full quota); still used by this page.
+  }
+}
+
+let toastTimer = null;
+function toast(text) {
+  const node = $("toast");
+  node.textContent = text;
+  node.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (node.hidden = true), 5000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat
+
+const answerOf = new WeakMap(); // an assistant message's node -> its Answer
+
+// One assistant answer: its raw text, rendered as Markdown at most once per frame.
+class Answer {
+  constructor() {
+    this.requestId = null;
+    this.text = "";
+    this.status = "waiting"; // waiting, streaming, done, failed
+    this.root = el("article", "msg assistant");
+    this.body = el("div", "body");
+    this.body.appendChild(el("span", "typing", "…"));
+    this.meta = el("div", "meta");
+    this.error = el("div", "error");
+    this.error.hidden = true;
+    this.root.append(this.body, this.error, this.meta);
+    this.renderQueued = false;
+    answerOf.set(this.root, this);
+  }
+
+  append(piece) {
+    this.status = "streaming";
+    this.text += piece;
+    this.scheduleRender();
+  }
+
+  scheduleRender() {
+    if (this.renderQueued) return;
+    this.renderQueued = true;
+    requestAnimationFrame(() => {
+      this.renderQueued = false;
+      const follow = chat.isAtBottom();
+      this.body.replaceChildren(Markdown.render(this.text));
+      if (this.status === "streaming") this.body.appendChild(el("span", "cursor"));
+      if (follow) chat.scrollToBottom();
+    });
+  }
+
+  finish(done) {
+    this.status = "done";
+    const parts = [];
+    if (Number.isFinite(done.total_tokens)) parts.push(`${done.total_tokens} tokens`);
+    if (Number.isFinite(done.tokens_per_s)) parts.push(`${done.tokens_per_s.toFixed(1)} tok/s`);
+    if (Number.isFinite(done.ttft_ms)) parts.push(`first token ${Math.round(done.ttft_ms)} ms`);
+    if (done.finish_reason === "cancelled") parts.push("stopped");
+    else if (done.finish_reason === "length") parts.push("hit the token limit");
+    this.meta.textContent = parts.join(" · ");
+    this.scheduleRender();
+  }
+
+  fail(message) {
+    this.status = "failed";
+    this.error.replaceChildren(el("strong", "", errorText(message)), el("code", "", message.code || ""));
+    this.error.hidden = false;
+    if (!this.text) this.body.replaceChildren();
+    this.scheduleRender();
+  }
+}
+
+const chat = {
+  messages: $("messages"),
+  answers: new Map(), // request_id -> Answer
+  waiting: null, // the Answer to our last `inference`, until its `start` names it
+  active: null, // the Answer being generated, if any
+  restoring: false, // a fresh load's resume: events so far are reconciled with `history`
+
+  isAtBottom() {
+    const m = this.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+  },
+
+  scrollToBottom() {
+    this.messages.scrollTop = this.messages.scrollHeight;
+  },
+
+  add(node) {
+    $("empty").hidden = true;
+    this.messages.appendChild(node);
+    this.scrollToBottom();
+    return node;
+  },
+
+  addUser(text) {
+    const node = el("article", "msg user");
+    node.appendChild(el("div", "body", text));
+    return this.add(node);
+  },
+
+  addNote(text) {
+    return this.add(el("div", "note", text));
+  },
+
+  addAssistant(text) {
+    const answer = new Answer();
+    answer.status = "done";
+    answer.text = text;
+    answer.scheduleRender();
+    this.add(answer.root);
+    return answer;
+  },
+
+  clear() {
+    this.answers.clear();
+    this.waiting = this.active = null;
+    this.messages.replaceChildren($("empty"));
+    $("empty").hidden = false;
+    setGenerating(false);
+  },
+
+  answerFor(message) {
+    let answer = this.answers.get(message.request_id);
+    if (!answer) {
+      // Our own request's first event, or a replayed one from before a reload.
+      answer = this.waiting && message.type === "start" ? this.waiting : new Answer();
+      if (answer === this.waiting) this.waiting = null;
+      else this.add(answer.root);
+      answer.requestId = message.request_id;
+      this.answers.set(message.request_id, answer);
+    }
+    return answer;
+  },
+
+  // A fresh load: show the session's conversation and the answers replayed from its buffer.
+  // A replayed answer that has ended is in the history too: it takes that turn's place (it
+  // carries its stats or error); one still generating goes last, after its question.
+  restore(history) {
+    const replayed = [...this.answers.values()];
+    const ended = new Map(replayed.filter((a) => a.status === "done" || a.status === "failed")
+      .map((a) => [a.text, a]));
+    const pending = readJSON(PENDING_KEY, null);
+    this.clear();
+    for (const message of history) {
+      if (message.role === "user") {
+        this.addUser(message.content);
+      } else if (message.role === "assistant") {
+        const answer = ended.get(message.content);
+        ended.delete(message.content);
+        if (answer) this.add(answer.root);
+        else this.addAssistant(message.content);
+      }
+    }
+    for (const answer of replayed) {
+      this.answers.set(answer.requestId, answer);
+      if (answer.root.isConnected) continue;
+      if (pending && pending.requestId === answer.requestId) this.addUser(pending.text);
+      this.add(answer.root);
+      if (answer.status === "waiting" || answer.status === "streaming") this.active = answer;
+    }
+    setGenerating(this.active !== null);
+    this.restoring = false;
+    if (!this.active) connection.ack(connection.lastSeq);
+  },
+};
+
+function setGenerating(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+}
+
+function sendPrompt() {
+  const input = $("prompt");
+  const text = input.value.trim();
+  if (!text || chat.active || chat.waiting) return;
+  const settings = readSettings();
+  const config = {
+    temperature: settings.temperature,
+    top_p: settings.top_p,
+    top_k: settings.top_k,
+    max_new_tokens: settings.max_new_tokens,
+    do_sample: settings.temperature > 0,
+  };
+  const sent = connection.send({
+    type: "inference",
+    prompt: { system: settings.system, user: text },
+    config,
+  });
+  if (!sent) {
+    toast("Not connected: the message was not sent. It will be possible once the page reconnects.");
+    return;
+  }
+  writeJSON(PENDING_KEY, { text, requestId: null });
+  chat.addUser(text);
+  chat.waiting = chat.active = new Answer();
+  chat.add(chat.waiting.root);
+  input.value = "";
+  autosize(input);
+  setGenerating(true);
+}
+
+function autosize(textarea) {
+  textarea.style.height = "auto";
+  textarea.style.height = Math.min(textarea.scrollHeight, 220) + "px";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server messages
+
+const handlers = {
+  welcome(message, info) {
+    const caps = message.capabilities || {};
+    $("fact-model").textContent = message.model || "no model";
+    $("fact-device").textContent = caps.device || (message.resources || {}).device || "–";
+    $("fact-context").textContent = Number.isFinite(caps.max_context)
+      ? `${caps.max_context.toLocaleString("en-US")} tokens`
+      : "–";
+    resources.current = message.model;
+    if (message.resources) resources.sample(message.resources);
+    if (info.fresh && message.resumed) {
+      chat.restoring = true;
+      connection.send({ type: "history" });
+    } else if (!message.resumed) {
+      // A new session: its request ids start over, and an answer in progress is gone.
+      chat.answers.clear();
+      const unfinished = chat.active || chat.waiting;
+      if (unfinished) {
+        unfinished.fail({ code: "session_lost", message: "The server no longer has this conversation; the answer stops here." });
+        chat.active = chat.waiting = null;
+        setGenerating(false);
+      }
+      if (info.lostSession) chat.addNote("The server no longer had this conversation: a new one starts here.");
+    }
+    connection.send({ type: "subscribe_resources", interval: RESOURCES_INTERVAL_S });
+    connection.send({ type: "list_models" });
+    renderConnectionFacts();
+  },
+
+  history(message) {
+    const history = Array.isArray(message.messages) ? message.messages : message.history || [];
+    if (chat.restoring) chat.restore(history);
+  },
+
+  start(message) {
+    const answer = chat.answerFor(message);
+    answer.status = "streaming";
+    chat.active = answer;
+    setGenerating(true);
+    const pending = readJSON(PENDING_KEY, null);
+    if (pending && !pending.requestId) writeJSON(PENDING_KEY, { ...pending, requestId: message.request_id });
+    if (message.dropped_turns > 0) {
+      answer.meta.textContent = `${message.dropped_turns} oldest turns left out to fit the context`;
+    }
+  },
+
+  token(message) {
+    const answer = chat.answerFor(message);
+    answer.append(typeof message.data === "string" ? message.data : "");
+    resources.countTokens(1);
+  },
+
+  done(message) {
+    chat.answerFor(message).finish(message);
+    endGeneration(message);
+  },
+
+  error(message) {
+    const generationError = message.request_id !== undefined || Number.isInteger(message.seq);
+    if (generationError || (chat.waiting && !models.awaiting)) {
+      const answer = message.request_id !== undefined ? chat.answerFor(message) : chat.waiting;
+      if (answer) {
+        answer.fail(message);
+        if (answer === chat.waiting) chat.waiting = null;
+        endGeneration(message);
+        return;
+      }
+    }
+    if (models.awaiting) {
+      models.failed(message);
+      return;
+    }
+    if (message.code === "unsupported") {
+      // e.g. resources on a server without them: that panel stays empty, the chat works.
+      console.info("llmws:", message.message);
+      return;
+    }
+    if (message.code === "unauthorized") {
+      $("banner").textContent = errorText(message);
+      $("banner").hidden = false;
+      return;
+    }
+    toast(errorText(message));
+  },
+
+  reset_done() {
+    chat.clear();
+    writeJSON(PENDING_KEY, null);
+  },
+
+  resources(message) {
+    resources.sample(message.resources && typeof message.resources === "object" ? message.resources : message);
+  },
+
+  models_list(message) {
+    models.render(message);
+  },
+};
+
+function endGeneration(message) {
+  if (chat.active && (message.request_id === undefined || chat.active.requestId === message.request_id)) {
+    chat.active = null;
+  }
+  if (!chat.active && !chat.waiting) {
+    setGenerating(false);
+    writeJSON(PENDING_KEY, null);
+  }
+  // The answer is in the session's history now; its buffered events can go.
+  if (Number.isInteger(message.seq) && !chat.restoring) connection.ack(message.seq);
+}
+
+function onMessage(message, info = {}) {
+  const handler = handlers[message.type] || models.handlers[message.type];
+  if (handler) handler(message, info);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection state
+
+function onState(status) {
+  const labels = {
+    connecting: "Connecting…",
+    connected: "Connected",
+    reconnecting: "Reconnecting…",
+    offline: "Offline",
+  };
+  $("status").dataset.state = status.state;
+  $("status-text").textContent = labels[status.state];
+  const banner = $("banner");
+  banner.replaceChildren();
+  banner.dataset.state = status.state;
+  if (status.state === "reconnecting") {
+    const wait = status.retryInS ? ` Next attempt in ${status.retryInS.toFixed(1)} s.` : "";
+    banner.append(
+      el("strong", "", "Reconnecting…"),
+      document.createTextNode(` The connection dropped; the answer continues when it is back.${wait} `),
+    );
+    const retry = el("button", "ghost small", "Retry now");
+    retry.type = "button";
+    retry.addEventListener("click", () => connection.retryNow());
+    banner.appendChild(retry);
+    banner.hidden = false;
+  } else if (status.state === "offline") {
+    banner.append(el("strong", "", "Offline. "), document.createTextNode(status.reason || ""));
+    const retry = el("button", "ghost small", "Connect");
+    retry.type = "button";
+    retry.addEventListener("click", () => connectFromForm());
+    banner.appendChild(retry);
+    banner.hidden = false;
+  } else {
+    banner.hidden = true;
+  }
+  $("send").disabled = status.state !== "connected";
+  renderConnectionFacts();
+}
+
+function renderConnectionFacts() {
+  const facts = $("connection-facts");
+  facts.replaceChildren();
+  const rows = [
+    ["State", $("status-text").textContent],
+    ["Session", connection.sessionId || "–"],
+    ["Last event", String(connection.lastSeq)],
+  ];
+  for (const [key, value] of rows) facts.append(el("dt", "", key), el("dd", "", value));
+}
+
+function connectFromForm() {
+  const url = normalizeServerUrl($("server-url").value);
+  if (!url) {
+    toast("That is not a server address: use host:port or ws://host:port/.");
+    return;
+  }
+  if (url !== connection.url && connection.url) chat.clear(); // another server's conversation
+  $("server-url").value = url;
+  const token = $("server-token").value.trim();
+  writeStored(SERVER_KEY, url);
+  writeStored(TOKEN_KEY, token);
+  connection.connect(url, token);
+  models.updateControls();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+const SLIDERS = ["temperature", "top_p", "top_k"];
+
+function readSettings() {
+  const saved = readJSON(SETTINGS_KEY, {});
+  return { ...DEFAULT_SETTINGS, ...saved };
+}
+
+function showSettings(settings) {
+  $("system-prompt").value = settings.system;
+  for (const key of [...SLIDERS, "max_new_tokens"]) $(key).value = settings[key];
+  for (const key of SLIDERS) $(`${key}-out`).textContent = settings[key];
+}
+
+function saveSettings() {
+  const settings = {
+    system: $("system-prompt").value,
+    temperature: Number($("temperature").value),
+    top_p: Number($("top_p").value),
+    top_k: Math.round(Number($("top_k").value)),
+    max_new_tokens: Math.max(1, Math.round(Number($("max_new_tokens").value) || DEFAULT_SETTINGS.max_new_tokens)),
+  };
+  for (const key of SLIDERS) $(`${key}-out`).textContent = settings[key];
+  writeJSON(SETTINGS_KEY, settings);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resources
+
+const resources = {
+  current: null,
+  tokensSeen: 0,
+  lastRate: null, // [time, tokensSeen] of the previous sample: the page's own tokens/s
+  charts: null,
+
+  init() {
+    const box = $("charts");
+    this.charts = {
+      memory: new TimeChart(box, { title: "Memory used", unit: "%", max: 100 }),
+      load: new TimeChart(box, { title: "Utilization", unit: "%", max: 100 }),
+      speed: new TimeChart(box, { title: "Generation speed", unit: "tok/s" }),
+    };
+  },
+
+  countTokens(n) {
+    this.tokensSeen += n;
+  },
+
+  // Adds one resources report to the charts; any key may be missing.
+  sample(report) {
+    const now = Date.now();
+    const { memory, load, speed } = this.charts;
+    const host = report.host || {};
+    const total = pick(report, "total_gb");
+    const free = pick(report, "free_gb");
+    const device = typeof report.device === "string" ? report.device : "device";
+    if (total > 0 && free !== undefined) {
+      memory.add(device.startsWith("cuda") ? device.toUpperCase() : "RAM", "#2563eb", ((total - free) / total) * 100, now);
+    }
+    load.add("CPU", "#2563eb", pick(host, "cpu_percent", "cpu_util") ?? pick(report, "cpu_percent"), now);
+    const gpus = Array.isArray(report.gpus) ? report.gpus : [];
+    const colors = ["#db2777", "#16a34a", "#ea580c", "#7c3aed"];
+    gpus.forEach((gpu, n) => {
+      const label = `GPU ${gpu.index ?? n}`;
+      const color = colors[n % colors.length];
+      const used = pick(gpu, "memory_used_gb", "used_gb");
+      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
+      if (gpuTotal > 0 && used !== undefined && !device.startsWith("cuda")) {
+        memory.add(label, color, (used / gpuTotal) * 100, now);
+      }
+      load.add(label, color, pick(gpu, "utilization_percent", "utilization", "gpu_util", "util_percent"), now);
+    });
+    const engine = report.engine || {};
+    const serverRate = pick(engine, "tokens_per_s", "tokens_per_second") ?? pick(report, "tokens_per_s");
+    if (serverRate !== undefined) {
+      speed.add("server", "#16a34a", serverRate, now);
+    } else if (this.lastRate) {
+      const seconds = (now - this.lastRate[0]) / 1000;
+      if (seconds > 0) speed.add("this chat", "#16a34a", (this.tokensSeen - this.lastRate[1]) / seconds, now);
+    }
+    this.lastRate = [now, this.tokensSeen];
+    this.renderFacts(report, gpus, engine);
+    if (!$("tab-resources").hidden) this.draw();
+  },
+
+  renderFacts(report, gpus, engine) {
+    const rows = [];
+    const gb = (v) => (v >= 1 ? `${v.toFixed(1)} GB` : `${Math.round(v * 1024)} MB`); // the server's GB are GiB
+    const host = report.host || {};
+    if (report.device) rows.push(["Device", report.device]);
+    const total = pick(report, "total_gb");
+    const free = pick(report, "free_gb");
+    if (total !== undefined && free !== undefined) rows.push(["Memory", `${gb(total - free)} used of ${gb(total)}`]);
+    const rss = pick(host, "rss_gb");
+    if (rss !== undefined) rows.push(["Server process", gb(rss)]);
+    const cores = pick(host, "cpu_count");
+    if (cores !== undefined) rows.push(["CPU cores", String(cores)]);
+    gpus.forEach((gpu, n) => {
+      const used = pick(gpu, "memory_used_gb", "used_gb");
+      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
+      const memoryText = used !== undefined && gpuTotal !== undefined ? ` · ${gb(used)} of ${gb(gpuTotal)}` : "";
+      rows.push([`GPU ${gpu.index ?? n}`, `${gpu.name || "GPU"}${memoryText}`]);
+    });
+    for (const [key, label] of [["active", "Generating"], ["queued", "Queued"], ["max_context", "Max context"]]) {
+      const value = pick(engine, key);
+      if (value !== undefined) rows.push([label, value.toLocaleString("en-US")]);
+    }
+    const facts = $("resource-facts");
+    facts.replaceChildren();
+    for (const [key, value] of rows) facts.append(el("dt", "", key), el("dd", "", value));
+  },
+
+  draw() {
+    const now = Date.now();
+    for (const chart of Object.values(this.charts)) chart.draw(now);
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+const models = {
+  forbidden: false, // the server refused model management to this client
+  awaiting: null, // the management action waiting for its answer, as text
+
+  canManage() {
+    return Boolean(connection.token) && !this.forbidden;
+  },
+
+  updateControls() {
+    const manage = this.canManage();
+    $("download").hidden = !manage;
+    for (const node of document.querySelectorAll(".model-actions")) node.hidden = !manage;
+    $("models-note").hidden = manage;
+  },
+
+  say(text, kind = "info") {
+    const node = $("models-message");
+    node.textContent = text;
+    node.dataset.kind = kind;
+    node.hidden = !text;
+  },
+
+  render(message) {
+    const list = $("models");
+    list.replaceChildren();
+    const entries = Array.isArray(message.models) ? message.models : [];
+    if (!entries.length) list.appendChild(el("li", "muted", "No models found in the server's model folders."));
+    for (const model of entries) {
+      const name = String(model.name ?? model.path ?? "?");
+      const loaded = model.loaded === true || name === resources.current;
+      const item = el("li", loaded ? "model loaded" : "model");
+      const head = el("div", "model-head");
+      head.appendChild(el("span", "model-name", name));
+      if (loaded) head.appendChild(el("span", "badge", "loaded"));
+      item.appendChild(head);
+      const size = Number.isFinite(model.size_bytes) ? formatBytes(model.size_bytes)
+        : Number.isFinite(model.size_mb) ? formatBytes(model.size_mb * 1e6)
+        : Number.isFinite(model.size_gb) ? formatBytes(model.size_gb * 1e9) : "";
+      const details = [size, model.architecture, model.dtype,
+        Number.isFinite(model.context_length) ? `${model.context_length.toLocaleString("en-US")} ctx` : ""];
+      item.appendChild(el("div", "model-details", details.filter(Boolean).join(" · ")));
+      const actions = el("div", "model-actions");
+      if (!loaded) {
+        actions.append(
+          this.button("Switch to", () => this.act(`Switching to ${name}…`, { type: "switch_model", model: name })),
+          this.button("Delete", () => {
+            if (confirm(`Delete the model ${name} from the server?`)) {
+              this.act(`Deleting ${name}…`, { type: "delete_model", model_name: name });
+            }
+          }, "danger"),
+        );
+      }
+      item.appendChild(actions);
+      list.appendChild(item);
+    }
+    this.updateControls();
+  },
+
+  button(text, onClick, kind = "ghost") {
+    const node = el("button", `${kind} small`, text);
+    node.type = "button";
+    node.addEventListener("click", onClick);
+    return node;
+  },
+
+  act(text, message) {
+    if (!connection.send(message)) {
+      this.say("Not connected.", "error");
+      return;
+    }
+    this.awaiting = text;
+    this.say(text);
+  },
+
+  failed(message) {
+    this.awaiting = null;
+    $("download-progress").hidden = true;
+    if (message.code === "forbidden") {
+      this.forbidden = true;
+      this.updateControls();
+      this.say(`The server does not allow model management for this client: ${message.message}`, "error");
+    } else {
+      this.say(errorText(message), "error");
+    }
+  },
+
+  progress(message) {
+    const done = pick(message, "downloaded_bytes", "bytes_done", "done_bytes", "downloaded");
+    const total = pick(message, "total_bytes", "bytes_total", "total");
+    let percent = pick(message, "percent", "progress");
+    if (percent === undefined && done !== undefined && total > 0) percent = (done / total) * 100;
+    $("download-progress").hidden = false;
+    $("download-bar").style.width = `${Math.max(0, Math.min(100, percent ?? 0))}%`;
+    const parts = [];
+    if (message.file) parts.push(String(message.file));
+    if (done !== undefined) parts.push(total ? `${formatBytes(done)} of ${formatBytes(total)}` : formatBytes(done));
+    if (percent !== undefined) parts.push(`${percent.toFixed(0)}%`);
+    $("download-text").textContent = parts.join(" · ") || "Downloading…";
+  },
+
+  handlers: {
+    model_switched(message) {
+      models.awaiting = null;
+      const name = message.model || message.name || "";
+      models.say(`Now serving ${name}.`);
+      if (name) {
+        $("fact-model").textContent = name;
+        resources.current = name;
+      }
+      connection.send({ type: "list_models" });
+    },
+    model_deleted(message) {
+      models.awaiting = null;
+      models.say(`Deleted ${message.model_name || message.model || "the model"}.`);
+      connection.send({ type: "list_models" });
+    },
+    download_started() {
+      models.awaiting = null;
+      models.say("Download started.");
+      models.progress({});
+    },
+    download_progress(message) {
+      models.progress(message);
+    },
+    log(message) {
+      if (message.message) $("download-text").textContent = String(message.message);
+    },
+    download_done(message) {
+      $("download-progress").hidden = true;
+      models.say(`Downloaded ${message.model || message.name || "the model"}.`);
+      connection.send({ type: "list_models" });
+    },
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Panel, tabs and wiring
+
+function showTab(name) {
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === name));
+  }
+  for (const panel of document.querySelectorAll(".tab")) panel.hidden = panel.id !== `tab-${name}`;
+  if (name === "resources") resources.draw();
+  if (name === "models") connection.send({ type: "list_models" });
+}
+
+function togglePanel(open) {
+  const panel = $("panel");
+  const show = open ?? !document.body.classList.contains("panel-open");
+  document.body.classList.toggle("panel-open", show);
+  document.body.classList.toggle("panel-closed", !show);
+  $("panel-toggle").setAttribute("aria-expanded", String(show));
+  if (show) resources.draw();
+  return panel;
+}
+
+async function copyText(text) {
+  // navigator.clipboard needs a secure context; a page on http://host:8765 falls back.
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  const area = el("textarea");
+  area.value = text;
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.appendChild(area);
+  area.select();
+  document.execCommand("copy");
+  area.remove();
+}
+
+const connection = new ResumableConnection({ onMessage, onState });
+
+function init() {
+  resources.init();
+  showSettings(readSettings());
+  for (const id of ["system-prompt", ...SLIDERS, "max_new_tokens"]) $(id).addEventListener("input", saveSettings);
+  $("settings-reset").addEventListener("click", () => {
+    showSettings(DEFAULT_SETTINGS);
+    saveSettings();
+  });
+
+  const prompt = $("prompt");
+  prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      sendPrompt();
+    }
+  });
+  prompt.addEventListener("input", () => autosize(prompt));
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendPrompt();
+  });
+  $("stop").addEventListener("click", () => connection.send({ type: "cancel" }));
+  $("new-chat").addEventListener("click", () => {
+    if (chat.active) connection.send({ type: "cancel" });
+    if (!connection.send({ type: "reset" })) toast("Not connected.");
+  });
+  $("messages").addEventListener("click", async (event) => {
+    const button = event.target.closest("button.copy");
+    if (!button) return;
+    try {
+      await copyText(button.dataset.code);
+      button.textContent = "Copied";
+    } catch (error) {
+      button.textContent = "Copy failed";
+      console.warn("llmws: copy failed", error);
+    }
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  });
+
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.addEventListener("click", () => showTab(tab.dataset.tab));
+  }
+  $("panel-toggle").addEventListener("click", () => togglePanel());
+  $("panel-close").addEventListener("click", () => togglePanel(false));
+  togglePanel(window.matchMedia("(min-width: 900px)").matches);
+
+  $("models-refresh").addEventListener("click", () => connection.send({ type: "list_models" }));
+  $("download").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const repo = $("download-repo").value.trim();
+    const target = $("download-target").value.trim();
+    const message = { type: "download_model", repo };
+    if (target) message.target_dir = target;
+    models.act(`Asking the server to download ${repo}…`, message);
+  });
+
+  // ?token=… fills the token field once and leaves the address bar (and its history).
+  const params = new URLSearchParams(location.search);
+  let token = readStored(TOKEN_KEY);
+  if (params.has("token")) {
+    token = params.get("token");
+    params.delete("token");
+    const query = params.toString();
+    history.replaceState(null, "", location.pathname + (query ? `?${query}` : "") + location.hash);
+  }
+  $("server-url").value = readStored(SERVER_KEY) || pageServerUrl();
+  $("server-token").value = token;
+  $("connection-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    connectFromForm();
+  });
+  $("server-default").addEventListener("click", () => {
+    $("server-url").value = pageServerUrl();
+    connectFromForm();
+  });
+  $("forget-session").addEventListener("click", () => {
+    connection.forgetSession();
+    chat.clear();
+    connectFromForm();
+  });
+  window.addEventListener("online", () => connection.retryNow());
+  setInterval(() => {
+    if (!$("tab-resources").hidden && document.body.classList.contains("panel-open")) resources.draw();
+  }, 5000);
+  connectFromForm();
+}
+
+// For tests and debugging from the console.
+window.llmws = {
+  connection,
+  chat,
+  dropConnection: () => connection.drop(),
+  // The conversation as shown, with each answer's raw (unrendered) text.
+  messages: () => [...chat.messages.querySelectorAll(".msg")].map((node) => ({
+    role: node.classList.contains("user") ? "user" : "assistant",
+    text: answerOf.has(node) ? answerOf.get(node).text : node.textContent,
+    status: answerOf.has(node) ? answerOf.get(node).status : "sent",
+  })),
+};
+
+init();
