@@ -1,0 +1,638 @@
+"""The inference engine: one thread owns the model and decodes all requests in one batch.
+
+Continuous batching the way TGI's first Python server did it: every step the
+engine thread takes the requests that arrived (tokenizes them, answers
+``Started``), prefills the ones that fit into the batch, decodes one token for
+every running request in a single forward pass, and drops the ones that
+finished or were cancelled. The running requests share one left-padded KV cache
+(with an attention mask and per-row position ids); rows are appended on
+admission and removed on finish, so the cost of a step does not depend on how
+requests came and went. On this CPU that beats transformers' own continuous
+batching (``generate_batch``, built for CUDA paged attention): see
+``docs/performance.md``.
+
+The event loop only enqueues (:meth:`Engine.submit`) and receives events, which
+the engine thread hands over with ``call_soon_threadsafe``, once per step and loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import importlib.util
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from llmwsd.config import Config
+from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
+from llmwsd.generation import (
+    EventCallback,
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    Started,
+    TokenText,
+)
+from llmwsd.sampling import TokenSampler
+
+log = logging.getLogger(__name__)
+
+# Chat templates end a turn with one of these; generation stops on any that exists.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
+TOKENS_PER_S_WINDOW = 60.0  # seconds
+
+Capability = tuple[int, int]
+
+
+# -- choices made at load time (pure, so that every combination is testable) ----------
+
+
+def choose_device(requested: str, cuda_available: bool) -> str:
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested.startswith("cuda") and not cuda_available:
+        raise ConfigError(f"[model] device is {requested!r} but no CUDA device is available")
+    return requested
+
+
+def choose_dtype(
+    device: str, capability: Capability | None, requested: str, cpu_has_bf16: bool
+) -> str:
+    """The torch dtype name: bf16 where the hardware does it natively, else fp16/fp32."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if capability is not None and capability >= (8, 0) else "float16"
+    return "bfloat16" if cpu_has_bf16 else "float32"
+
+
+def choose_attention(
+    requested: str, device: str, capability: Capability | None, flash_attn_importable: bool
+) -> str:
+    """flash_attention_2 when installed on an SM 8.0+ GPU, else PyTorch's SDPA."""
+    if requested != "auto":
+        return requested
+    on_ampere = device.startswith("cuda") and capability is not None and capability >= (8, 0)
+    return "flash_attention_2" if flash_attn_importable and on_ampere else "sdpa"
+
+
+def choose_max_batch_size(configured: int, device: str) -> int:
+    if configured > 0:
+        return configured
+    return 32 if device.startswith("cuda") else 8
+
+
+def max_context_of(model_config: Any) -> int:
+    """The longest prompt plus answer the engine accepts, in tokens.
+
+    For now the model's trained context; a memory-based estimate belongs here.
+    """
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def cpu_has_native_bf16() -> bool:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
+
+
+def flash_attn_importable() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def end_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """EOS ids of the generation config and tokenizer, plus the chat template's end tokens."""
+    ids: set[int] = set()
+    for eos in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(i for i in eos if isinstance(i, int))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
+    return sorted(ids)
+
+
+def template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids: the chat template with the assistant's turn opened."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    # A base model without a template: the contents, one per line.
+    text = "".join(f"{m.get('content', '')}\n" for m in messages)
+    return list(tokenizer(text)["input_ids"])
+
+
+# -- requests and the running batch ---------------------------------------------------
+
+
+class GenerationHandle:
+    """The caller's grip on a submitted request."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        # A plain flag: the engine thread reads it at the start of every step.
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One request's state inside the engine thread."""
+
+    request: GenerationRequest
+    on_event: EventCallback
+    loop: asyncio.AbstractEventLoop
+    handle: GenerationHandle
+    submitted_at: float
+    prompt_ids: list[int] = field(default_factory=list)
+    max_new_tokens: int = 0
+    sampler: TokenSampler | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopStringFilter | None = None
+    generated: list[int] = field(default_factory=list)
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+    done: bool = False
+
+
+class _Batch:
+    """Running requests sharing one left-padded KV cache.
+
+    ``next_tokens`` were sampled but are not in the cache yet; ``positions`` are
+    their position ids (the number of real tokens before them in each row).
+    """
+
+    def __init__(
+        self,
+        rows: list[_Generation],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        self.rows = rows
+        self.cache = cache
+        self.attention_mask = attention_mask
+        self.positions = positions
+        self.next_tokens = torch.zeros_like(positions)
+
+    def _layers(self) -> list[Any]:
+        # Layers a model never uses (shared KV) stay uninitialized and are skipped.
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows; cut the left padding no remaining row needs."""
+        index = torch.tensor(indices, device=self.positions.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.attention_mask = self.attention_mask[index]
+        self.positions = self.positions[index]
+        self.next_tokens = self.next_tokens[index]
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        start = int(self.attention_mask.any(dim=0).int().argmax())
+        if start > 0:
+            self.attention_mask = self.attention_mask[:, start:]
+            for layer in self._layers():
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+
+    def extend(self, other: _Batch) -> None:
+        """Append ``other``'s rows, padding the shorter cache on the left."""
+        length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = length - t.shape[-dim_from_end]
+            return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
+
+        self.rows += other.rows
+        self.attention_mask = torch.cat([pad(self.attention_mask, 1), pad(other.attention_mask, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+
+
+def _deliver(items: list[tuple[_Generation, GenerationEvent]]) -> None:
+    """Run on the event loop: hand each event to its request's callback."""
+    for generation, event in items:
+        try:
+            generation.on_event(event)
+        except Exception:
+            log.error(
+                "event callback of request %s failed", generation.handle.request_id, exc_info=True
+            )
+
+
+# -- the engine -----------------------------------------------------------------------
+
+
+class Engine:
+    """Serves generation requests from one model, batching their decoding steps."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, count_tokenizer: Any, info: ModelInfo, max_batch_size: int
+    ) -> None:
+        self.info = info
+        self.max_batch_size = max_batch_size
+        self._model = model
+        self._tokenizer = tokenizer  # used by the engine thread only
+        self._count_tokenizer = count_tokenizer  # a second instance: tokenizers are not thread-safe
+        self._count_lock = threading.Lock()
+        self._device = next(model.parameters()).device
+        self._vocab_size = int(model.config.get_text_config().vocab_size)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._end_ids = end_token_ids(tokenizer, model.generation_config)
+        self._end_id_set = set(self._end_ids)
+
+        self._wakeup = threading.Condition()
+        self._inbox: list[_Generation] = []  # guarded by _wakeup
+        self._idle = threading.Event()
+        self._idle.set()
+        self._draining = False
+        self._cancel_everything = False
+        self._closing = False
+        self._closed = False
+        # Engine thread only:
+        self._waiting: collections.deque[_Generation] = collections.deque()
+        self._batch: _Batch | None = None
+        self._outbox: list[tuple[_Generation, GenerationEvent]] = []
+        # Statistics, read from other threads:
+        self._stats_lock = threading.Lock()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._steps = 0
+        self._last_batch_size = 0
+
+        self._thread = threading.Thread(target=self._run, name="llmws-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def load(cls, config: Config, path: Path) -> Engine:
+        """Load the model folder ``path`` in a worker thread and start the engine thread."""
+        return await asyncio.to_thread(cls._load, config, Path(path))
+
+    @classmethod
+    def _load(cls, config: Config, path: Path) -> Engine:
+        cuda = torch.cuda.is_available()
+        device = choose_device(config.model.device, cuda)
+        capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
+        dtype = choose_dtype(device, capability, config.model.dtype, cpu_has_native_bf16())
+        attention = choose_attention(
+            config.engine.attention, device, capability, flash_attn_importable()
+        )
+        log.info("loading %s on %s (%s, %s attention)", path, device, dtype, attention)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        count_tokenizer = AutoTokenizer.from_pretrained(path)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attention
+        )
+        model.to(torch.device(device)).eval()
+        max_batch_size = choose_max_batch_size(config.engine.max_batch_size, device)
+        info = ModelInfo(
+            name=path.name,
+            path=str(path),
+            device=device,
+            dtype=dtype,
+            max_context=max_context_of(model.config),
+            attention=attention,
+            compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
+            extra={
+                "max_batch_size": max_batch_size,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+        )
+        return cls(model, tokenizer, count_tokenizer, info, max_batch_size)
+
+    # -- the event loop's side -----------------------------------------------------
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        with self._count_lock:
+            return len(template_ids(self._count_tokenizer, messages))
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle:
+        """Queue ``request``; its events go to ``on_event`` on the calling event loop."""
+        loop = asyncio.get_running_loop()
+        handle = GenerationHandle(request.request_id or uuid.uuid4().hex)
+        generation = _Generation(request, on_event, loop, handle, time.monotonic())
+        with self._wakeup:
+            refusal: LLMWSError | None = None
+            if self._closing:
+                refusal = Interrupted("the model is unloaded")
+            elif self._draining:
+                refusal = Busy("the daemon is shutting down")
+            else:
+                self._inbox.append(generation)
+                self._idle.clear()
+                self._wakeup.notify()
+        if refusal is not None:
+            refused: list[tuple[_Generation, GenerationEvent]] = [(generation, Failed(refusal))]
+            loop.call_soon(_deliver, refused)
+        return handle
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._stats_lock:
+            while self._recent and self._recent[0][0] < now - TOKENS_PER_S_WINDOW:
+                self._recent.popleft()
+            tokens = sum(n for _, n in self._recent)
+            steps, batch_size = self._steps, self._last_batch_size
+        batch = self._batch
+        return {
+            "active": len(batch.rows) if batch is not None else 0,
+            "queued": len(self._waiting) + len(self._inbox),
+            "batch_size": batch_size,
+            "max_batch_size": self.max_batch_size,
+            "tokens_per_s": round(tokens / TOKENS_PER_S_WINDOW, 2),
+            "steps": steps,
+        }
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, let the running ones finish for ``timeout`` s, cancel the rest."""
+        with self._wakeup:
+            self._draining = True
+        if await asyncio.to_thread(self._idle.wait, timeout):
+            return
+        self._cancel_everything = True  # read by the engine thread at its next step
+        # Cancelled rows leave at the next step; wait for it, but not forever.
+        await asyncio.to_thread(self._idle.wait, 5.0)
+
+    def _running_and_waiting(self) -> list[_Generation]:
+        batch = self._batch
+        return (list(batch.rows) if batch is not None else []) + list(self._waiting)
+
+    async def close(self) -> None:
+        """Stop the engine thread (requests still there fail) and free the model."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._model = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the engine thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not (self._inbox or self._waiting or self._batch or self._closing):
+                        self._idle.set()
+                        self._wakeup.wait()
+                    if self._closing:
+                        break
+                    arrived, self._inbox = self._inbox, []
+                try:
+                    self._step(arrived)
+                except Exception:
+                    # A bug outside the guarded model calls: end everything, keep serving.
+                    log.error("engine step failed", exc_info=True)
+                    for generation in arrived + self._running_and_waiting():
+                        self._fail(generation, InternalError("the engine failed; see the log"))
+                    self._waiting.clear()
+                    self._batch = None
+                self._flush_events()
+            with self._wakeup:
+                left, self._inbox = self._inbox + self._running_and_waiting(), []
+            for generation in left:
+                self._fail(generation, Interrupted("the model was unloaded"))
+            self._batch = None
+            self._waiting.clear()
+            self._flush_events()
+            self._idle.set()
+
+    def _step(self, arrived: list[_Generation]) -> None:
+        for generation in arrived:
+            self._admit(generation)
+        self._end_cancelled()
+        running = len(self._batch.rows) if self._batch is not None else 0
+        newcomers = [
+            self._waiting.popleft()
+            for _ in range(min(self.max_batch_size - running, len(self._waiting)))
+        ]
+        fresh = self._prefill(newcomers) if newcomers else None
+        tokens = len(newcomers)
+        if self._batch is not None:
+            tokens += len(self._batch.rows)
+            self._decode(self._batch)
+        if fresh is not None:
+            if self._batch is None:
+                self._batch = fresh
+            else:
+                self._batch.extend(fresh)
+        with self._stats_lock:
+            self._steps += 1
+            self._last_batch_size = tokens
+            self._recent.append((time.monotonic(), tokens))
+
+    def _admit(self, generation: _Generation) -> None:
+        """Tokenize a new request and answer Started (or Failed); queue it for the batch."""
+        settings = generation.request.settings
+        try:
+            prompt = template_ids(self._tokenizer, generation.request.messages)
+        except Exception as e:
+            log.error("cannot apply the chat template", exc_info=True)
+            self._fail(generation, InternalError(f"cannot apply the chat template: {e}"))
+            return
+        max_context = self.info.max_context
+        if len(prompt) >= max_context:
+            self._fail(generation, ContextTooLong(len(prompt), max_context))
+            return
+        generation.prompt_ids = prompt
+        generation.max_new_tokens = min(settings.max_new_tokens, max_context - len(prompt))
+        generation.sampler = TokenSampler(
+            settings, prompt, self._vocab_size, self._end_ids, self._device
+        )
+        generation.detokenizer = IncrementalDetokenizer(self._tokenizer)
+        generation.stops = StopStringFilter(settings.stop) if settings.stop else None
+        self._emit(generation, Started(len(prompt), generation.max_new_tokens))
+        self._waiting.append(generation)
+
+    def _end_cancelled(self) -> None:
+        for generation in self._running_and_waiting():
+            if generation.handle.cancelled or self._cancel_everything:
+                self._finish(generation, "cancelled")
+        self._waiting = collections.deque(g for g in self._waiting if not g.done)
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        batch = self._batch
+        if batch is not None:
+            keep = [i for i, g in enumerate(batch.rows) if not g.done]
+            if not keep:
+                self._batch = None
+            elif len(keep) < len(batch.rows):
+                batch.keep(keep)
+
+    def _prefill(self, newcomers: list[_Generation]) -> _Batch | None:
+        """Run the newcomers' prompts; return them as a batch with their first tokens."""
+        length = max(len(g.prompt_ids) for g in newcomers)
+        rows = [[self._pad_id] * (length - len(g.prompt_ids)) + g.prompt_ids for g in newcomers]
+        masks = [[0] * (length - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in newcomers]
+        now = time.monotonic()
+        for generation in newcomers:
+            generation.admitted_at = now
+        try:
+            input_ids = torch.tensor(rows, device=self._device)
+            attention_mask = torch.tensor(masks, device=self._device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache(config=self._model.config)
+            output = self._model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = output.logits[:, -1, :].float()
+        except Exception as e:
+            self._step_failed(newcomers, "prefill", e)
+            return None
+        batch = _Batch(newcomers, cache, attention_mask, attention_mask.sum(-1))
+        self._advance(batch, logits)
+        keep = [i for i, g in enumerate(batch.rows) if not g.done]
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+        return batch
+
+    def _decode(self, batch: _Batch) -> None:
+        """One token for every running request."""
+        try:
+            attention_mask = F.pad(batch.attention_mask, (0, 1), value=1)
+            output = self._model(
+                input_ids=batch.next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=batch.positions[:, None],
+                cache=batch.cache,
+                use_cache=True,
+            )
+            logits = output.logits[:, -1, :].float()
+        except Exception as e:
+            # The cache may be half updated: every row of the batch is lost.
+            self._batch = None
+            self._step_failed(batch.rows, "decoding step", e)
+            return
+        batch.attention_mask = attention_mask
+        batch.positions = batch.positions + 1
+        self._advance(batch, logits)
+        self._drop_done()
+
+    def _step_failed(self, generations: list[_Generation], what: str, error: Exception) -> None:
+        log.error("%s of %d requests failed", what, len(generations), exc_info=error)
+        for generation in generations:
+            self._fail(generation, InternalError(f"generation failed: {error}"))
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _advance(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Sample every row's next token, stream its text, finish the rows that are done."""
+        tokens = []
+        for i, generation in enumerate(batch.rows):
+            try:
+                assert generation.sampler is not None
+                token = int(generation.sampler.next_token(logits[i], len(generation.generated)))
+            except Exception as e:
+                log.error("sampling failed for %s", generation.handle.request_id, exc_info=True)
+                self._fail(generation, InternalError(f"sampling failed: {e}"))
+                token = self._pad_id
+            else:
+                self._take_token(generation, token)
+            tokens.append(token)
+        batch.next_tokens = torch.tensor(tokens, device=self._device)
+
+    def _take_token(self, generation: _Generation, token: int) -> None:
+        assert generation.sampler and generation.detokenizer
+        generation.generated.append(token)
+        generation.sampler.accept(token)
+        if generation.first_token_at is None:
+            generation.first_token_at = time.monotonic()
+        if token in self._end_id_set:
+            self._finish(generation, "stop")
+            return
+        text = generation.detokenizer.push(token)
+        if generation.stops is not None and text:
+            text, stopped = generation.stops.push(text)
+            if stopped:
+                self._emit_text(generation, text)
+                self._finish(generation, "stop", flush=False)
+                return
+        self._emit_text(generation, text)
+        if len(generation.generated) >= generation.max_new_tokens:
+            self._finish(generation, "length")
+
+    def _emit_text(self, generation: _Generation, text: str) -> None:
+        if text:
+            self._emit(generation, TokenText(text))
+
+    def _finish(self, generation: _Generation, reason: str, flush: bool = True) -> None:
+        """End a request with Finished; ``flush`` emits the text held back."""
+        if generation.done:
+            return
+        if flush and reason != "cancelled" and generation.detokenizer is not None:
+            text = generation.detokenizer.flush()
+            if generation.stops is not None:
+                text, stopped = generation.stops.push(text)
+                if not stopped:
+                    text += generation.stops.flush()
+            self._emit_text(generation, text)
+        generation.done = True
+        now = time.monotonic()
+        first = generation.first_token_at
+        elapsed = now - (generation.admitted_at or generation.submitted_at)
+        count = len(generation.generated)
+        self._emit(
+            generation,
+            Finished(
+                total_tokens=count,
+                finish_reason=reason,
+                ttft_ms=round((first - generation.submitted_at) * 1000, 1) if first else 0.0,
+                tokens_per_s=round(count / elapsed, 2) if count and elapsed > 0 else 0.0,
+            ),
+        )
+
+    def _fail(self, generation: _Generation, error: LLMWSError) -> None:
+        if not generation.done:
+            generation.done = True
+            self._emit(generation, Failed(error))
+
+    def _emit(self, generation: _Generation, event: GenerationEvent) -> None:
+        self._outbox.append((generation, event))
+
+    def _flush_events(self) -> None:
+        """Hand this step's events to their event loops, one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Generation, GenerationEvent]]] = {}
+        for generation, event in self._outbox:
+            by_loop.setdefault(generation.loop, []).append((generation, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:
+                log.warning("event loop closed: %d generation events dropped", len(items))
