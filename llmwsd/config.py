@@ -69,6 +69,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    gpu_utilization: float = 0.9  # share of the GPU memory free after loading that may be used
+    cpu_utilization: float = 0.8  # share of the available RAM that may be used
+    reserve_mb: float = 512.0  # kept free on top of the utilization share
+    budget_mb: float = 0.0  # a cap on generation memory (KV cache + activations); 0: none
+    probe_tokens: int = 512  # prompt length of the warm-up forward that measures activations
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_queue: int = 64  # requests waiting for memory; one more is refused with busy
+    on_overflow: str = "truncate"  # prompt + max_new_tokens over max_context: truncate or refuse
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -76,6 +91,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = ""  # the file this was read from; empty for built-in defaults
 
     @property
@@ -189,6 +206,18 @@ def _validate(config: Config, source: str) -> None:
         )
     if config.engine.max_batch_size < 0:
         raise ConfigError(f"{source}: [engine] max_batch_size must not be negative")
+    m = config.memory
+    for key in ("gpu_utilization", "cpu_utilization"):
+        if not 0 < getattr(m, key) <= 1:
+            raise ConfigError(f"{source}: [memory] {key} must be greater than 0 and at most 1")
+    if m.reserve_mb < 0 or m.budget_mb < 0:
+        raise ConfigError(f"{source}: [memory] reserve_mb and budget_mb must not be negative")
+    if m.probe_tokens < 1:
+        raise ConfigError(f"{source}: [memory] probe_tokens must be at least 1")
+    if config.limits.max_queue < 0:
+        raise ConfigError(f"{source}: [limits] max_queue must not be negative")
+    if config.limits.on_overflow not in ("truncate", "refuse"):
+        raise ConfigError(f"{source}: [limits] on_overflow must be truncate or refuse")
     g = config.generation_defaults
     if g.max_new_tokens < 1:
         raise ConfigError(f"{source}: [generation_defaults] max_new_tokens must be at least 1")
