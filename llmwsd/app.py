@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd import __version__, models, resources
+from llmwsd.admin import AdminServer
 from llmwsd.config import Config, load_config
 from llmwsd.errors import ConfigError, NoModel
 from llmwsd.generation import (
@@ -78,6 +79,7 @@ class Daemon:
         self.model_error = ""
         self.started_at = time.time()
         self.server = PublicServer(self)
+        self.admin = AdminServer(self)
         self._stop_requested = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
@@ -91,6 +93,8 @@ class Daemon:
     async def start(self) -> None:
         """Everything up to READY=1: folders, sockets, the model."""
         self.prepare_folders()
+        # The admin socket first: a second daemon on this runtime folder stops here.
+        await self.admin.start()
         await self.server.start()
         log.info(
             "listening on ws://%s:%d (state %s, runtime %s)",
@@ -140,6 +144,7 @@ class Daemon:
         if self._status_task is not None:
             self._status_task.cancel()
         await self.server.close()
+        await self.admin.close()
         engine, self.engine = self.engine, None
         if engine is not None:
             drain = self.config.server.drain_timeout
@@ -149,13 +154,19 @@ class Daemon:
         self.notifier.stop_watchdog()
         log.info("stopped")
 
-    def reload(self) -> None:
-        """Re-read the configuration and apply what is safe to change while running (SIGHUP)."""
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration and apply what is safe to change while running (SIGHUP).
+
+        Returns what happened, for llmwsctl: ``source``, ``needs_restart`` (sections
+        that changed but apply only at start) and ``error`` (the ConfigError, if any).
+        """
         self.notifier.reloading()
+        report: dict[str, Any] = {"source": self.config.source, "needs_restart": [], "error": None}
         try:
             new = load_config(self.config.source) if self.config.source else self.config
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e.message)
+            report["error"] = e.message
         else:
             needs_restart = [
                 name
@@ -172,7 +183,9 @@ class Daemon:
             self.default_settings = settings_from_config(self.config)
             self.sessions.default_settings = self.default_settings
             log.info("configuration reloaded from %s", self.config.source or "defaults")
+            report["needs_restart"] = needs_restart
         self.notifier.ready(self.status_line())
+        return report
 
     # -- the model -------------------------------------------------------------------
 

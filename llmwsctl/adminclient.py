@@ -1,0 +1,180 @@
+"""A small blocking client for llmwsd's admin socket (protocol in llmwsd.adminproto).
+
+>>> with AdminClient.connect("/run/llmws/admin.sock") as admin:
+...     print(admin.call("status")["model"])
+
+Failed commands raise the daemon's error as the matching
+:class:`~llmwsd.errors.LLMWSError` subclass; a daemon that is not running raises
+:class:`NotRunning`, a socket this user may not open :class:`PermissionDenied`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import itertools
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from llmwsd import adminproto
+from llmwsd.errors import LLMWSError, Unsupported, error_from_message
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+class NotRunning(LLMWSError):
+    code = "not_running"
+
+    def __init__(self, path: str, stale: bool = False) -> None:
+        where = "stale socket" if stale else "no socket"
+        super().__init__(f"llmwsd is not running ({where} at {path})")
+        self.path = path
+
+
+class PermissionDenied(LLMWSError):
+    code = "permission_denied"
+
+    def __init__(self, path: str) -> None:
+        group = socket_group(path)
+        join = f"join the {group} group" if group else "join the socket's group"
+        super().__init__(
+            f"Permission denied on {path}: {join} (sudo usermod -aG {group or 'GROUP'} "
+            f"$USER, then log in again) or run llmwsctl as root."
+        )
+        self.path = path
+        self.group = group
+
+
+class ProtocolError(LLMWSError):
+    code = "protocol_error"
+
+
+def socket_group(path: str) -> str | None:
+    """The group that may use ``path``: the socket's, else its folder's (which may hide it)."""
+    for candidate in (Path(path), Path(path).parent):
+        try:
+            gid = candidate.stat().st_gid
+        except OSError:
+            continue
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return None
+
+
+def default_socket_path() -> str:
+    return os.environ.get(adminproto.SOCKET_ENV) or adminproto.DEFAULT_SOCKET
+
+
+class AdminClient:
+    """One connection to the admin socket; calls run one at a time."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        self._lines = sock.makefile("rb")
+        self._ids = itertools.count(1)
+        self.server_version = ""
+
+    @classmethod
+    def connect(cls, path: str | None = None) -> AdminClient:
+        """Connect and check the daemon's greeting (its admin protocol version)."""
+        path = path or default_socket_path()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, NotADirectoryError):
+            sock.close()
+            raise NotRunning(path) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise NotRunning(path, stale=True) from None
+        except PermissionError:
+            sock.close()
+            raise PermissionDenied(path) from None
+        client = cls(sock, path)
+        try:
+            client._check_greeting(client._read())
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _check_greeting(self, hello: dict[str, Any]) -> None:
+        if hello.get("hello") != "llmwsd":
+            raise ProtocolError(f"{self.path} is not an llmwsd admin socket")
+        if hello.get("protocol") != adminproto.ADMIN_PROTOCOL_VERSION:
+            raise Unsupported(
+                f"llmwsd {hello.get('version', '?')} speaks admin protocol "
+                f"{hello.get('protocol')}, this llmwsctl speaks "
+                f"{adminproto.ADMIN_PROTOCOL_VERSION}: use the llmwsctl installed with llmwsd"
+            )
+        self.server_version = str(hello.get("version", ""))
+
+    def call(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = 60.0,
+    ) -> Any:
+        """Send one command and return its result; progress lines go to ``on_progress``.
+
+        ``timeout`` bounds the wait for each line (None: no bound, for switch and pull,
+        which send progress while they work).
+        """
+        request_id = next(self._ids)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(adminproto.encode(adminproto.request(request_id, cmd, args)))
+        except BrokenPipeError:
+            raise ProtocolError("llmwsd closed the admin connection") from None
+        while True:
+            message = self._read()
+            if message.get("id") != request_id:
+                continue  # an answer to an earlier request that this client gave up on
+            if "progress" in message:
+                if on_progress is not None:
+                    on_progress(message["progress"])
+                continue
+            if message.get("ok"):
+                return message.get("result")
+            error = message.get("error")
+            raise error_from_message(error if isinstance(error, dict) else {})
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            line = self._lines.readline(adminproto.MAX_RESPONSE_LINE)
+        except TimeoutError:
+            raise ProtocolError("llmwsd did not answer in time") from None
+        except ConnectionError:
+            line = b""
+        if not line:
+            raise ProtocolError("llmwsd closed the admin connection")
+        if not line.endswith(b"\n"):
+            raise ProtocolError("an answer from llmwsd was cut short or too long")
+        return adminproto.decode(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._lines.close()
+            self.sock.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,451 @@
+"""llmwsctl: the operator's console for llmwsd, over its admin socket.
+
+Exit codes: 0 done, 1 the command failed, 2 usage error, 3 llmwsd is not
+running, 4 permission denied on the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from llmwsctl import chat
+from llmwsctl import format as fmt
+from llmwsctl.adminclient import AdminClient, NotRunning, PermissionDenied, default_socket_path
+from llmwsd import __version__, adminproto
+from llmwsd.errors import LLMWSError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # argparse's own
+EXIT_NOT_RUNNING = 3
+EXIT_PERMISSION = 4
+
+DESCRIPTION = """\
+Manage a running llmwsd from the machine it runs on: see what it serves, switch
+and remove models, watch resources, list and drop sessions, reload its
+configuration. llmwsctl talks to the daemon's admin socket, which root and
+members of the daemon's group (llmws) may use."""
+
+EPILOG = """\
+examples:
+  llmwsctl status
+  llmwsctl models
+  llmwsctl switch SmolLM2-135M-Instruct
+  llmwsctl resources --watch
+  llmwsctl --json sessions | jq '.[].id'
+
+exit codes: 0 done, 1 the command failed, 2 usage error, 3 llmwsd is not running,
+4 permission denied on the socket."""
+
+Command = Callable[[argparse.Namespace], int]
+
+
+# -- talking to the daemon ---------------------------------------------------------------
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    return getattr(args, "socket", None) or default_socket_path()
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def call(
+    args: argparse.Namespace,
+    cmd: str,
+    cmd_args: dict[str, Any] | None = None,
+    long_running: bool = False,
+) -> Any:
+    """Run one admin command; long ones show their progress on stderr and wait unbounded."""
+    with AdminClient.connect(socket_path(args)) as admin:
+        if not long_running:
+            return admin.call(cmd, cmd_args)
+        progress = fmt.ProgressPrinter()
+        try:
+            return admin.call(cmd, cmd_args, on_progress=progress, timeout=None)
+        finally:
+            progress.finish()
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = call(args, adminproto.STATUS)
+    if wants_json(args):
+        print_json(status)
+        return EXIT_OK
+    print(render_status(status))
+    return EXIT_OK
+
+
+def render_status(s: dict[str, Any]) -> str:
+    if s.get("model"):
+        model = f"{s['model']} on {s.get('device')} (context {s.get('max_context')} tokens)"
+    else:
+        model = f"none ({s.get('model_state')})"
+    memory = s.get("memory") or {}
+    used, total = fmt.gib(memory.get("ram_used_gb")), fmt.gib(memory.get("ram_total_gb"))
+    return fmt.fields(
+        [
+            (
+                "llmwsd",
+                f"{s.get('version')}, up {fmt.duration(s.get('uptime_s'))}, pid {s.get('pid')}",
+            ),
+            ("model", model),
+            ("listening", s.get("listen", "-")),
+            (
+                "sessions",
+                f"{s.get('sessions')} ({s.get('active')} generating, {s.get('queue')} queued)",
+            ),
+            (
+                "memory",
+                f"{used} used of {total}, llmwsd {fmt.gib(memory.get('rss_gb'))}",
+            ),
+            ("config", s.get("config") or "built-in defaults"),
+        ]
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    entries = call(args, adminproto.MODELS)
+    if wants_json(args):
+        print_json(entries)
+        return EXIT_OK
+    if not entries:
+        print("no models in the model folders: copy one there or `llmwsctl pull SOURCE`")
+        return EXIT_OK
+    rows = [
+        [
+            "*" if e.get("loaded") else "",
+            e.get("name"),
+            fmt.size(e.get("size_bytes")),
+            fmt.ago(e.get("modified")),
+            e.get("architecture"),
+            e.get("context_length"),
+            e.get("dtype"),
+            e.get("source"),
+        ]
+        for e in entries
+    ]
+    headers = ["", "NAME", "SIZE", "MODIFIED", "ARCHITECTURE", "CONTEXT", "DTYPE", "FOLDER"]
+    print(fmt.table(headers, rows, right=(2, 5)))
+    if any(e.get("loaded") for e in entries):
+        print("* loaded")
+    return EXIT_OK
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.SWITCH, {"model": args.model}, long_running=True)
+    if wants_json(args):
+        print_json(result)
+    elif not result.get("changed"):
+        print(f"{result['model']} is already loaded")
+    else:
+        was = f" (was {result['previous']})" if result.get("previous") else ""
+        print(f"switched to {result['model']}{was}, loaded in {result.get('load_s')} s")
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    cmd_args = {"source": args.source}
+    if args.name is not None:
+        cmd_args["name"] = args.name
+    result = call(args, adminproto.PULL, cmd_args, long_running=True)
+    if wants_json(args):
+        print_json(result)
+    else:
+        print(f"pulled {result.get('name')} into {result.get('path')}")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.RM, {"model": args.model})
+    if wants_json(args):
+        print_json(result)
+    else:
+        print(f"removed {result['removed']} ({fmt.size(result.get('size_bytes'))} freed)")
+    return EXIT_OK
+
+
+def cmd_resources(args: argparse.Namespace) -> int:
+    if args.watch is None:
+        report = call(args, adminproto.RESOURCES)
+        print_json(report) if wants_json(args) else print(render_resources(report))
+        return EXIT_OK
+    # One connection for the whole watch; Ctrl-C ends it normally.
+    tty = sys.stdout.isatty()
+    with AdminClient.connect(socket_path(args)) as admin:
+        try:
+            while True:
+                report = admin.call(adminproto.RESOURCES)
+                if wants_json(args):
+                    print(json.dumps(report, ensure_ascii=False))
+                elif tty:
+                    stamp = time.strftime("%H:%M:%S")
+                    header = f"every {args.watch:g} s, {stamp} (Ctrl-C to stop)\n\n"
+                    print("\x1b[H\x1b[2J" + header + render_resources(report))
+                else:
+                    print(render_resources(report) + "\n")
+                sys.stdout.flush()
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def render_resources(r: dict[str, Any]) -> str:
+    host = r.get("host") or {}
+    pairs: list[tuple[str, Any]] = [
+        ("device", r.get("device")),
+        ("cpu", f"{host.get('cpu_percent')}% of {host.get('cpu_count')} cores"),
+        (
+            "memory",
+            f"{fmt.gib(host.get('ram_used_gb'))} used of {fmt.gib(host.get('ram_total_gb'))} "
+            f"({fmt.gib(host.get('ram_available_gb'))} available)",
+        ),
+        ("llmwsd", f"{fmt.gib(host.get('rss_gb'))} resident"),
+    ]
+    for i, gpu in enumerate(r.get("gpus") or []):
+        pairs.append((f"gpu {i}", ", ".join(f"{k} {v}" for k, v in gpu.items())))
+    engine = r.get("engine")
+    if engine:
+        details = ", ".join(f"{k} {v}" for k, v in engine.items() if k != "model")
+        pairs.append(("engine", f"{engine.get('model')}: {details}"))
+    else:
+        pairs.append(("engine", "no model loaded"))
+    return fmt.fields(pairs)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    sessions = call(args, adminproto.SESSIONS)
+    if wants_json(args):
+        print_json(sessions)
+        return EXIT_OK
+    if not sessions:
+        print("no sessions")
+        return EXIT_OK
+    rows = [
+        [
+            s.get("id"),
+            fmt.duration(s.get("age_s")),
+            fmt.duration(s.get("idle_s")),
+            s.get("messages"),
+            s.get("buffered_events"),
+            "yes" if s.get("connected") else "no",
+            "yes" if s.get("generating") else "no",
+        ]
+        for s in sessions
+    ]
+    headers = ["ID", "AGE", "IDLE", "MESSAGES", "BUFFERED", "CONNECTED", "GENERATING"]
+    print(fmt.table(headers, rows, right=(1, 2, 3, 4)))
+    return EXIT_OK
+
+
+def cmd_session_drop(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.SESSION_DROP, {"id": args.id})
+    if wants_json(args):
+        print_json(result)
+    else:
+        print(f"dropped session {result['dropped']}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.RELOAD)
+    if wants_json(args):
+        print_json(result)
+        return EXIT_OK
+    print(f"configuration reloaded from {result.get('source') or 'built-in defaults'}")
+    if result.get("needs_restart"):
+        sections = ", ".join(f"[{name}]" for name in result["needs_restart"])
+        print(f"changed but applied only at start: {sections}; restart llmwsd to apply them")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    daemon: str | None = None
+    note = ""
+    try:
+        with AdminClient.connect(socket_path(args)) as admin:
+            daemon = admin.server_version
+    except LLMWSError as e:
+        note = e.message
+    if wants_json(args):
+        print_json(
+            {
+                "llmwsctl": __version__,
+                "llmwsd": daemon,
+                "admin_protocol": adminproto.ADMIN_PROTOCOL_VERSION,
+            }
+        )
+        return EXIT_OK
+    print(f"llmwsctl {__version__} (admin protocol {adminproto.ADMIN_PROTOCOL_VERSION})")
+    print(f"llmwsd   {daemon}" if daemon else f"llmwsd   unknown: {note}")
+    return EXIT_OK
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The global options work before or after the command (`llmwsctl status --json`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"llmwsd's admin socket (default: ${adminproto.SOCKET_ENV} or "
+        f"{adminproto.DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the daemon's raw answer as JSON, for scripts",
+    )
+    parser = argparse.ArgumentParser(
+        prog="llmwsctl",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Command, help: str, description: str, **kw: Any) -> Any:
+        sub = commands.add_parser(name, help=help, description=description, parents=[common], **kw)
+        sub.set_defaults(func=func)
+        return sub
+
+    add(
+        "status",
+        cmd_status,
+        "version, uptime, model, sessions, queue and memory",
+        "Show what llmwsd is doing: its version and uptime, the loaded model and its "
+        "device, the sessions and the queue of generations, memory in use.",
+    )
+    add(
+        "models",
+        cmd_models,
+        "list the models in the model folders (alias: list, ls)",
+        "List every model in the model folders with its size, age, architecture and "
+        "context length; the loaded one is marked with *.",
+        aliases=["list", "ls"],
+    )
+    switch = add(
+        "switch",
+        cmd_switch,
+        "load another model and serve it",
+        "Load MODEL and serve it instead of the current one. The current model keeps "
+        "serving while the new one loads; if loading fails it stays, and the error is "
+        "reported (exit 1).",
+    )
+    switch.add_argument("model", metavar="MODEL", help="a model name from `llmwsctl models`")
+    pull = add(
+        "pull",
+        cmd_pull,
+        "download a model (Hugging Face org/name, git URL, local .gguf)",
+        "Download a model into llmwsd's models folder, with progress. Not supported by "
+        "this llmwsd yet: it answers so (exit 1).",
+    )
+    pull.add_argument("source", metavar="SOURCE", help="org/name, a URL, or a local path")
+    pull.add_argument("--name", metavar="NAME", help="the folder name to give the model")
+    rm = add(
+        "rm",
+        cmd_rm,
+        "delete a downloaded model",
+        "Delete a model that was downloaded into llmwsd's models folder. The loaded "
+        "model and models in other folders are refused.",
+    )
+    rm.add_argument("model", metavar="MODEL", help="a model name from `llmwsctl models`")
+    resources = add(
+        "resources",
+        cmd_resources,
+        "CPU, memory and GPU use, once or --watch",
+        "Show the host's CPU and memory, llmwsd's own memory, the GPUs and the engine's "
+        "load. With --watch, refresh in place until Ctrl-C (one JSON line per refresh "
+        "with --json).",
+    )
+    resources.add_argument(
+        "--watch",
+        nargs="?",
+        type=positive_seconds,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    sessions = add(
+        "sessions",
+        cmd_sessions,
+        "list sessions, or drop one (sessions drop ID)",
+        "List the sessions with their age, idle time, messages, buffered events and "
+        "whether a client is connected; `sessions drop ID` deletes one (its running "
+        "generation is cancelled).",
+    )
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION")
+    drop = actions.add_parser(
+        "drop",
+        help="delete a session and cancel its generation",
+        description="Delete the session ID (see `llmwsctl sessions`) and cancel its "
+        "running generation; its client's next resume starts a new session.",
+        parents=[common],
+    )
+    drop.add_argument("id", metavar="ID", help="the session id")
+    drop.set_defaults(func=cmd_session_drop)
+    add(
+        "reload",
+        cmd_reload,
+        "re-read the configuration (like SIGHUP)",
+        "Re-read llmwsd's configuration file and apply what can change while running "
+        "(generation defaults, model folders); sections that need a restart are named.",
+    )
+    add(
+        "version",
+        cmd_version,
+        "the versions of llmwsctl and of the running llmwsd",
+        "Print llmwsctl's version and, when it answers, the running llmwsd's.",
+    )
+    chat.add_parser(commands).set_defaults(func=chat.run)
+    return parser
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("SECONDS must be between 0.1 and 86400")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NotRunning as e:
+        print(e.message, file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except PermissionDenied as e:
+        print(e.message, file=sys.stderr)
+        return EXIT_PERMISSION
+    except LLMWSError as e:
+        print(e.message, file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

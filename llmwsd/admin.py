@@ -1,0 +1,344 @@
+"""The admin socket: llmwsctl's way into the daemon, a Unix socket for root and the daemon's group.
+
+The socket is ``<runtime_dir>/admin.sock``, mode 0660, group the daemon's own.
+The framing is in :mod:`llmwsd.adminproto`. One request runs at a time per
+connection; a command keeps running when its client leaves (a half-done model
+switch would help nobody), its answer is then dropped. Who sent each command
+that changes something (SO_PEERCRED uid and pid) goes to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmwsd import __version__, adminproto, models
+from llmwsd.errors import (
+    BadRequest,
+    Busy,
+    ConfigError,
+    Forbidden,
+    InternalError,
+    LLMWSError,
+    UnknownType,
+    Unsupported,
+)
+
+if TYPE_CHECKING:
+    from llmwsd.app import Daemon
+
+log = logging.getLogger("llmwsd.admin")
+
+Progress = Callable[[dict[str, Any]], None]
+Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class LineTooLong(Exception):
+    """A request line over the limit; its bytes were read and dropped."""
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next line (without its newline), None at end of stream, or LineTooLong.
+
+    The reader's limit bounds the buffer; an oversized line is consumed piece
+    by piece up to its newline so that the next request can still be read.
+    """
+    try:
+        return (await reader.readuntil(b"\n"))[:-1]
+    except asyncio.IncompleteReadError as e:
+        return e.partial or None
+    except asyncio.LimitOverrunError as e:
+        consumed = e.consumed
+    while True:
+        await reader.readexactly(consumed)
+        try:
+            await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            pass  # the client left mid-line; the caller sees the end of stream next
+        except asyncio.LimitOverrunError as e:
+            consumed = e.consumed
+            continue
+        raise LineTooLong
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> str:
+    """``uid N pid M`` of the connected process, for the log."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+    except (AttributeError, OSError):
+        return "unknown peer"
+    return f"uid {uid} pid {pid}"
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make ``path`` free for a new socket: remove a stale one, refuse a live one.
+
+    Raises OSError (the daemon's "cannot start") when another daemon answers on
+    ``path`` or when something other than a socket is there.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise OSError(f"{path} exists and is not a socket: remove it or change [paths] runtime_dir")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing the stale admin socket %s", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as e:
+            raise OSError(f"cannot check the admin socket {path}: {e}") from e
+    raise OSError(f"another llmwsd is already running: its admin socket {path} answers")
+
+
+class AdminServer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.path = daemon.config.runtime_dir / adminproto.SOCKET_NAME
+        self.server: asyncio.Server | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
+        self._connections: set[asyncio.Task[None]] = set()
+        self._model_lock = asyncio.Lock()
+        self.handlers: dict[str, Handler] = {
+            adminproto.STATUS: self.on_status,
+            adminproto.MODELS: self.on_models,
+            adminproto.SWITCH: self.on_switch,
+            adminproto.PULL: self.on_pull,
+            adminproto.RM: self.on_rm,
+            adminproto.RESOURCES: self.on_resources,
+            adminproto.SESSIONS: self.on_sessions,
+            adminproto.SESSION_DROP: self.on_session_drop,
+            adminproto.RELOAD: self.on_reload,
+        }
+
+    # -- the socket ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        claim_socket_path(self.path)
+        self.server = await asyncio.start_unix_server(
+            self._serve, path=str(self.path), limit=adminproto.MAX_REQUEST_LINE
+        )
+        # bind() applied the umask, which can only have removed bits: 0660 never widens.
+        os.chmod(self.path, 0o660)
+        os.chown(self.path, -1, os.getegid())
+        stat = self.path.stat()
+        self._identity = (stat.st_dev, stat.st_ino)
+        log.info("admin socket %s (mode 0660, gid %d)", self.path, os.getegid())
+
+    async def close(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.server.wait_closed()
+        self.server = None
+        # Only our own socket: a newer daemon may have replaced it after a crash of ours.
+        with contextlib.suppress(FileNotFoundError):
+            stat = self.path.stat()
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = peer_credentials(writer)
+        try:
+            await self._send(writer, adminproto.greeting(__version__))
+            while (line := await self._next_request(reader, writer, peer)) is not None:
+                if line.strip():
+                    await self._answer(line, writer, peer)
+        except ConnectionError:
+            # Probes (claim_socket_path of a second daemon) and clients that left mid-line.
+            log.debug("admin: %s disconnected", peer)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _next_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> bytes | None:
+        """The next request line; oversized ones are answered here and skipped."""
+        while True:
+            try:
+                return await read_line(reader)
+            except LineTooLong:
+                limit = adminproto.MAX_REQUEST_LINE
+                log.warning("admin: %s sent a line over %d bytes", peer, limit)
+                error = BadRequest(f"request line longer than {limit} bytes: skipped")
+                await self._send(writer, adminproto.failed(None, error))
+
+    async def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(adminproto.encode(message))
+        await writer.drain()
+
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter, peer: str) -> None:
+        request_id: adminproto.RequestId = None
+
+        def progress(data: dict[str, Any]) -> None:
+            # Never raises: a client that left must not abort the command.
+            if not writer.is_closing():
+                writer.write(adminproto.encode(adminproto.progress(request_id, data)))
+
+        try:
+            message = adminproto.decode(line)
+            request_id = adminproto.request_id_of(message)
+            request_id, cmd, args = adminproto.parse_request(message)
+            handler = self.handlers.get(cmd)
+            if handler is None:
+                known = ", ".join(sorted(self.handlers))
+                raise UnknownType(f"unknown command {cmd[:80]!r}; commands: {known}")
+            if cmd in adminproto.CHANGING_COMMANDS:
+                log.info("admin: %s %s by %s", cmd, _brief(args), peer)
+            result = await handler(args, progress)
+        except LLMWSError as e:
+            log.info("admin: %s: %s (%s)", peer, e.message, e.code)
+            answer = adminproto.failed(request_id, e)
+        except Exception:
+            log.error("admin: request %r failed", line[:200], exc_info=True)
+            answer = adminproto.failed(request_id, InternalError("internal error: see the log"))
+        else:
+            answer = adminproto.ok(request_id, result)
+        try:
+            await self._send(writer, answer)
+        except ConnectionError:
+            log.info("admin: %s left before its answer was sent", peer)
+
+    # -- reports ---------------------------------------------------------------------
+
+    async def on_status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        daemon = self.daemon
+        return {
+            **daemon.status(),
+            "pid": os.getpid(),
+            "listen": f"ws://{daemon.config.server.host}:{daemon.server.port}/",
+            "config": daemon.config.source,
+        }
+
+    async def on_models(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+        return await self.daemon.list_models()
+
+    async def on_resources(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return await self.daemon.resources()
+
+    async def on_sessions(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+        return [session.summary() for session in self.daemon.sessions.list()]
+
+    # -- changes ---------------------------------------------------------------------
+
+    async def on_session_drop(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        session_id = _string_arg(args, "id")
+        session = self.daemon.sessions.drop(session_id)
+        return {"dropped": session.id, "was_connected": session.owner is not None}
+
+    async def on_reload(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        report = self.daemon.reload()
+        if report.get("error"):
+            raise ConfigError(f"{report['error']}; the running configuration is kept")
+        return report
+
+    async def on_pull(self, args: dict[str, Any], progress: Progress) -> Any:
+        source = _string_arg(args, "source")
+        if args.get("name") is not None:
+            models.validate_model_name(args["name"])
+        raise Unsupported(
+            f"pulling {source[:200]!r} is not supported yet: copy a model folder into "
+            f"{self.daemon.config.state_dir / 'models'} and run `llmwsctl switch NAME`"
+        )
+
+    async def on_switch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Load the new model beside the old one; swap only once it loaded, then retire the old."""
+        name = models.validate_model_name(args.get("model"))
+        daemon = self.daemon
+        if daemon.model_state == "loading":
+            raise Busy("the first model is still loading: retry when `llmwsctl status` says ready")
+        async with self._exclusive("switch"):
+            entry = await asyncio.to_thread(models.find, daemon.config, name)
+            old = daemon.engine
+            if old is not None and Path(old.info.path).resolve() == entry.path.resolve():
+                return {"model": name, "previous": name, "changed": False}
+            previous = old.info.name if old is not None else None
+            progress({"stage": "loading", "model": name, "message": f"loading {name}"})
+            daemon.notifier.status(f"switching to {name}")
+            started = time.monotonic()
+            try:
+                new = await daemon.engine_loader(daemon.config, entry.path)
+            except Exception as e:
+                log.error("switch: loading %s failed", entry.path, exc_info=True)
+                daemon.notifier.status(daemon.status_line())
+                still = f"still serving {previous}" if previous else "no model is loaded"
+                reason = " ".join(str(e).split())  # transformers spreads some over many lines
+                raise InternalError(f"loading {name} failed: {reason}; {still}") from e
+            load_s = round(time.monotonic() - started, 1)
+            daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
+            log.info("switched to %s (was %s), loaded in %.1f s", name, previous, load_s)
+            if old is not None:
+                drain = daemon.config.server.drain_timeout
+                progress(
+                    {"stage": "draining", "model": previous, "message": f"unloading {previous}"}
+                )
+                await old.drain(drain)
+                await old.close()
+            daemon.notifier.status(daemon.status_line())
+            return {"model": name, "previous": previous, "changed": True, "load_s": load_s}
+
+    async def on_rm(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Delete a downloaded model: rename it out of the catalogue first, so it goes at once."""
+        name = models.validate_model_name(args.get("model"))
+        daemon = self.daemon
+        async with self._exclusive("rm"):
+            entry = await asyncio.to_thread(models.find, daemon.config, name)
+            downloads = daemon.config.state_dir / "models"
+            if entry.path.parent.resolve() != downloads.resolve():
+                raise Forbidden(
+                    f"{name} is in {entry.source}, not in {downloads}: llmwsctl rm only deletes "
+                    "downloaded models; delete that folder yourself"
+                )
+            engine = daemon.engine
+            if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
+                raise Busy(f"{name} is the loaded model: switch to another one first")
+            # A leading dot hides it from the catalogue (models.is_model_folder).
+            doomed = downloads / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+            entry.path.rename(doomed)
+            await asyncio.to_thread(shutil.rmtree, doomed)
+            log.info("removed model %s (%s)", name, entry.path)
+            return {"removed": name, "path": str(entry.path), "size_bytes": entry.size_bytes}
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, what: str) -> AsyncIterator[None]:
+        """One model change at a time; a second one is refused rather than queued."""
+        if self._model_lock.locked():
+            raise Busy(f"another model change is running; retry {what} when it is done")
+        async with self._model_lock:
+            yield
+
+
+def _string_arg(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f'"{key}" must be a non-empty string')
+    return value
+
+
+def _brief(args: dict[str, Any]) -> str:
+    """Arguments for the log line, each value cut short."""
+    return " ".join(f"{k}={str(v)[:80]!r}" for k, v in args.items()) or "(no arguments)"
