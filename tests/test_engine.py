@@ -1,0 +1,382 @@
+"""The engine on the real default model: batching, settings, streaming text, failures.
+
+Most tests share one float32 engine (greedy results are then exact, batched or
+not); each asks for a few tokens only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from llmwsd.config import Config, EngineConfig, ModelConfig
+from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engine import (
+    Engine,
+    choose_attention,
+    choose_device,
+    choose_dtype,
+    choose_max_batch_size,
+    template_ids,
+)
+from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
+from llmwsd.generation import (
+    Failed,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationSettings,
+    Started,
+    TokenText,
+)
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
+PARIS = "What is the capital of France?"
+GREEDY = GenerationSettings(do_sample=False, max_new_tokens=16)
+
+pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="run `make model` first")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    config = Config(model=ModelConfig(dtype="float32"))
+    engine = Engine._load(config, MODEL)  # synchronously: the engine outlives each test's loop
+    yield engine
+    asyncio.run(engine.close())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+@dataclass
+class Run:
+    """What one request received, in order."""
+
+    events: list[GenerationEvent] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_event(self, event: GenerationEvent) -> None:
+        self.events.append(event)
+        if isinstance(event, Finished | Failed):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TokenText))
+
+    @property
+    def end(self) -> Finished | Failed:
+        end = self.events[-1]
+        assert isinstance(end, Finished | Failed)
+        return end
+
+    @property
+    def started(self) -> Started:
+        assert isinstance(self.events[0], Started)
+        return self.events[0]
+
+    def check_shape(self) -> None:
+        """Started, TokenText..., exactly one Finished; or a single Failed."""
+        if isinstance(self.events[0], Failed):
+            assert len(self.events) == 1
+            return
+        assert isinstance(self.events[0], Started)
+        assert all(isinstance(e, TokenText) and e.text for e in self.events[1:-1])
+        assert isinstance(self.events[-1], Finished | Failed)
+
+
+def submit(engine: Engine, content: str, settings: GenerationSettings = GREEDY, **changes: Any):
+    run = Run()
+    request = GenerationRequest(
+        [{"role": "user", "content": content}], dataclasses.replace(settings, **changes)
+    )
+    handle = engine.submit(request, run.on_event)
+    return run, handle
+
+
+async def generate(engine: Engine, content: str, **changes: Any) -> Run:
+    run, _ = submit(engine, content, **changes)
+    await asyncio.wait_for(run.done.wait(), 120)
+    run.check_shape()
+    return run
+
+
+# -- choices at load time --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "cpu_bf16", "expected"),
+    [
+        ("cpu", None, True, "bfloat16"),
+        ("cpu", None, False, "float32"),
+        ("cuda", (7, 5), False, "float16"),
+        ("cuda", (8, 0), False, "bfloat16"),
+        ("cuda:1", (9, 0), True, "bfloat16"),
+    ],
+)
+def test_choose_dtype_auto(device, capability, cpu_bf16, expected):
+    assert choose_dtype(device, capability, "auto", cpu_bf16) == expected
+
+
+@pytest.mark.parametrize("requested", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize(
+    ("device", "capability"), [("cpu", None), ("cuda", (7, 5)), ("cuda", (9, 0))]
+)
+def test_choose_dtype_override(requested, device, capability):
+    assert choose_dtype(device, capability, requested, cpu_has_bf16=False) == requested
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "flash", "expected"),
+    [
+        ("cpu", None, False, "sdpa"),
+        ("cpu", None, True, "sdpa"),
+        ("cuda", (7, 5), False, "sdpa"),
+        ("cuda", (7, 5), True, "sdpa"),
+        ("cuda", (8, 0), False, "sdpa"),
+        ("cuda", (8, 0), True, "flash_attention_2"),
+        ("cuda", (9, 0), False, "sdpa"),
+        ("cuda", (9, 0), True, "flash_attention_2"),
+    ],
+)
+def test_choose_attention_auto(device, capability, flash, expected):
+    assert choose_attention("auto", device, capability, flash) == expected
+
+
+@pytest.mark.parametrize("requested", ["sdpa", "eager", "flash_attention_2"])
+def test_choose_attention_override(requested):
+    assert choose_attention(requested, "cpu", None, False) == requested
+    assert choose_attention(requested, "cuda", (9, 0), True) == requested
+
+
+def test_choose_device_and_batch_size():
+    assert choose_device("auto", False) == "cpu"
+    assert choose_device("auto", True) == "cuda"
+    assert choose_device("cpu", True) == "cpu"
+    assert choose_device("cuda:1", True) == "cuda:1"
+    with pytest.raises(ConfigError):
+        choose_device("cuda", False)
+    assert choose_max_batch_size(0, "cpu") == 8
+    assert choose_max_batch_size(0, "cuda:0") == 32
+    assert choose_max_batch_size(3, "cuda") == 3
+
+
+# -- text: incremental detokenization and stop strings --------------------------------
+
+
+def test_detokenizer_never_splits_characters(tokenizer):
+    text = "café 😀 déjà vu, 日本語 and  two  spaces"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are partial bytes
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    chunks = [detokenizer.push(i) for i in ids]
+    assert all("\ufffd" not in chunk for chunk in chunks)
+    assert detokenizer.flush() == ""
+    assert "".join(chunks) == tokenizer.decode(ids) == text
+
+
+def test_detokenizer_flushes_an_incomplete_character(tokenizer):
+    ids = tokenizer.encode("ok 😀")
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    chunks = [detokenizer.push(i) for i in ids[:cut]]
+    assert "".join(chunks) + detokenizer.flush() == tokenizer.decode(ids[:cut])
+
+
+def test_stop_string_filter_holds_back_partial_matches():
+    stops = StopStringFilter(["</end>", "STOP"])
+    assert stops.push("Hello </") == ("Hello ", False)
+    assert stops.push("en") == ("", False)
+    assert stops.push("ding") == ("</ending", False)
+    assert stops.push(" ST") == (" ", False)
+    assert stops.push("OP here") == ("", True)
+    assert StopStringFilter(["ab"]).push("xxabyyab") == ("xx", True)
+    tail = StopStringFilter(["abc"])
+    assert tail.push("xab") == ("x", False)
+    assert tail.flush() == "ab"
+
+
+# -- generation on the real model ----------------------------------------------------
+
+
+async def test_paris_greedy_through_load():
+    engine = await Engine.load(Config(engine=EngineConfig(max_batch_size=2)), MODEL)
+    try:
+        assert engine.info.name == "SmolLM2-135M-Instruct"
+        assert engine.info.device == "cpu"
+        assert engine.info.attention == "sdpa"
+        assert engine.info.max_context == 8192
+        assert engine.max_batch_size == 2
+        run = await generate(engine, PARIS)
+        assert "Paris" in run.text
+        assert run.end.finish_reason == "stop"
+        assert run.started.tokens_in == engine.count_tokens([{"role": "user", "content": PARIS}])
+        assert run.end.total_tokens > 0 and run.end.ttft_ms > 0 and run.end.tokens_per_s > 0
+        stats = engine.stats()
+        assert stats["active"] == 0 and stats["queued"] == 0 and stats["steps"] > 0
+
+        # drain: running requests past the timeout are cancelled, new ones refused.
+        long_run, _ = submit(engine, "Tell me a long story.", max_new_tokens=500)
+        await engine.drain(0.3)
+        await asyncio.wait_for(long_run.done.wait(), 10)
+        assert long_run.end.finish_reason == "cancelled"
+        refused = await generate(engine, PARIS)
+        assert isinstance(refused.end, Failed) and isinstance(refused.end.error, Busy)
+    finally:
+        await engine.close()
+        await engine.close()  # idempotent
+
+
+async def test_paris_float32_equals_transformers_generate(engine, tokenizer):
+    run = await generate(engine, PARIS, repetition_penalty=1.0)
+    assert run.text == "The capital of France is Paris."
+    model = engine._model
+    prompt = template_ids(tokenizer, [{"role": "user", "content": PARIS}])
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    assert run.text == tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+async def test_utf8_is_never_split(engine, tokenizer):
+    content = "Repeat this text: 😀 Bonjour 😀"
+    run = await generate(engine, content, repetition_penalty=1.0, max_new_tokens=12)
+    tokens = [e.text for e in run.events if isinstance(e, TokenText)]
+    assert all("\ufffd" not in t for t in tokens)
+    assert any(not t.isascii() for t in tokens)
+    prompt = template_ids(tokenizer, [{"role": "user", "content": content}])
+    with torch.inference_mode():
+        out = engine._model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert run.text == tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+
+async def test_concurrent_requests_match_running_alone(engine):
+    prompts = [
+        (PARIS, {}),
+        ("Write a haiku about the sea.", {"repetition_penalty": 1.0}),
+        ("List three fruits.", {"repetition_penalty": 1.3}),
+        ("Who wrote Hamlet?", {"temperature": 0.0, "do_sample": True}),
+        ("Describe a cat.", {"do_sample": True, "seed": 7, "top_k": 20}),
+        ("Why is the sky blue?", {"do_sample": True, "seed": 3, "top_p": 0.8, "top_k": 0}),
+        ("What is 12 times 7?", {"do_sample": True, "seed": 5, "temperature": 1.2}),
+        ("Name a color.", {"max_new_tokens": 5, "min_new_tokens": 5}),
+    ]
+    alone = [await generate(engine, p, **s) for p, s in prompts]
+    together = await asyncio.gather(*(generate(engine, p, **s) for p, s in prompts))
+    assert engine.stats()["batch_size"] >= 1
+    for (prompt, _), a, t in zip(prompts, alone, together, strict=True):
+        # Greedy rows are exact in float32; seeded sampling sees the same logits and generator.
+        assert t.text == a.text, prompt
+        assert t.end == dataclasses.replace(
+            a.end, ttft_ms=t.end.ttft_ms, tokens_per_s=t.end.tokens_per_s
+        )
+
+
+async def test_newcomer_joins_running_batch(engine):
+    order: list[tuple[str, GenerationEvent]] = []
+
+    def tracked(name: str, run: Run):
+        def on_event(event: GenerationEvent) -> None:
+            order.append((name, event))
+            run.on_event(event)
+
+        return on_event
+
+    runs = []
+    for i in range(3):
+        run = Run()
+        settings = dataclasses.replace(GREEDY, max_new_tokens=40, min_new_tokens=40)
+        request = GenerationRequest([{"role": "user", "content": f"Count to {i + 20}."}], settings)
+        engine.submit(request, tracked(f"long{i}", run))
+        runs.append(run)
+    while sum(isinstance(e, TokenText) for e in runs[0].events) < 5:
+        await asyncio.sleep(0.02)
+    late = Run()
+    late_request = GenerationRequest([{"role": "user", "content": PARIS}], GREEDY)
+    engine.submit(late_request, tracked("late", late))
+    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in [*runs, late])), 120)
+    first_late_token = next(
+        i for i, (n, e) in enumerate(order) if n == "late" and isinstance(e, TokenText)
+    )
+    first_long_end = next(
+        i for i, (n, e) in enumerate(order) if n != "late" and isinstance(e, Finished)
+    )
+    assert first_late_token < first_long_end
+    assert all(r.end.total_tokens == 40 for r in runs)
+
+
+async def test_cancel_frees_the_slot(engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_batch_size", 1)
+    long_run, long_handle = submit(engine, "Tell me a long story.", max_new_tokens=300)
+    while not any(isinstance(e, TokenText) for e in long_run.events):
+        await asyncio.sleep(0.02)
+    waiting, _ = submit(engine, PARIS)
+    await asyncio.sleep(0.3)
+    assert engine.stats()["queued"] == 1 and engine.stats()["active"] == 1
+    assert not any(isinstance(e, TokenText) for e in waiting.events)
+    long_handle.cancel()
+    await asyncio.wait_for(waiting.done.wait(), 60)
+    assert long_run.end.finish_reason == "cancelled" and long_run.end.total_tokens < 300
+    assert "Paris" in waiting.text
+
+
+async def test_stop_strings_cut_the_text(engine):
+    run = await generate(engine, PARIS, stop=("Paris",))
+    assert run.text == "The capital of France is "
+    assert run.end.finish_reason == "stop"
+    across_tokens = await generate(engine, PARIS, stop=("of Fr",))
+    assert across_tokens.text == "The capital "
+
+
+async def test_min_new_tokens_is_honoured(engine):
+    run = await generate(engine, PARIS, min_new_tokens=12, max_new_tokens=12)
+    assert run.text.startswith("The capital of France is Paris.")
+    assert run.end.total_tokens == 12 and run.end.finish_reason == "length"
+
+
+async def test_context_too_long_and_lowered_max_tokens(engine, monkeypatch):
+    huge = "word " * engine.info.max_context
+    run = await generate(engine, huge)
+    assert isinstance(run.end, Failed) and isinstance(run.end.error, ContextTooLong)
+    assert run.end.error.max_context == engine.info.max_context
+
+    tokens_in = engine.count_tokens([{"role": "user", "content": PARIS}])
+    monkeypatch.setattr(engine.info, "max_context", tokens_in + 3)
+    run = await generate(engine, PARIS, max_new_tokens=100)
+    assert run.started.max_tokens == 3
+    assert run.end.total_tokens == 3 and run.end.finish_reason == "length"
+
+
+async def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
+    forward = engine._model.forward
+    calls = []
+
+    def flaky_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine._model, "forward", flaky_forward)
+    failed = await generate(engine, PARIS)
+    assert isinstance(failed.end, Failed) and isinstance(failed.end.error, InternalError)
+    assert len(failed.events) == 2  # Started, then Failed
+    ok = await generate(engine, PARIS)
+    assert "Paris" in ok.text
+
+
+async def test_a_raising_callback_does_not_hurt_others(engine):
+    def broken(event: GenerationEvent) -> None:
+        raise ValueError("client went away")
+
+    engine.submit(GenerationRequest([{"role": "user", "content": PARIS}], GREEDY), broken)
+    run = await generate(engine, PARIS)
+    assert "Paris" in run.text
