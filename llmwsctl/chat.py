@@ -1,28 +1,358 @@
-"""``llmwsctl chat``: talk to the model from a terminal (a stub until the chat client lands)."""
+"""``llmwsctl chat``: talk to llmwsd's model from a terminal, interactively or one-shot.
+
+The product brief's ``python llm.py`` client: streaming answers, readline line
+editing and history, slash commands, resuming a session with ``--session``. It
+speaks the public WebSocket protocol through :class:`~llmwsctl.client.SyncClient`,
+so it works from any machine that can reach the port, and a dropped connection
+is resumed without losing the answer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from llmwsctl import format as fmt
+from llmwsctl.client import DEFAULT_URL, SyncClient
+from llmwsd.errors import BadRequest, LLMWSError, error_from_message
+
+try:
+    import readline
+except ImportError:  # not on every platform: input() still works, without editing
+    readline = None  # type: ignore[assignment]
+
+EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+interactive commands:
+  /config KEY=VALUE ...   change generation settings (temperature, max_new_tokens, top_p,
+                          top_k, repetition_penalty, do_sample, stop, seed); alone: show them
+  /system TEXT            set the system prompt for the next questions; alone: show it
+  /resources              show the server's device and memory figures
+  /models                 list the server's models
+  /switch NAME            switch the server to another model (when the server allows it)
+  /download REPO DIR      download a model (when the server allows it)
+  /session                show the session id (resume later with --session ID)
+  /history                show the conversation
+  /reset                  forget the conversation
+  /help                   this list
+  /quit                   leave (also Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C during an answer stops it.
+
+examples:
+  llmwsctl chat
+  llmwsctl chat ws://gpu-box:8765 --system "You are terse"
+  llmwsctl chat --prompt "What is the capital of France?" --temperature 0
+  echo "Summarize: ..." | llmwsctl chat --max-tokens 200 > summary.txt
+  llmwsctl chat --session 123e4567-e89b-12d3-a456-426614174000"""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "chat",
-        help="chat with the loaded model (coming soon)",
-        description="Chat with the loaded model from the terminal. Not available yet: "
-        "use the web page on llmwsd's port meanwhile.",
+        help="chat with the model over the WebSocket API",
+        description="Chat with llmwsd's model: interactively, or one question with --prompt "
+        "or on standard input (the answer goes to stdout, the session id to stderr).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "url",
+        nargs="?",
+        metavar="URL",
+        help=f"llmwsd's address, ws://HOST:PORT or HOST:PORT (default: $LLMWS_URL or "
+        f"{DEFAULT_URL})",
+    )
+    parser.add_argument("-p", "--prompt", metavar="TEXT", help="ask one question and exit")
+    parser.add_argument("--session", metavar="ID", help="resume this session")
+    parser.add_argument("--system", metavar="TEXT", default="", help="the system prompt")
+    parser.add_argument("--temperature", type=float, metavar="T", help="0 answers greedily")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="the longest answer")
+    parser.add_argument(
+        "--token", metavar="TOKEN", help="access token, if the server needs one ($LLMWS_TOKEN)"
+    )
+    parser.add_argument(
+        "--resume-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long to keep trying to resume a dropped connection (default: 60)",
+    )
+    # SUPPRESS: `llmwsctl --json chat` sets it on the main parser; do not overwrite it.
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one-shot: print the answer's events as JSON lines",
     )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    print(
-        "llmwsctl chat is coming in a later release; meanwhile open llmwsd's web page "
-        "(http://HOST:8765/) or use any WebSocket client.",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED
+    one_shot = args.prompt is not None or not sys.stdin.isatty()
+    client = SyncClient(args.url, args.token, resume_timeout=args.resume_timeout)
+    try:
+        try:
+            welcome = client.connect(args.session)
+            settings = settings_from_args(args)
+            if settings:
+                client.set_config(**settings)
+        except LLMWSError as e:
+            print(f"llmwsctl chat: {e.message}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.session and not welcome.get("resumed"):
+            print(f"session {args.session} is gone: starting a new one", file=sys.stderr)
+        if one_shot:
+            return ask_once(client, args)
+        return Chat(client, args.system).loop(welcome)
+    finally:
+        client.close()
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if args.temperature is not None:
+        settings["temperature"] = args.temperature
+    if args.max_tokens is not None:
+        settings["max_new_tokens"] = args.max_tokens
+    return with_sampling_switch(settings)
+
+
+def with_sampling_switch(settings: dict[str, Any]) -> dict[str, Any]:
+    """Temperature 0 means greedy to a user; the server wants do_sample to say so."""
+    temperature = settings.get("temperature")
+    if isinstance(temperature, int | float) and "do_sample" not in settings:
+        return {**settings, "do_sample": temperature > 0}
+    return settings
+
+
+def ask_once(client: SyncClient, args: argparse.Namespace) -> int:
+    print(f"session {client.session_id}", file=sys.stderr)
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not text.strip():
+        print("llmwsctl chat: nothing to ask: give --prompt TEXT or text on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        finish = stream_answer(client, text, args.system, as_json=getattr(args, "json", False))
+    except LLMWSError as e:
+        print(f"llmwsctl chat: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if finish == "cancelled" else EXIT_OK
+
+
+def stream_answer(client: SyncClient, text: str, system: str, as_json: bool = False) -> str:
+    """Print one answer as it comes; return its finish reason. Ctrl-C cancels the answer.
+
+    A second Ctrl-C stops waiting for it. A server error raises (after it is
+    printed, with ``as_json``).
+    """
+    events = client.events(text, system)
+    cancelling = False
+    finish = ""
+    try:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration:
+                break
+            except KeyboardInterrupt:
+                if cancelling:
+                    events.close()
+                    raise
+                cancelling = True
+                client.cancel()  # the answer ends with finish_reason "cancelled"
+                continue
+            if as_json:
+                print(json.dumps(event, ensure_ascii=False), flush=True)
+            elif event["type"] == "token":
+                sys.stdout.write(event["data"])
+                sys.stdout.flush()
+            if event["type"] == "error":
+                raise error_from_message(event)
+            if event["type"] == "done":
+                finish = str(event.get("finish_reason", ""))
+    finally:
+        if not as_json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    if finish == "cancelled":
+        print("[cancelled]", file=sys.stderr)
+    return finish
+
+
+def parse_value(text: str) -> Any:
+    """``0.8`` → 0.8, ``true`` → True, ``["a"]`` → list; anything else stays a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def history_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llmws" / "chat_history"
+
+
+class Chat:
+    """The interactive loop: questions are streamed, lines starting with / are commands."""
+
+    def __init__(self, client: SyncClient, system: str = "") -> None:
+        self.client = client
+        self.system = system
+        self.commands: dict[str, Callable[[str], bool]] = {
+            "/config": self.do_config,
+            "/system": self.do_system,
+            "/resources": self.do_resources,
+            "/models": self.do_models,
+            "/switch": self.do_switch,
+            "/download": self.do_download,
+            "/session": self.do_session,
+            "/history": self.do_history,
+            "/reset": self.do_reset,
+            "/help": self.do_help,
+            "/quit": self.do_quit,
+            "/exit": self.do_quit,
+        }
+
+    def loop(self, welcome: dict[str, Any]) -> int:
+        model = welcome.get("model") or "no model loaded"
+        print(f"Connected to {self.client.client.url}: {model}")
+        print(f"Session {self.client.session_id}")
+        print("Type /help for commands; Ctrl-C stops an answer, Ctrl-D quits.")
+        self.load_history()
+        try:
+            while True:
+                try:
+                    line = input("> ").strip()
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    return EXIT_OK
+                if line and not self.handle(line):
+                    return EXIT_OK
+        finally:
+            self.save_history()
+
+    def handle(self, line: str) -> bool:
+        """Run one line; False means leave."""
+        try:
+            if line.startswith("/"):
+                name, _, rest = line.partition(" ")
+                command = self.commands.get(name)
+                if command is None:
+                    raise BadRequest(f"unknown command {name}: /help lists them")
+                return command(rest.strip())
+            stream_answer(self.client, line, self.system)
+        except LLMWSError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        return True
+
+    # -- history (readline) ----------------------------------------------------------
+
+    def load_history(self) -> None:
+        if readline is None:
+            return
+        readline.set_history_length(1000)
+        with contextlib.suppress(FileNotFoundError):
+            readline.read_history_file(history_path())
+
+    def save_history(self) -> None:
+        if readline is None:
+            return
+        path = history_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError as e:
+            print(f"could not save the line history to {path}: {e}", file=sys.stderr)
+
+    # -- commands: each takes the rest of the line, returns False to leave -------------
+
+    def do_config(self, rest: str) -> bool:
+        settings: dict[str, Any] = {}
+        for pair in rest.split():
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
+            settings[key] = parse_value(value)
+        merged = self.client.set_config(**with_sampling_switch(settings))
+        print(fmt.fields(sorted(merged.items())))
+        return True
+
+    def do_system(self, rest: str) -> bool:
+        if rest:
+            self.system = rest
+            print("system prompt set for the next questions")
+        else:
+            print(self.system or "(no system prompt)")
+        return True
+
+    def do_resources(self, rest: str) -> bool:
+        from llmwsctl.cli import render_resources  # cli imports this module
+
+        print(render_resources(self.client.get_resources()))
+        return True
+
+    def do_models(self, rest: str) -> bool:
+        entries = self.client.list_models()
+        if not entries:
+            print("no models on the server")
+            return True
+        rows = [
+            ["*" if e.get("loaded") else "", e.get("name"), fmt.size(e.get("size_bytes"))]
+            for e in entries
+        ]
+        print(fmt.table(["", "NAME", "SIZE"], rows, right=(2,)))
+        return True
+
+    def do_switch(self, rest: str) -> bool:
+        if not rest:
+            raise BadRequest("usage: /switch NAME (a name from /models, or a folder path)")
+        reply = self.client.switch_model(rest)
+        print(f"switched to {reply.get('model', rest)}")
+        return True
+
+    def do_download(self, rest: str) -> bool:
+        parts = rest.split()
+        if len(parts) != 2:
+            raise BadRequest("usage: /download REPO DIR (REPO: org/name or a URL)")
+        progress = fmt.ProgressPrinter()
+        try:
+            self.client.download_model(parts[0], parts[1], on_progress=progress)
+        finally:
+            progress.finish()
+        print(f"downloaded {parts[0]} into {parts[1]}")
+        return True
+
+    def do_session(self, rest: str) -> bool:
+        print(self.client.session_id)
+        return True
+
+    def do_history(self, rest: str) -> bool:
+        for message in self.client.history():
+            print(f"{message['role']}: {message['content']}")
+        return True
+
+    def do_reset(self, rest: str) -> bool:
+        self.client.reset()
+        print("conversation cleared")
+        return True
+
+    def do_help(self, rest: str) -> bool:
+        print(EPILOG.split("\n\nexamples:")[0])
+        return True
+
+    def do_quit(self, rest: str) -> bool:
+        return False

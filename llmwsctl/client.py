@@ -1,0 +1,670 @@
+"""The Python client library for llmwsd's JSON WebSocket protocol, with automatic resume.
+
+``Client`` keeps the product brief's method names (``connect``, ``inference``,
+``get_resources``, ``list_models``, ``switch_model``, ``download_model``,
+``disconnect``) so the brief's examples run unchanged apart from the import.
+
+Resume: every generation event carries a per-session ``seq``. The client
+remembers the last one it saw; when the connection drops, it reconnects with
+``session_id`` and ``last_seq`` (backing off between tries, up to
+``resume_timeout`` seconds) and the server replays exactly what was missed, so
+an answer streams on without a gap or a duplicate.
+
+Request/reply pairing: requests are sent one at a time under a lock, so the
+next reply without a ``seq`` belongs to the request in flight. Generation
+events travel separately, matched to the running answer by ``request_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from llmwsd import protocol
+from llmwsd.errors import Busy, LLMWSError, Unauthorized, error_from_message
+
+__all__ = [
+    "DEFAULT_URL",
+    "Client",
+    "ConnectionLost",
+    "LLMWSEnhancedClient",
+    "LLMWSError",
+    "SessionLost",
+    "SyncClient",
+]
+
+log = logging.getLogger("llmwsctl.client")
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+
+# Close codes after which reconnecting cannot help (the session moved, or we were refused).
+CLOSE_TAKEN_OVER = 4000
+CLOSE_POLICY = 1008
+
+T = TypeVar("T")
+
+
+class ConnectionLost(LLMWSError):
+    """The server cannot be reached, or the connection dropped and could not be resumed
+    within ``resume_timeout``."""
+
+    code = "connection_lost"
+
+
+class SessionLost(LLMWSError):
+    """The session cannot continue here: it expired on the server or moved to another client."""
+
+    code = "session_lost"
+
+
+class _Resumed(Exception):
+    """Internal: the connection dropped and came back while a reply was awaited."""
+
+
+class _Generation:
+    """One answer being received: its events in seq order, or the error that ended it."""
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None  # known from its first event
+        self.queue: asyncio.Queue[dict[str, Any] | LLMWSError] = asyncio.Queue()
+        self.finished = False
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``host:port`` as the brief's web page does, as well as ws:// and wss:// URLs."""
+    return url if "://" in url else f"ws://{url}"
+
+
+class Client:
+    """An asyncio client for one llmwsd session.
+
+    ``url`` and ``token`` default to the environment's ``LLMWS_URL`` and
+    ``LLMWS_TOKEN`` (then ws://127.0.0.1:8765 and none). ``resume_timeout``
+    bounds how long the client keeps trying to reconnect after the connection
+    drops; past it, the waiting call raises :class:`ConnectionLost`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        resume_timeout: float = 60.0,
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.url = normalize_url(url or os.environ.get("LLMWS_URL") or DEFAULT_URL)
+        self.token = token or os.environ.get("LLMWS_TOKEN") or None
+        self.resume_timeout = resume_timeout
+        self.open_timeout = open_timeout
+        self.session_id: str | None = None
+        self.welcome: dict[str, Any] = {}
+        self.last_seq = 0  # the highest generation event seq received in this session
+        self.last_done: dict[str, Any] | None = None  # the `done` event of the latest answer
+        # Events of answers this client did not ask for (replayed from an earlier client).
+        self.backlog: deque[dict[str, Any]] = deque(maxlen=1000)
+        # Messages nobody waits for: subscribed resources, download logs, ...
+        self.notifications: deque[dict[str, Any]] = deque(maxlen=1000)
+        self._ws: ClientConnection | None = None
+        self._replies: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None: dropped
+        self._lock = asyncio.Lock()
+        self._generation: _Generation | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        # Cleared while a dropped connection is being resumed; set once it is back or lost.
+        self._settled = asyncio.Event()
+        self._failure: LLMWSError | None = None  # why the last resume gave up
+        self._closing = False
+
+    # -- connecting ------------------------------------------------------------------
+
+    async def connect(self, session_id: str | None = None) -> dict[str, Any]:
+        """Open a session (a new one, or ``session_id`` to resume it); return the welcome.
+
+        An unknown or expired ``session_id`` starts a new session: compare
+        ``session_id`` afterwards, or read ``welcome["resumed"]``.
+        """
+        if self._ws is not None:
+            raise RuntimeError("already connected: disconnect() first")
+        session_id = protocol.parse_session_id(session_id)
+        self._closing = False
+        self.last_seq = 0
+        ws, welcome = await self._open(session_id, None)
+        self._adopt(ws, welcome)
+        self._settled.set()
+        self._supervisor = asyncio.create_task(self._supervise())
+        if welcome.get("resumed"):
+            # The server replays what an earlier client left unacknowledged; a round
+            # trip makes sure it has been read (into `backlog`) before we ask anything.
+            await self._request({"type": "ping"}, "pong")
+        return welcome
+
+    async def disconnect(self) -> None:
+        """Close the connection; the session stays on the server until it expires."""
+        self._closing = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+
+    close = disconnect
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    async def _open(
+        self, session_id: str | None, last_seq: int | None
+    ) -> tuple[ClientConnection, dict[str, Any]]:
+        """Connect, say hello, and read the welcome (or the error that refuses us)."""
+        hello = {"session_id": session_id, "last_seq": last_seq, "token": self.token}
+        try:
+            ws = await websockets.connect(
+                self.url, open_timeout=self.open_timeout, max_size=64 * 2**20
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            raise ConnectionLost(f"cannot connect to {self.url}: {e}") from e
+        try:
+            await ws.send(
+                protocol.encode_message({k: v for k, v in hello.items() if v is not None})
+            )
+            first = protocol.decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
+        except (ConnectionClosed, TimeoutError) as e:
+            await ws.close()
+            raise ConnectionLost(f"{self.url} did not welcome us: {e}") from e
+        if first.get("type") != "welcome":
+            await ws.close()
+            if first.get("type") == "error":
+                raise error_from_message(first)
+            raise LLMWSError(f"expected a welcome from the server, got {first.get('type')!r}")
+        return ws, first
+
+    def _adopt(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        if welcome["session_id"] != self.session_id:
+            self.last_seq = 0  # seqs count per session
+        self._ws = ws
+        self.welcome = welcome
+        self.session_id = welcome["session_id"]
+
+    # -- the connection's life: read, and reconnect when it drops ---------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            ws = self._ws
+            assert ws is not None
+            await self._read(ws)
+            if self._closing:
+                return
+            log.info("connection to %s dropped (%s): resuming", self.url, ws.close_code)
+            self._settled.clear()
+            self._replies.put_nowait(None)  # wake a waiting request so it can resend
+            try:
+                if ws.close_code == CLOSE_TAKEN_OVER:
+                    raise SessionLost(f"session {self.session_id} was taken over by another client")
+                if ws.close_code == CLOSE_POLICY:
+                    raise ConnectionLost(f"the server closed the connection: {ws.close_reason}")
+                await self._reconnect()
+            except LLMWSError as e:
+                self._give_up(e)
+                return
+            self._settled.set()
+
+    async def _read(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                try:
+                    message = protocol.decode_message(frame)
+                except LLMWSError:
+                    log.warning("ignoring a frame that is not a JSON object: %.80r", frame)
+                    continue
+                if message.get("type") in protocol.GENERATION_TYPES and "seq" in message:
+                    self._on_event(message)
+                else:
+                    self._replies.put_nowait(message)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        seq = event["seq"]
+        if seq <= self.last_seq:
+            return  # a replay overlapping what we already have
+        self.last_seq = seq
+        generation = self._generation
+        if generation is not None and generation.request_id in (None, event.get("request_id")):
+            generation.request_id = event.get("request_id")
+            generation.queue.put_nowait(event)
+        else:
+            self.backlog.append(event)
+
+    async def _reconnect(self) -> None:
+        """Reconnect to the same session with ``last_seq``, backing off, until resume_timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.resume_timeout
+        delay = 0.1
+        while True:
+            try:
+                ws, welcome = await self._open(self.session_id, self.last_seq)
+            except (Unauthorized, SessionLost):
+                raise
+            except LLMWSError as e:
+                if loop.time() + delay > deadline:
+                    raise ConnectionLost(
+                        f"lost the connection to {self.url} and could not resume session "
+                        f"{self.session_id} within {self.resume_timeout:g} s: {e}"
+                    ) from e
+                log.debug("reconnecting to %s failed (%s); retrying in %.1f s", self.url, e, delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 2.0)
+                continue
+            lost = self.session_id
+            self._adopt(ws, welcome)
+            if not welcome.get("resumed"):
+                # The server forgot the session (expired, or restarted without it): the
+                # conversation goes on in a new session, but a running answer is gone.
+                log.warning("session %s is gone; continuing in session %s", lost, self.session_id)
+                self._fail_generation(SessionLost(f"session {lost} is gone from the server"))
+            return
+
+    def _give_up(self, error: LLMWSError) -> None:
+        log.warning("%s", error.message)
+        self._fail_generation(error)
+        self._ws = None  # the old connection is already closed
+        self._failure = error
+        self._settled.set()
+
+    def _fail_generation(self, error: LLMWSError) -> None:
+        if self._generation is not None:
+            self._generation.queue.put_nowait(error)
+
+    async def _wait_settled(self) -> None:
+        """Wait out a resume in progress; raise why it failed, if it did."""
+        await self._settled.wait()
+        if self._ws is None:
+            raise self._failure or ConnectionLost(f"not connected to {self.url}")
+
+    async def _ensure_connected(self) -> None:
+        """Before a call: wait out a resume in progress; after a failed one, try once more."""
+        await self._settled.wait()
+        if self._ws is None:
+            if self.session_id is None or self._closing:
+                raise RuntimeError("not connected: call connect() first")
+            await self._reconnect()
+            self._failure = None
+            self._supervisor = asyncio.create_task(self._supervise())
+
+    # -- requests --------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self._ws is None:
+            raise ConnectionLost(f"not connected to {self.url}")
+        with contextlib.suppress(ConnectionClosed):  # the supervisor notices and resumes
+            await self._ws.send(protocol.encode_message(message))
+
+    def _set_aside_unsolicited(self) -> None:
+        """Before a request (lock held): whatever is queued belongs to no request."""
+        while not self._replies.empty():
+            message = self._replies.get_nowait()
+            if message is not None:  # None: a drop that has been dealt with
+                self.notifications.append(message)
+
+    async def _exchange(
+        self,
+        messages: list[dict[str, Any]],
+        reply_type: str,
+        on_other: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``messages`` and return the reply of type ``reply_type``; hold the lock.
+
+        An ``error`` reply raises it. Raises ``_Resumed`` when the connection
+        dropped and came back, since the messages may not have arrived.
+        """
+        for message in messages:
+            await self._send(message)
+        while True:
+            reply = await self._replies.get()
+            if reply is None:
+                await self._wait_settled()
+                raise _Resumed
+            if reply.get("type") == "error":
+                raise error_from_message(reply)
+            if reply.get("type") == reply_type:
+                return reply
+            (on_other or self.notifications.append)(reply)
+
+    async def _request(self, message: dict[str, Any], reply_type: str) -> dict[str, Any]:
+        """One request and its reply; resent after a resume (every request but inference
+        is safe to repeat)."""
+        async with self._lock:
+            await self._ensure_connected()
+            self._set_aside_unsolicited()
+            while True:
+                with contextlib.suppress(_Resumed):
+                    return await self._exchange([message], reply_type)
+
+    async def ping(self) -> None:
+        await self._request({"type": "ping"}, "pong")
+
+    async def get_resources(self) -> dict[str, Any]:
+        """Device and memory figures (``device``, ``free_gb``, ``total_gb``, ...)."""
+        reply = await self._request({"type": "get_resources"}, "resources")
+        return {k: v for k, v in reply.items() if k != "type"}
+
+    async def get_status(self) -> dict[str, Any]:
+        reply = await self._request({"type": "get_status"}, "status")
+        return {k: v for k, v in reply.items() if k != "type"}
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return list((await self._request({"type": "list_models"}, "models_list"))["models"])
+
+    async def switch_model(self, path: str) -> dict[str, Any]:
+        """Load another model: a folder path, or a name from :meth:`list_models`."""
+        key = "model_path" if "/" in path else "model"
+        return await self._request({"type": "switch_model", key: path}, "model_switched")
+
+    async def download_model(
+        self,
+        repo: str,
+        target_dir: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Download ``repo`` (URL or ``org/name``) into ``target_dir``; return ``download_done``.
+
+        ``on_progress`` receives the server's ``log`` and ``download_progress`` messages.
+        """
+        message = {"type": "download_model", "repo": repo, "target_dir": target_dir}
+        async with self._lock:  # held throughout, so the final error cannot be mistaken
+            await self._ensure_connected()
+            self._set_aside_unsolicited()
+            try:
+                await self._exchange([message], "download_started", on_progress)
+                return await self._exchange([], "download_done", on_progress)
+            except _Resumed:
+                # The download's messages went to the lost connection and are not buffered.
+                raise ConnectionLost(
+                    "the connection dropped during the download; it may go on on the server: "
+                    "see list_models()"
+                ) from None
+
+    async def delete_model(self, name: str) -> dict[str, Any]:
+        return await self._request({"type": "delete_model", "model_name": name}, "model_deleted")
+
+    async def set_config(self, **settings: Any) -> dict[str, Any]:
+        """Change this session's generation settings; return all of them as merged."""
+        return dict(
+            (await self._request({"type": "config", "data": settings}, "config_ack"))["config"]
+        )
+
+    async def reset(self) -> None:
+        """Forget the conversation (the session and its settings stay)."""
+        await self._request({"type": "reset"}, "reset_done")
+
+    async def history(self) -> list[dict[str, str]]:
+        return list((await self._request({"type": "history"}, "history"))["messages"])
+
+    async def cancel(self) -> bool:
+        """Stop the running answer; it ends with ``finish_reason`` "cancelled"."""
+        return bool((await self._request({"type": "cancel"}, "cancel_ack"))["cancelled"])
+
+    async def subscribe_resources(self, interval: float) -> None:
+        """Have ``resources`` reports sent every ``interval`` s into :attr:`notifications`."""
+        await self._request({"type": "subscribe_resources", "interval": interval}, "subscribed")
+
+    # -- answers ---------------------------------------------------------------------
+
+    async def events(
+        self, prompt: str, system: str = "", **settings: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The protocol events of one answer: ``start``, ``token``..., then ``done`` or ``error``.
+
+        ``settings`` apply to this answer only. The ``done`` is acknowledged so
+        the server can drop its buffer.
+        """
+        generation = await self._start(prompt, system, settings)
+        try:
+            while True:
+                event = await generation.queue.get()
+                if isinstance(event, LLMWSError):
+                    raise event
+                if event["type"] in ("done", "error"):
+                    # Settle the answer before handing out its last event: the caller
+                    # may stop reading right there (an error raises in stream()).
+                    generation.finished = True
+                    self._generation = None
+                    if event["type"] == "done":
+                        self.last_done = event
+                    await self._acknowledge(event["seq"])
+                    yield event
+                    return
+                yield event
+        finally:
+            if self._generation is generation:
+                self._generation = None
+            if not generation.finished and self._ws is not None:
+                # Abandoned mid-answer (break, cancellation): stop it on the server too.
+                await self._send({"type": "cancel"})
+
+    async def _acknowledge(self, seq: int) -> None:
+        """Let the server drop its buffer up to ``seq``; the answer is complete either way."""
+        try:
+            await self._request({"type": "ack", "seq": seq}, "ack_received")
+        except LLMWSError as e:
+            log.warning("could not acknowledge event %d: %s", seq, e.message)
+
+    async def stream(self, prompt: str, system: str = "", **settings: Any) -> AsyncIterator[str]:
+        """The answer's text, piece by piece; a server error raises its exception."""
+        async with contextlib.aclosing(self.events(prompt, system, **settings)) as events:
+            async for event in events:
+                if event["type"] == "token":
+                    yield event["data"]
+                elif event["type"] == "error":
+                    raise error_from_message(event)
+
+    async def inference(self, prompt: str, system: str = "", **settings: Any) -> str:
+        """The whole answer to ``prompt`` as one string (the brief's API)."""
+        return "".join([piece async for piece in self.stream(prompt, system, **settings)])
+
+    async def _start(self, prompt: str, system: str, settings: dict[str, Any]) -> _Generation:
+        """Send the inference and return once the server has accepted it."""
+        message: dict[str, Any] = {
+            "type": "inference",
+            "prompt": {"system": system, "user": prompt},
+        }
+        if settings:
+            message["config"] = settings
+        ping = {"type": "ping"}
+        async with self._lock:
+            await self._ensure_connected()
+            if self._generation is not None:
+                raise Busy("an answer is still streaming on this client: read it or cancel it")
+            self._set_aside_unsolicited()
+            generation = _Generation()
+            self._generation = generation
+            # The server answers in order: an error before the pong rejects the inference,
+            # a pong alone means it was accepted (its events follow with seqs).
+            pending, resent = [message, ping], False
+            try:
+                while True:
+                    try:
+                        await self._exchange(pending, "pong")
+                    except _Resumed:
+                        pending = [ping]  # first read the replay: did the inference arrive?
+                        continue
+                    except Busy:
+                        if resent:
+                            break  # the first copy did arrive, and is running
+                        raise
+                    if pending == [ping] and generation.request_id is None:
+                        pending, resent = [message, ping], True
+                        continue
+                    break
+            except BaseException:
+                self._generation = None
+                raise
+        return generation
+
+
+# The product brief's name for the client.
+LLMWSEnhancedClient = Client
+
+
+class SyncClient:
+    """The same client for scripts without asyncio: a private event loop runs in a thread.
+
+    >>> with SyncClient() as c:
+    ...     print(c.inference("What is the capital of France?"))
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="llmws-client", daemon=True
+        )
+        self._thread.start()
+        self.client = Client(url, token, **options)
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    @property
+    def session_id(self) -> str | None:
+        return self.client.session_id
+
+    def connect(self, session_id: str | None = None) -> dict[str, Any]:
+        return self._run(self.client.connect(session_id))
+
+    def inference(self, prompt: str, system: str = "", **settings: Any) -> str:
+        return self._run(self.client.inference(prompt, system, **settings))
+
+    def stream(self, prompt: str, system: str = "", **settings: Any) -> SyncStream[str]:
+        return SyncStream(self._loop, self.client.stream(prompt, system, **settings))
+
+    def events(self, prompt: str, system: str = "", **settings: Any) -> SyncStream[dict[str, Any]]:
+        return SyncStream(self._loop, self.client.events(prompt, system, **settings))
+
+    def cancel(self) -> bool:
+        return self._run(self.client.cancel())
+
+    def reset(self) -> None:
+        self._run(self.client.reset())
+
+    def history(self) -> list[dict[str, str]]:
+        return self._run(self.client.history())
+
+    def set_config(self, **settings: Any) -> dict[str, Any]:
+        return self._run(self.client.set_config(**settings))
+
+    def get_resources(self) -> dict[str, Any]:
+        return self._run(self.client.get_resources())
+
+    def get_status(self) -> dict[str, Any]:
+        return self._run(self.client.get_status())
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self._run(self.client.list_models())
+
+    def switch_model(self, path: str) -> dict[str, Any]:
+        return self._run(self.client.switch_model(path))
+
+    def download_model(
+        self,
+        repo: str,
+        target_dir: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        return self._run(self.client.download_model(repo, target_dir, on_progress))
+
+    def disconnect(self) -> None:
+        """Close the connection and stop the private loop; the object is done afterwards."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self.client.disconnect())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    close = disconnect
+
+    def __enter__(self) -> SyncClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.disconnect()
+
+
+class SyncStream(Iterator[T]):
+    """Iterates an async iterator on the client's loop.
+
+    A KeyboardInterrupt while waiting leaves the pending read in place, so the
+    caller can cancel the answer and keep reading it to its end.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: AsyncIterator[T]) -> None:
+        self._loop = loop
+        self._source = source
+        self._pending: concurrent.futures.Future[tuple[bool, T | None]] | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def _next(self) -> tuple[bool, T | None]:
+        self._task = asyncio.current_task()
+        try:
+            return True, await anext(self._source)
+        except StopAsyncIteration:
+            return False, None
+
+    def __next__(self) -> T:
+        if self._pending is None:
+            self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+        try:
+            more, item = self._pending.result()
+        except KeyboardInterrupt:
+            raise  # still pending: the next call goes on waiting for the same item
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        if not more:
+            raise StopIteration
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop reading; an unfinished answer is cancelled on the server."""
+        self._pending = None
+        asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result()
+
+    async def _aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the generator must be idle before it can be closed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()
