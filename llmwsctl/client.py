@@ -25,7 +25,7 @@ import os
 import random
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -434,7 +434,7 @@ class Client:
 
     async def events(
         self, prompt: str, system: str = "", **settings: Any
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The protocol events of one answer: ``start``, ``token``..., then ``done`` or ``error``.
 
         ``settings`` apply to this answer only. The ``done`` is acknowledged so
@@ -471,7 +471,9 @@ class Client:
         except LLMWSError as e:
             log.warning("could not acknowledge event %d: %s", seq, e.message)
 
-    async def stream(self, prompt: str, system: str = "", **settings: Any) -> AsyncIterator[str]:
+    async def stream(
+        self, prompt: str, system: str = "", **settings: Any
+    ) -> AsyncGenerator[str, None]:
         """The answer's text, piece by piece; a server error raises its exception."""
         async with contextlib.aclosing(self.events(prompt, system, **settings)) as events:
             async for event in events:
