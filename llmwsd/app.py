@@ -73,7 +73,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.default_settings = settings_from_config(config)
-        self.sessions = SessionStore(self.default_settings)
+        self.sessions = SessionStore(self.default_settings, config.sessions, config.state_dir)
         self.engine: EngineLike | None = None
         self.model_state = "loading"  # loading, ready, none, failed
         self.model_error = ""
@@ -95,6 +95,7 @@ class Daemon:
         self.prepare_folders()
         # The admin socket first: a second daemon on this runtime folder stops here.
         await self.admin.start()
+        await self.sessions.open()  # before clients come, so that they can resume
         await self.server.start()
         log.info(
             "listening on ws://%s:%d (state %s, runtime %s)",
@@ -151,6 +152,7 @@ class Daemon:
             log.info("draining running generations (up to %g s)", drain)
             await engine.drain(drain)
             await engine.close()
+        await self.sessions.close()
         self.notifier.stop_watchdog()
         log.info("stopped")
 

@@ -84,6 +84,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    idle_ttl: float = 86400.0  # seconds with no client and no generation before a session expires
+    sweep_interval: float = 60.0  # seconds between sweeps for expired sessions
+    max_buffered_events: int = 4096  # unacknowledged events kept per session; oldest dropped
+    max_history_messages: int = 200  # user/assistant messages kept; oldest exchange dropped
+    max_sessions: int = 256  # beyond it the longest idle session goes; none idle: busy
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -93,6 +102,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     source: str = ""  # the file this was read from; empty for built-in defaults
 
     @property
@@ -221,3 +231,13 @@ def _validate(config: Config, source: str) -> None:
     g = config.generation_defaults
     if g.max_new_tokens < 1:
         raise ConfigError(f"{source}: [generation_defaults] max_new_tokens must be at least 1")
+    n = config.sessions
+    if n.idle_ttl <= 0 or n.sweep_interval <= 0:
+        raise ConfigError(f"{source}: [sessions] idle_ttl and sweep_interval must be positive")
+    for key, least in (
+        ("max_buffered_events", 1),
+        ("max_history_messages", 2),
+        ("max_sessions", 1),
+    ):
+        if getattr(n, key) < least:
+            raise ConfigError(f"{source}: [sessions] {key} must be at least {least}")

@@ -19,7 +19,15 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from llmwsd import protocol
-from llmwsd.errors import BadRequest, Forbidden, InternalError, LLMWSError, UnknownType, Unsupported
+from llmwsd.errors import (
+    BadRequest,
+    Busy,
+    Forbidden,
+    InternalError,
+    LLMWSError,
+    UnknownType,
+    Unsupported,
+)
 from llmwsd.sessions import Session
 
 if TYPE_CHECKING:
@@ -73,11 +81,17 @@ class JsonConnection:
     async def run(self, hello: dict[str, Any], hello_error: LLMWSError | None = None) -> None:
         """Welcome first, then the buffered events, then messages until the client leaves."""
         try:
-            session, resumed, last_seq = self._attach(hello)
-        except LLMWSError as e:
-            # A malformed hello: carry on with a fresh session and say why after the welcome.
-            hello_error, hello = e, {}
-            session, resumed, last_seq = self._attach({})
+            try:
+                session, resumed, last_seq = self._attach(hello)
+            except BadRequest as e:
+                # A malformed hello: carry on with a fresh session and say why after the welcome.
+                hello_error, hello = e, {}
+                session, resumed, last_seq = self._attach({})
+        except Busy as e:
+            # Every session slot is in use: no session to welcome into (1013: try again later).
+            await self.send_error(e)
+            await self.ws.close(1013, "too many sessions")
+            return
         self.session = session
         log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")
         await self.send(self.daemon.welcome(session, resumed))

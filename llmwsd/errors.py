@@ -83,6 +83,12 @@ class Interrupted(LLMWSError):
     code = "interrupted"
 
 
+class EventsDropped(LLMWSError):
+    """Buffered events a client had not received were dropped (the session's buffer cap)."""
+
+    code = "events_dropped"
+
+
 class InternalError(LLMWSError):
     code = "internal"
 
@@ -101,6 +107,7 @@ ERROR_CLASSES: dict[str, type[LLMWSError]] = {
         Unsupported,
         NotFound,
         Interrupted,
+        EventsDropped,
         InternalError,
     )
 }

@@ -66,6 +66,9 @@ def serve(config: Config, log_level: str) -> int:
     except OSError as e:
         logging.getLogger("llmwsd").error("cannot start: %s", e)
         return 1
+    except ConfigError as e:  # found only at start, such as an unusable session key
+        logging.getLogger("llmwsd").error("cannot start: %s", e.message)
+        return EXIT_CONFIG
     return 0
 
 

@@ -3,22 +3,28 @@
 A generation writes its events into its session, never straight to a socket,
 so a client that reads slowly, disconnects or reconnects elsewhere loses
 nothing: whichever connection owns the session streams the buffer from its
-``last_seq``. Every change goes through :meth:`SessionStore.record`, the seam
-where persistence keeps a durable copy.
+``last_seq``. Every change goes through :meth:`SessionStore.record`, which
+appends it to the session's encrypted log (session_store.py); at start,
+:meth:`Session.replay` rebuilds each session from its log.
+
+The buffer always holds a contiguous run of seqs: acks and the buffer cap only
+ever drop its oldest events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from llmwsd.errors import Busy, NotFound
+from llmwsd.config import SessionsConfig
+from llmwsd.errors import Busy, EventsDropped, Interrupted, NotFound
 from llmwsd.generation import (
     Failed,
     Finished,
@@ -27,8 +33,14 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
+from llmwsd.session_store import SessionFiles, encode_record
 
 log = logging.getLogger("llmwsd.sessions")
+
+# A session's activity is written down at most this often when nothing else is.
+TOUCH_RECORD_INTERVAL = 60.0
+# A log is compacted once it has this many records and more than half are garbage.
+COMPACT_MIN_RECORDS = 64
 
 
 @dataclass
@@ -53,9 +65,12 @@ class Session:
         self.settings = settings
         self.events: list[dict[str, Any]] = []  # unacknowledged generation events, by seq
         self.next_seq = 1
+        self.requests = 0  # generations begun, for request ids
+        self.acked_through = 0  # the highest seq the client acknowledged
+        self.dropped_through = 0  # the highest seq the buffer cap dropped unacknowledged
         self.running: RunningGeneration | None = None
         self.owner: Any = None  # the connection streaming this session, if any
-        self._request_numbers = itertools.count(1)
+        self._touch_recorded = 0.0
         self._changed = asyncio.Event()
 
     # -- the event buffer -------------------------------------------------------------
@@ -63,28 +78,71 @@ class Session:
     def append_event(self, message: dict[str, Any]) -> dict[str, Any]:
         """Give ``message`` the next seq, buffer it, and wake the streaming connection."""
         event = {**message, "seq": self.next_seq}
-        self.next_seq += 1
-        self.events.append(event)
+        self._add_event(event)
         self.store.record(self, {"kind": "event", "event": event})
         self._wake()
         return event
 
+    def _add_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.next_seq = event["seq"] + 1
+        excess = len(self.events) - self.store.config.max_buffered_events
+        if excess > 0:
+            if self.dropped_through <= self.acked_through:
+                log.warning(
+                    "session %s: %d events buffered and not acknowledged: dropping the oldest",
+                    self.id,
+                    len(self.events) - 1,
+                )
+            self.dropped_through = self.events[excess - 1]["seq"]
+            del self.events[:excess]
+
+    def _drop_through(self, seq: int) -> None:
+        if self.events:
+            count = min(max(seq - self.events[0]["seq"] + 1, 0), len(self.events))
+            del self.events[:count]
+
     def ack(self, seq: int | None) -> int:
         """Drop buffered events up to ``seq`` (all when None); return how many were dropped."""
+        through = self.next_seq - 1 if seq is None else min(seq, self.next_seq - 1)
         before = len(self.events)
-        if seq is None:
-            self.events.clear()
-        else:
-            self.events = [e for e in self.events if e["seq"] > seq]
-        self.store.record(self, {"kind": "ack", "seq": seq})
+        self._drop_through(through)
+        self.acked_through = max(self.acked_through, through)
+        self.store.record(self, {"kind": "ack", "seq": through})
         return before - len(self.events)
 
+    def events_after(self, seq: int | None) -> list[dict[str, Any]]:
+        if seq is None or not self.events:
+            return list(self.events)
+        return self.events[max(seq - self.events[0]["seq"] + 1, 0) :]
+
+    def lost_after(self, seq: int) -> EventsDropped | None:
+        """The error for events after ``seq`` that the buffer cap dropped before they were sent."""
+        first, last = max(seq, self.acked_through) + 1, self.dropped_through
+        if first > last:
+            return None
+        return EventsDropped(
+            f"events {first} to {last} were dropped before this client received them: a "
+            f"session keeps at most {self.store.config.max_buffered_events} unacknowledged "
+            "events, so ack the ones you have received",
+            first_seq=first,
+            last_seq=last,
+        )
+
     async def stream_from(self, last_seq: int | None) -> AsyncIterator[dict[str, Any]]:
-        """Yield buffered events after ``last_seq`` (all when None), then live ones, forever."""
-        sent = -1 if last_seq is None else last_seq
+        """Yield buffered events after ``last_seq`` (all when None), then live ones, forever.
+
+        Events the buffer cap dropped before they were yielded are announced with
+        an ``events_dropped`` error (it has no seq) in their place.
+        """
+        sent = last_seq
         while True:
             changed = self._changed
-            pending = [e for e in self.events if e["seq"] > sent]
+            lost = self.lost_after(sent) if sent is not None else None
+            if lost is not None:
+                sent = lost.details["last_seq"]
+                yield lost.to_message()
+            pending = self.events_after(sent)
             for event in pending:
                 sent = event["seq"]
                 yield event
@@ -99,6 +157,9 @@ class Session:
 
     def touch(self) -> None:
         self.last_active = time.time()
+        if self.last_active - self._touch_recorded >= TOUCH_RECORD_INTERVAL:
+            self._touch_recorded = self.last_active
+            self.store.record(self, {"kind": "touch"})
 
     def set_settings(self, settings: GenerationSettings) -> None:
         self.settings = settings
@@ -113,6 +174,15 @@ class Session:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + list(self.messages)
 
+    def _add_message(self, message: dict[str, str]) -> int:
+        """Remember ``message``; drop the oldest exchanges beyond the cap and return how many."""
+        self.messages.append(message)
+        dropped = 0
+        while len(self.messages) > self.store.config.max_history_messages:
+            del self.messages[:2]
+            dropped += 1
+        return dropped
+
     def begin_generation(self, user_text: str, system: str) -> RunningGeneration:
         """Reserve the session for one generation; a second one at a time is Busy."""
         if self.running is not None:
@@ -120,13 +190,17 @@ class Session:
         if system:
             self.system = system
             self.store.record(self, {"kind": "system", "content": system})
-        self.running = RunningGeneration(f"r{next(self._request_numbers)}", user_text)
+        self.requests += 1
+        self.running = RunningGeneration(f"r{self.requests}", user_text)
         return self.running
 
     def on_generation_event(self, running: RunningGeneration, event: GenerationEvent) -> None:
         """Turn an engine event into a buffered protocol event (runs on the event loop)."""
         base = {"request_id": running.request_id}
         if isinstance(event, Started):
+            # From here on the generation exists on disk too: a restart ends it `interrupted`.
+            begin = {"kind": "begin", "request_id": running.request_id, "user": running.user_text}
+            self.store.record(self, begin)
             self.append_event(
                 {
                     "type": "start",
@@ -140,33 +214,121 @@ class Session:
             running.pieces.append(event.text)
             self.append_event({"type": "token", **base, "data": event.text})
         elif isinstance(event, Finished):
-            self._finish(running)
-            self.append_event(
-                {
-                    "type": "done",
-                    **base,
-                    "total_tokens": event.total_tokens,
-                    "finish_reason": event.finish_reason,
-                    "ttft_ms": round(event.ttft_ms, 1),
-                    "tokens_per_s": round(event.tokens_per_s, 1),
-                }
-            )
+            history_dropped = self._finish(running)
+            done = {
+                "type": "done",
+                **base,
+                "total_tokens": event.total_tokens,
+                "finish_reason": event.finish_reason,
+                "ttft_ms": round(event.ttft_ms, 1),
+                "tokens_per_s": round(event.tokens_per_s, 1),
+            }
+            if history_dropped:
+                done["history_dropped"] = history_dropped
+            self.append_event(done)
         elif isinstance(event, Failed):
             self._finish(running, keep_turn=bool(running.pieces))
             self.append_event({**event.error.to_message(), **base})
 
-    def _finish(self, running: RunningGeneration, keep_turn: bool = True) -> None:
+    def _finish(self, running: RunningGeneration, keep_turn: bool = True) -> int:
+        dropped = 0
         if keep_turn:
             answer = "".join(running.pieces)
             for turn in (
                 {"role": "user", "content": running.user_text},
                 {"role": "assistant", "content": answer},
             ):
-                self.messages.append(turn)
+                dropped += self._add_message(turn)
                 self.store.record(self, {"kind": "message", "message": turn})
         if self.running is running:
             self.running = None
         self.touch()
+        return dropped
+
+    def end_interrupted(self) -> None:
+        """After a restart: end the generation that the daemon's stop cut off, keeping its part."""
+        if self.running is not None:
+            error = Interrupted(
+                "the server restarted while generating this answer; the part produced before "
+                "is kept in the conversation"
+            )
+            self.on_generation_event(self.running, Failed(error))
+
+    # -- persistence ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole session as one record: what a compacted log starts with."""
+        running = self.running
+        return {
+            "kind": "snapshot",
+            "created_at": self.created_at,
+            "last_active": self.last_active,
+            "system": self.system,
+            "messages": self.messages,
+            "settings": self.settings.to_dict(),
+            "events": self.events,
+            "next_seq": self.next_seq,
+            "requests": self.requests,
+            "acked_through": self.acked_through,
+            "dropped_through": self.dropped_through,
+            "running": None
+            if running is None
+            else {
+                "request_id": running.request_id,
+                "user": running.user_text,
+                "pieces": running.pieces,
+            },
+        }
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Apply one record of the session's log, as the change that wrote it did."""
+        kind = record["kind"]
+        self.last_active = max(self.last_active, record.get("t", 0.0))
+        if kind == "snapshot":
+            self.created_at = record["created_at"]
+            self.last_active = record["last_active"]
+            self.system = record["system"]
+            self.messages = list(record["messages"])
+            self.settings = GenerationSettings().merge(record["settings"])
+            self.events = list(record["events"])
+            self.next_seq = record["next_seq"]
+            self.requests = record["requests"]
+            self.acked_through = record["acked_through"]
+            self.dropped_through = record["dropped_through"]
+            running = record["running"]
+            self.running = (
+                None
+                if running is None
+                else RunningGeneration(
+                    running["request_id"], running["user"], None, running["pieces"]
+                )
+            )
+        elif kind == "event":
+            event = record["event"]
+            self._add_event(event)
+            running = self.running
+            if running is not None and event.get("request_id") == running.request_id:
+                if event["type"] == "token":
+                    running.pieces.append(event["data"])
+                elif event["type"] in ("done", "error"):
+                    self.running = None
+        elif kind == "begin":
+            self.requests = max(self.requests, int(record["request_id"].lstrip("r")))
+            self.running = RunningGeneration(record["request_id"], record["user"])
+        elif kind == "ack":
+            self._drop_through(record["seq"])
+            self.acked_through = max(self.acked_through, record["seq"])
+        elif kind == "message":
+            self._add_message(record["message"])
+        elif kind == "system":
+            self.system = record["content"]
+        elif kind == "settings":
+            self.settings = GenerationSettings().merge(record["settings"])
+        elif kind == "reset":
+            self.system = ""
+            self.messages.clear()
+        elif kind != "touch":
+            raise ValueError(f"unknown record kind {kind!r}")
 
     def summary(self) -> dict[str, Any]:
         now = time.time()
@@ -182,19 +344,78 @@ class Session:
 
 
 class SessionStore:
-    """All sessions by id. ``record`` is called for every change (the persistence seam)."""
+    """All sessions by id, their limits and expiry; persisted under ``state_dir`` when given.
 
-    def __init__(self, default_settings: GenerationSettings) -> None:
+    ``list``, ``get`` and ``drop`` are what the admin channel uses.
+    """
+
+    def __init__(
+        self,
+        default_settings: GenerationSettings,
+        config: SessionsConfig | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
         self.default_settings = default_settings
+        self.config = config or SessionsConfig()
+        self.files = SessionFiles(state_dir) if state_dir is not None else None
         self._sessions: dict[str, Session] = {}
+        self._records_in_log: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the stored sessions, end the generations a stop cut off, start the sweeper."""
+        if self.files is not None:
+            loaded = await asyncio.to_thread(self._load)
+            self.files.start()
+            for session in loaded:
+                self._sessions[session.id] = session
+            for session in loaded:
+                session.end_interrupted()
+            log.info("%d stored sessions loaded from %s", len(loaded), self.files.folder)
+        self.sweep()
+        self._sweeper = asyncio.create_task(self._sweep_periodically())
+
+    def _load(self) -> list[Session]:
+        assert self.files is not None
+        sessions = []
+        for session_id, records in self.files.open():
+            session = Session(self, session_id, self.default_settings)
+            try:
+                for record in records:
+                    session.replay(record)
+            except Exception:
+                log.error("session %s: its log does not replay; skipped", session_id, exc_info=True)
+                continue
+            self._records_in_log[session_id] = len(records)
+            sessions.append(session)
+        return sessions
+
+    async def close(self) -> None:
+        """Stop sweeping and write out everything recorded."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.files is not None:
+            await asyncio.to_thread(self.files.close)
+
+    # -- the sessions -----------------------------------------------------------------
+
     def create(self) -> Session:
+        """A new session; at the cap, the longest idle one makes room, or Busy."""
+        if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
+            raise Busy(
+                f"all {self.config.max_sessions} sessions are in use (connected or generating); "
+                "try again later"
+            )
         session = Session(self, str(uuid.uuid4()), self.default_settings)
         self._sessions[session.id] = session
-        self.record(session, {"kind": "created", "created_at": session.created_at})
+        self._write_snapshot(session)
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -204,13 +425,70 @@ class SessionStore:
         return sorted(self._sessions.values(), key=lambda s: s.created_at)
 
     def drop(self, session_id: str) -> Session:
+        """Forget a session, in memory and on disk; its running generation is cancelled."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise NotFound(f"no session {session_id}")
         if session.running is not None and session.running.cancel is not None:
             session.running.cancel()
-        self.record(session, {"kind": "dropped"})
+        self._records_in_log.pop(session.id, None)
+        if self.files is not None:
+            self.files.remove(session.id)
         return session
 
+    def _evict_one(self) -> bool:
+        idle = [s for s in self._sessions.values() if s.owner is None and s.running is None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.last_active)
+        log.info("session limit reached: dropping %s, idle for the longest", oldest.id)
+        self.drop(oldest.id)
+        return True
+
+    def sweep(self) -> int:
+        """Drop sessions idle beyond ``idle_ttl`` (and any beyond the cap); return how many."""
+        deadline = time.time() - self.config.idle_ttl
+        expired = [
+            s
+            for s in self._sessions.values()
+            if s.owner is None and s.running is None and s.last_active < deadline
+        ]
+        for session in expired:
+            self.drop(session.id)
+        if expired:
+            log.info("%d idle sessions expired", len(expired))
+        while len(self._sessions) > self.config.max_sessions and self._evict_one():
+            pass
+        return len(expired)
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                self.sweep()
+            except Exception:
+                log.error("sweeping sessions failed", exc_info=True)
+
+    # -- persistence ------------------------------------------------------------------
+
     def record(self, session: Session, record: dict[str, Any]) -> None:
-        """Keep ``record`` about ``session``; in memory, nothing more is kept."""
+        """Append ``record`` (a change ``session`` already made) to the session's log.
+
+        When the log holds mostly garbage (acknowledged events, cleared history) or
+        its last write failed, the session is written anew as one snapshot instead.
+        """
+        if self.files is None or self._sessions.get(session.id) is not session:
+            return  # a dropped session's generation can still report in
+        count = self._records_in_log.get(session.id, 0) + 1
+        live = len(session.events) + len(session.messages) + 1
+        if session.id in self.files.failed or (count > COMPACT_MIN_RECORDS and count > 2 * live):
+            self._write_snapshot(session)
+            return
+        self._records_in_log[session.id] = count
+        durable = not (record["kind"] == "event" and record["event"]["type"] == "token")
+        self.files.append(session.id, encode_record({**record, "t": time.time()}), durable)
+
+    def _write_snapshot(self, session: Session) -> None:
+        if self.files is not None:
+            self._records_in_log[session.id] = 1
+            self.files.rewrite(session.id, encode_record(session.snapshot()))

@@ -1,0 +1,471 @@
+"""Sessions: conversation memory, resumable streams, encryption at rest, restarts, expiry.
+
+The first half works on the session store and its files directly (fast); the
+second half talks to real llmwsd subprocesses with the real model, greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from llmwsd.config import SessionsConfig
+from llmwsd.errors import Busy, ConfigError
+from llmwsd.generation import Finished, GenerationSettings, Started, TokenText
+from llmwsd.session_store import (
+    HEADER_SIZE,
+    RECORD_LENGTH,
+    LogCorrupt,
+    SessionFiles,
+    load_key,
+    read_log,
+)
+from llmwsd.sessions import COMPACT_MIN_RECORDS, Session, SessionStore
+from tests.conftest import DEFAULT_MODEL, RunningDaemon, answer_text, recv_json, recv_until
+
+# -- the store and its files, without a daemon -----------------------------------------------
+
+
+async def open_store(state_dir: Path, **limits: Any) -> SessionStore:
+    store = SessionStore(GenerationSettings(), SessionsConfig(**limits), state_dir)
+    await store.open()
+    return store
+
+
+def generate(session: Session, user: str, pieces: list[str], finish: bool = True) -> None:
+    """Feed ``session`` the events of one generation, as the engine would."""
+    running = session.begin_generation(user, "")
+    session.on_generation_event(running, Started(len(user.split()), 64))
+    for piece in pieces:
+        session.on_generation_event(running, TokenText(piece))
+    if finish:
+        session.on_generation_event(running, Finished(len(pieces), "stop", 1.0, 10.0))
+
+
+def comparable(session: Session) -> dict[str, Any]:
+    return {k: v for k, v in session.snapshot().items() if k != "last_active"}
+
+
+def frame_offsets(data: bytes) -> list[int]:
+    """Where each record of a log starts."""
+    offsets, offset = [], HEADER_SIZE
+    while offset < len(data):
+        offsets.append(offset)
+        offset += RECORD_LENGTH.size + RECORD_LENGTH.unpack_from(data, offset)[0]
+    return offsets
+
+
+async def test_sessions_replay_to_what_they_were(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    session.set_settings(session.settings.merge({"temperature": 0.2, "stop": ["x"]}))
+    generate(session, "My name is Alice", ["Hello", " Alice", "!"])
+    session.ack(2)
+    generate(session, "And you?", ["I", " am", " a", " model"])
+    cut_off = store.create()
+    generate(cut_off, "Tell me a story", ["Once", " upon"], finish=False)
+    expected = {s.id: comparable(s) for s in store.list()}
+    await store.close()
+
+    store = await open_store(tmp_path)
+    assert set(expected) == {s.id for s in store.list()}
+    assert comparable(store.get(session.id)) == expected[session.id]
+    # The generation cut off by the stop ends with `interrupted`; its part stays.
+    restored = store.get(cut_off.id)
+    assert restored.running is None
+    error = restored.events[-1]
+    assert error["type"] == "error" and error["code"] == "interrupted"
+    assert error["request_id"] == "r1" and error["seq"] == restored.events[-2]["seq"] + 1
+    assert restored.messages[-1] == {"role": "assistant", "content": "Once upon"}
+    generate(restored, "Go on", ["ok"])
+    assert restored.events[-1]["request_id"] == "r2"
+    await store.close()
+
+
+async def test_acks_compact_the_log(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    log_path = tmp_path / "sessions" / session.id / "log"
+    for i in range(COMPACT_MIN_RECORDS):
+        generate(session, f"question {i}", ["answer"])
+        session.ack(None)
+    expected = comparable(session)
+    await store.close()
+    records = read_log(log_path.read_bytes(), store.files.key, session.id).records
+    # Rewritten as a snapshot at times, not the ~7 records per turn all appended.
+    assert records[0]["kind"] == "snapshot" and records[0]["messages"]
+    assert len(records) < 7 * COMPACT_MIN_RECORDS / 2
+    store = await open_store(tmp_path)
+    assert comparable(store.get(session.id)) == expected
+    await store.close()
+
+
+async def test_a_torn_last_record_is_dropped_at_every_offset(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    generate(session, "hello", ["one", " two"])
+    await store.close()
+    log_path = tmp_path / "sessions" / session.id / "log"
+    data = log_path.read_bytes()
+    last = frame_offsets(data)[-1]
+    key = store.files.key
+    whole = read_log(data, key, session.id).records
+    for cut in range(last, len(data)):
+        log_path.write_bytes(data[:cut])
+        files = SessionFiles(tmp_path)
+        loaded = dict(files.open())
+        assert loaded[session.id] == whole[:-1], cut
+        assert log_path.stat().st_size == last  # truncated, so that appends follow good records
+    # After the truncation the session goes on being written and read back.
+    store = await open_store(tmp_path)
+    generate(store.get(session.id), "again", ["three"])
+    expected = comparable(store.get(session.id))
+    await store.close()
+    store = await open_store(tmp_path)
+    assert comparable(store.get(session.id)) == expected
+    await store.close()
+
+
+async def test_a_changed_log_is_skipped_and_logged(tmp_path: Path, caplog):
+    store = await open_store(tmp_path)
+    kept, changed = store.create(), store.create()
+    generate(changed, "secret question", ["secret", " answer"])
+    await store.close()
+    path = tmp_path / "sessions" / changed.id / "log"
+    data = bytearray(path.read_bytes())
+    data[frame_offsets(bytes(data))[1] + 20] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupt):
+        read_log(bytes(data), store.files.key, changed.id)
+    # A log moved into another session's folder does not authenticate either.
+    with pytest.raises(LogCorrupt):
+        read_log(
+            (tmp_path / "sessions" / kept.id / "log").read_bytes(), store.files.key, changed.id
+        )
+    store = await open_store(tmp_path)
+    assert [s.id for s in store.list()] == [kept.id]
+    assert any(changed.id in r.message and "skipped" in r.message for r in caplog.records)
+    assert path.exists()  # left for the operator
+    await store.close()
+
+
+def test_the_key_file(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    key = load_key(tmp_path)
+    path = tmp_path / "session.key"
+    assert len(key) == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_key(tmp_path) == key
+    assert [p.name for p in tmp_path.iterdir()] == ["session.key"]  # no temporary left
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "session.key").write_bytes(base64.b64encode(b"k" * 32))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert load_key(tmp_path) == b"k" * 32
+    (credentials / "session.key").write_text("too short")
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_key(tmp_path)
+
+
+async def test_folder_and_file_modes(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    await store.close()
+    folder = tmp_path / "sessions" / session.id
+    for path, mode in ((tmp_path / "sessions", 0o700), (folder, 0o700), (folder / "log", 0o600)):
+        assert stat.S_IMODE(path.stat().st_mode) & ~mode == 0, path
+
+
+async def test_buffer_cap_drops_the_oldest_and_a_late_resume_hears_of_it(tmp_path: Path):
+    store = await open_store(tmp_path, max_buffered_events=5)
+    session = store.create()
+    generate(session, "count", ["1", "2", "3", "4", "5"])  # seqs 1..7: start, 5 tokens, done
+    assert [e["seq"] for e in session.events] == [3, 4, 5, 6, 7]
+    stream = session.stream_from(1)
+    lost = await anext(stream)
+    assert lost["type"] == "error" and lost["code"] == "events_dropped"
+    assert (lost["first_seq"], lost["last_seq"]) == (2, 2)
+    assert [(await anext(stream))["seq"] for _ in range(5)] == [3, 4, 5, 6, 7]
+    # A client that acknowledged past the dropped ones misses nothing.
+    session.ack(4)
+    stream = session.stream_from(4)
+    assert (await anext(stream))["seq"] == 5
+    await store.close()
+
+
+async def test_history_cap_drops_the_oldest_exchange(tmp_path: Path):
+    store = await open_store(tmp_path, max_history_messages=4)
+    session = store.create()
+    for i in range(3):
+        generate(session, f"q{i}", [f"a{i}"])
+    assert [m["content"] for m in session.messages] == ["q1", "a1", "q2", "a2"]
+    assert session.events[-1]["history_dropped"] == 1
+    await store.close()
+
+
+async def test_session_cap_replaces_the_longest_idle_or_is_busy(tmp_path: Path):
+    store = await open_store(tmp_path, max_sessions=2)
+    first, second = store.create(), store.create()
+    first.last_active -= 10
+    third = store.create()
+    assert {s.id for s in store.list()} == {second.id, third.id}
+    second.owner = third.owner = object()  # both connected
+    with pytest.raises(Busy):
+        store.create()
+    await store.close()
+    assert not (tmp_path / "sessions" / first.id).exists()
+
+
+async def test_sweep_expires_idle_sessions_only(tmp_path: Path):
+    store = await open_store(tmp_path, idle_ttl=60)
+    idle, connected, fresh = store.create(), store.create(), store.create()
+    idle.last_active = connected.last_active = time.time() - 120
+    connected.owner = object()
+    assert store.sweep() == 1
+    assert {s.id for s in store.list()} == {connected.id, fresh.id}
+    await store.close()
+    assert not (tmp_path / "sessions" / idle.id).exists()
+
+
+# -- the real daemon -----------------------------------------------------------------------
+
+GREEDY = {"do_sample": False, "max_new_tokens": 16}
+
+
+async def connect(daemon: RunningDaemon, **hello: Any) -> tuple[Any, dict[str, Any]]:
+    ws = await websockets.connect(daemon.url, max_size=None)
+    await ws.send(json.dumps(hello))
+    welcome = await recv_json(ws)
+    assert welcome["type"] == "welcome"
+    return ws, welcome
+
+
+async def send(ws: Any, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def ask(ws: Any, user: str, system: str = "", **config: Any) -> list[dict[str, Any]]:
+    prompt = {"system": system, "user": user}
+    await send(ws, {"type": "inference", "prompt": prompt, "config": {**GREEDY, **config}})
+    return await recv_until(ws, {"done", "error"}, timeout=240)
+
+
+async def receive_tokens(ws: Any, count: int) -> list[dict[str, Any]]:
+    """Events up to and including the ``count``-th token."""
+    events: list[dict[str, Any]] = []
+    while sum(e["type"] == "token" for e in events) < count:
+        events.append(await recv_json(ws, 240))
+        assert events[-1]["type"] in ("queued", "start", "token"), events[-1]
+    return events
+
+
+def assert_contiguous(events: list[dict[str, Any]]) -> None:
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+
+
+async def history(ws: Any) -> list[dict[str, str]]:
+    await send(ws, {"type": "history"})
+    reply = await recv_json(ws)
+    assert reply["type"] == "history"
+    return reply["messages"]
+
+
+async def test_alice_across_a_reconnect(real_daemon: RunningDaemon):
+    ws, welcome = await connect(real_daemon)
+    system = "You are a helpful assistant. Remember what the user tells you."
+    await ask(ws, "Hi! My name is Alice.", system)
+    await ws.close()  # the network goes away…
+    ws, welcome2 = await connect(real_daemon, session_id=welcome["session_id"])
+    assert welcome2["resumed"] is True and welcome2["session_id"] == welcome["session_id"]
+    await send(ws, {"type": "ack"})
+    assert (await recv_json(ws))["type"] == "ack_received"
+    events = await ask(ws, "What is my name?")
+    assert "Alice" in answer_text(events)
+    await ws.close()
+
+
+async def test_resume_mid_stream_loses_and_repeats_nothing(real_daemon: RunningDaemon):
+    prompt = "Write a short poem about the sea."
+    # The uninterrupted run, in a session of its own.
+    ws, reference = await connect(real_daemon)
+    whole = await ask(ws, prompt)
+    assert whole[-1]["type"] == "done" and len(whole) >= 8
+    await ws.close()
+
+    ws, welcome = await connect(real_daemon)
+    await send(ws, {"type": "inference", "prompt": {"user": prompt}, "config": GREEDY})
+    before = await receive_tokens(ws, 5)
+    await ws.close()  # mid-stream; the generation goes on
+    ws, resumed = await connect(
+        real_daemon, session_id=welcome["session_id"], last_seq=before[-1]["seq"]
+    )
+    assert resumed["resumed"] is True
+    after = await recv_until(ws, {"done", "error"}, timeout=240)
+    await ws.close()
+    events = before + after
+    assert_contiguous(events)
+    assert {e["request_id"] for e in events} == {events[0]["request_id"]}
+    assert answer_text(events) == answer_text(whole)
+
+    # Without last_seq: the whole buffer, exactly as it was sent.
+    ws, _ = await connect(real_daemon, session_id=reference["session_id"])
+    replayed = await recv_until(ws, {"done"}, timeout=30)
+    assert replayed == whole
+    # ack, then resume: nothing replayed, the conversation kept.
+    await send(ws, {"type": "ack", "seq": whole[-1]["seq"]})
+    assert (await recv_json(ws))["dropped"] == len(whole)
+    await ws.close()
+    ws, _ = await connect(real_daemon, session_id=reference["session_id"], last_seq=0)
+    await send(ws, {"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"  # nothing came before it
+    assert await history(ws) == [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": answer_text(whole)},
+    ]
+    await ws.close()
+
+
+@pytest.fixture(scope="module")
+def short_ttl_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    daemon = RunningDaemon(
+        tmp_path_factory.mktemp("short-ttl"), sessions={"idle_ttl": 2.0, "sweep_interval": 0.5}
+    )
+    yield daemon.start()
+    daemon.stop()
+
+
+def tree(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "", None, "x" * 10_000, 7])
+async def test_bad_session_ids_never_reach_the_disk(short_ttl_daemon: RunningDaemon, bad_id):
+    folder = short_ttl_daemon.folder
+    before = tree(folder)
+    ws, welcome = await connect(short_ttl_daemon, session_id=bad_id, last_seq=3)
+    if bad_id is not None:
+        error = await recv_json(ws)
+        assert error["type"] == "error" and error["code"] == "bad_request"
+    assert welcome["resumed"] is False
+    await send(ws, {"type": "ping"})
+    assert (await recv_json(ws))["type"] == "pong"
+    await ws.close()
+    new = tree(folder) - before
+    session = Path("state", "sessions", welcome["session_id"])
+    assert new <= {session, session / "log", Path("llmwsd.stderr")}, new
+
+
+async def test_idle_sessions_expire(short_ttl_daemon: RunningDaemon):
+    ws, welcome = await connect(short_ttl_daemon)
+    ws_kept, kept = await connect(short_ttl_daemon)
+    await ws.close()
+    folder = short_ttl_daemon.folder / "state" / "sessions" / welcome["session_id"]
+    for _ in range(100):
+        if not folder.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not folder.exists()
+    ws, again = await connect(short_ttl_daemon, session_id=welcome["session_id"])
+    assert again["resumed"] is False and again["session_id"] != welcome["session_id"]
+    await ws.close()
+    # A connected session does not expire, however long it stays silent.
+    await send(ws_kept, {"type": "history"})
+    assert (await recv_json(ws_kept))["type"] == "history"
+    await ws_kept.close()
+    ws, resumed = await connect(short_ttl_daemon, session_id=kept["session_id"])
+    assert resumed["resumed"] is True
+    await ws.close()
+
+
+@pytest.fixture(scope="module")
+def killed_and_restarted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """kill -9 a daemon mid-generation, change another session's file, start it again."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        pytest.fail("the default model is missing: run `make model`")
+    daemon = RunningDaemon(tmp_path_factory.mktemp("killed"))
+    daemon.start()
+    prompt = "Please describe the ocean in detail."
+
+    async def before_the_kill() -> dict[str, Any]:
+        ws_other, other = await connect(daemon)
+        await ask(ws_other, "Remember the word pineapple.", max_new_tokens=4)
+        await ws_other.close()
+        ws, welcome = await connect(daemon)
+        # Long enough to be cut off: the kill comes right after the 5th token.
+        config = {**GREEDY, "max_new_tokens": 64}
+        await send(ws, {"type": "inference", "prompt": {"user": prompt}, "config": config})
+        received = await receive_tokens(ws, 5)
+        return {
+            "session_id": welcome["session_id"],
+            "other": other["session_id"],
+            "received": received,
+        }
+
+    try:
+        facts = asyncio.run(before_the_kill())
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(30)
+        sessions = daemon.folder / "state" / "sessions"
+        facts["files"] = {p: p.read_bytes() for p in sessions.rglob("*") if p.is_file()}
+        facts["prompt"] = prompt
+        changed = sessions / facts["other"] / "log"
+        data = bytearray(changed.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        changed.write_bytes(bytes(data))
+        daemon.start()
+        facts["daemon"] = daemon
+        yield facts
+    finally:
+        daemon.stop()
+
+
+async def test_a_generation_cut_off_by_kill_9_ends_interrupted(killed_and_restarted):
+    facts, daemon = killed_and_restarted, killed_and_restarted["daemon"]
+    ws, welcome = await connect(daemon, session_id=facts["session_id"])
+    assert welcome["resumed"] is True
+    events = await recv_until(ws, {"error", "done"}, timeout=30)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "interrupted"
+    assert events[-1]["message"]
+    assert {e["request_id"] for e in events} == {facts["received"][0]["request_id"]}
+    assert_contiguous(events)
+    received = facts["received"]
+    assert events[: len(received)] == received  # everything sent before the kill was on disk
+    partial = answer_text(events)
+    assert partial.startswith(answer_text(received)) and partial
+    assert await history(ws) == [
+        {"role": "user", "content": facts["prompt"]},
+        {"role": "assistant", "content": partial},
+    ]
+    await ws.close()
+
+
+def test_session_files_are_not_plaintext(killed_and_restarted):
+    files = killed_and_restarted["files"]
+    assert files, "the sessions were on disk"
+    for data in files.values():
+        for secret in (b"ocean", b"pineapple", b"Please", b"request_id", b"token"):
+            assert secret not in data
+
+
+async def test_a_changed_file_is_skipped_with_a_log_line(killed_and_restarted):
+    daemon, other = killed_and_restarted["daemon"], killed_and_restarted["other"]
+    assert any(other in line and "skipped" in line for line in daemon.log().splitlines())
+    ws, welcome = await connect(daemon, session_id=other)
+    assert welcome["resumed"] is False
+    await send(ws, {"type": "get_status"})
+    status = await recv_json(ws)
+    assert status["sessions"] == 2  # the cut-off one and this new one
+    await ws.close()
+    assert os.path.exists(daemon.folder / "state" / "sessions" / other / "log")
