@@ -55,9 +55,16 @@ class RunningGeneration:
 class Session:
     """One client's conversation, settings and buffered generation events."""
 
-    def __init__(self, store: SessionStore, session_id: str, settings: GenerationSettings) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        session_id: str,
+        settings: GenerationSettings,
+        token_id: str | None = None,
+    ) -> None:
         self.store = store
         self.id = session_id
+        self.token_id = token_id  # the access token that made it; only that one may resume it
         self.created_at = time.time()
         self.last_active = self.created_at
         self.system = ""
@@ -263,6 +270,7 @@ class Session:
             "kind": "snapshot",
             "created_at": self.created_at,
             "last_active": self.last_active,
+            "token_id": self.token_id,
             "system": self.system,
             "messages": self.messages,
             "settings": self.settings.to_dict(),
@@ -287,6 +295,7 @@ class Session:
         if kind == "snapshot":
             self.created_at = record["created_at"]
             self.last_active = record["last_active"]
+            self.token_id = record.get("token_id")
             self.system = record["system"]
             self.messages = list(record["messages"])
             self.settings = GenerationSettings().merge(record["settings"])
@@ -406,14 +415,14 @@ class SessionStore:
 
     # -- the sessions -----------------------------------------------------------------
 
-    def create(self) -> Session:
+    def create(self, token_id: str | None = None) -> Session:
         """A new session; at the cap, the longest idle one makes room, or Busy."""
         if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
             raise Busy(
                 f"all {self.config.max_sessions} sessions are in use (connected or generating); "
                 "try again later"
             )
-        session = Session(self, str(uuid.uuid4()), self.default_settings)
+        session = Session(self, str(uuid.uuid4()), self.default_settings, token_id)
         self._sessions[session.id] = session
         self._write_snapshot(session)
         return session
