@@ -180,10 +180,14 @@ class Daemon:
                     "reload: [%s] changed; restart llmwsd to apply", "], [".join(needs_restart)
                 )
             self.config = dataclasses.replace(
-                self.config, generation_defaults=new.generation_defaults, models=new.models
+                self.config,
+                generation_defaults=new.generation_defaults,
+                models=new.models,
+                sessions=new.sessions,
             )
             self.default_settings = settings_from_config(self.config)
             self.sessions.default_settings = self.default_settings
+            self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart
         self.notifier.ready(self.status_line())
