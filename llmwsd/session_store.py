@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ RECORD_LENGTH = struct.Struct(">I")
 RECORD_INDEX = struct.Struct(">Q")
 LOG_NAME = "log"
 COMPACTING_NAME = "log.new"
+LOCK_NAME = ".lock"
 
 
 class LogCorrupt(Exception):
@@ -215,6 +217,7 @@ class SessionFiles:
         self._logs: dict[str, _OpenLog] = {}  # only the writer thread touches it once started
         self._queue: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
         # Sessions whose last write failed (disk full…): the store rewrites them whole.
         # A set's add/discard are atomic, which is all the two threads share.
         self.failed: set[str] = set()
@@ -225,6 +228,7 @@ class SessionFiles:
         Blocking: call it from a thread, then :meth:`start` the writer.
         """
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock()
         self.key = load_key(self.state_dir)
         with os.scandir(self.folder) as entries:
             names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
@@ -268,6 +272,18 @@ class SessionFiles:
         self._logs[session_id] = _OpenLog(cipher, len(contents.records))
         return contents.records
 
+    def _lock(self) -> None:
+        """Two daemons appending to the same logs would corrupt them: the second one stops."""
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"{self.folder} is in use by another llmwsd (same state_dir)"
+            ) from None
+        self._lock_fd = fd
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmwsd-sessions", daemon=True)
         self._thread.start()
@@ -278,6 +294,9 @@ class SessionFiles:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # -- what the event loop queues ----------------------------------------------------
 

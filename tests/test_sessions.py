@@ -125,6 +125,7 @@ async def test_a_torn_last_record_is_dropped_at_every_offset(tmp_path: Path):
         log_path.write_bytes(data[:cut])
         files = SessionFiles(tmp_path)
         loaded = dict(files.open())
+        files.close()
         assert loaded[session.id] == whole[:-1], cut
         assert log_path.stat().st_size == last  # truncated, so that appends follow good records
     # After the truncation the session goes on being written and read back.
@@ -175,6 +176,14 @@ def test_the_key_file(tmp_path: Path, monkeypatch):
     (credentials / "session.key").write_text("too short")
     with pytest.raises(ConfigError, match="32 bytes"):
         load_key(tmp_path)
+
+
+async def test_a_second_store_on_the_same_folder_is_refused(tmp_path: Path):
+    store = await open_store(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another llmwsd"):
+        await open_store(tmp_path)
+    await store.close()
+    await (await open_store(tmp_path)).close()
 
 
 async def test_folder_and_file_modes(tmp_path: Path):
@@ -284,14 +293,14 @@ async def history(ws: Any) -> list[dict[str, str]]:
 async def test_alice_across_a_reconnect(real_daemon: RunningDaemon):
     ws, welcome = await connect(real_daemon)
     system = "You are a helpful assistant. Remember what the user tells you."
-    await ask(ws, "Hi! My name is Alice.", system)
+    first = await ask(ws, "Hi! My name is Alice.", system)
     await ws.close()  # the network goes away…
-    ws, welcome2 = await connect(real_daemon, session_id=welcome["session_id"])
-    assert welcome2["resumed"] is True and welcome2["session_id"] == welcome["session_id"]
-    await send(ws, {"type": "ack"})
-    assert (await recv_json(ws))["type"] == "ack_received"
+    session_id = welcome["session_id"]
+    ws, welcome2 = await connect(real_daemon, session_id=session_id, last_seq=first[-1]["seq"])
+    assert welcome2["resumed"] is True and welcome2["session_id"] == session_id
     events = await ask(ws, "What is my name?")
-    assert "Alice" in answer_text(events)
+    assert events[0]["seq"] == first[-1]["seq"] + 1
+    assert "Alice" in answer_text(events), answer_text(first) + " / " + answer_text(events)
     await ws.close()
 
 
