@@ -20,11 +20,12 @@ from typing import Any
 
 from llmwsd import __version__, models, resources
 from llmwsd.admin import AdminServer
+from llmwsd.admission import Admission, QueuedCallback, Ticket
 from llmwsd.config import Config, load_config
-from llmwsd.errors import ConfigError, NoModel
+from llmwsd.errors import ConfigError, LLMWSError, NoModel
 from llmwsd.generation import (
     EngineLike,
-    Finished,
+    EventCallback,
     GenerationEvent,
     GenerationRequest,
     GenerationSettings,
@@ -71,10 +72,11 @@ class Daemon:
         self.config = config
         self.engine_loader = engine_loader
         self.notifier = notifier or Notifier()
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.live_figures)
         self.default_settings = settings_from_config(config)
         self.sessions = SessionStore(self.default_settings, config.sessions, config.state_dir)
         self.engine: EngineLike | None = None
+        self._admission: Admission | None = None
         self.model_state = "loading"  # loading, ready, none, failed
         self.model_error = ""
         self.started_at = time.time()
@@ -98,7 +100,8 @@ class Daemon:
         await self.sessions.open()  # before clients come, so that they can resume
         await self.server.start()
         log.info(
-            "listening on ws://%s:%d (state %s, runtime %s)",
+            "listening on %s://%s:%d (state %s, runtime %s)",
+            self.server.scheme,
             self.config.server.host,
             self.server.port,
             self.config.state_dir.resolve(),
@@ -146,6 +149,8 @@ class Daemon:
             self._status_task.cancel()
         await self.server.close()
         await self.admin.close()
+        if self._admission is not None:
+            self._admission.close()
         engine, self.engine = self.engine, None
         if engine is not None:
             drain = self.config.server.drain_timeout
@@ -190,6 +195,11 @@ class Daemon:
             self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart
+        try:
+            self.server.reload_credentials()
+        except (OSError, ValueError, LLMWSError) as e:
+            log.error("reload: keeping the previous tokens and TLS files: %s", e)
+            report["error"] = report["error"] or str(e)
         self.notifier.ready(self.status_line())
         return report
 
@@ -218,6 +228,7 @@ class Daemon:
             extender.cancel()
         self.model_state = "ready"
         info = self.engine.info
+        self.metrics.model_load_seconds.set(time.monotonic() - started)
         log.info(
             "loaded %s on %s (%s, %s attention, max context %d) in %.1f s",
             info.name,
@@ -254,27 +265,75 @@ class Daemon:
         engine = self.require_engine()
         settings = session.settings.merge(overrides) if overrides is not None else session.settings
         running = session.begin_generation(prompt["user"], prompt["system"])
-        try:
-            messages, dropped = await asyncio.to_thread(
-                fit_context, engine, session.history(), prompt["user"], settings
-            )
-        except BaseException:
-            session.running = None
-            raise
-        running.dropped_turns = dropped
-        request = GenerationRequest(messages, settings, running.request_id)
 
         def on_event(event: GenerationEvent) -> None:
             session.on_generation_event(running, event)
-            if isinstance(event, Finished):
-                self.count_request(event)
 
-        running.cancel = engine.submit(request, on_event).cancel
+        def on_queued(position: int) -> None:
+            message = {"type": "queued", "request_id": running.request_id, "position": position}
+            session.append_event(message)
 
-    def count_request(self, finished: Finished) -> None:
-        self.metrics.requests.labels(finished.finish_reason).inc()
-        self.metrics.generated_tokens.inc(finished.total_tokens)
-        self.metrics.ttft.observe(finished.ttft_ms / 1000)
+        try:
+            messages, dropped, tokens = await asyncio.to_thread(
+                fit_context, engine, session.history(), prompt["user"], settings
+            )
+            running.dropped_turns = dropped
+            request = GenerationRequest(messages, settings, running.request_id)
+            ticket = await self.submit(request, on_event, on_queued, tokens)
+        except BaseException:
+            session.running = None
+            raise
+        granted = ticket.request.settings.max_new_tokens
+        if granted < settings.max_new_tokens:
+            running.requested_max_tokens = settings.max_new_tokens
+        running.cancel = ticket.cancel
+
+    @property
+    def admission(self) -> Admission:
+        """The loaded engine's admission control (a new engine starts with a fresh one)."""
+        engine = self.require_engine()
+        if self._admission is None or self._admission.engine is not engine:
+            self._admission = Admission(engine, self.config.limits, engine.info.memory)
+        return self._admission
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        on_event: EventCallback,
+        on_queued: QueuedCallback | None = None,
+        prompt_tokens: int | None = None,
+    ) -> Ticket:
+        """Admit ``request`` (now, or after the memory queue) and run it on the engine.
+
+        Refusals (context_too_long, busy) are raised before any compute. A
+        ``max_new_tokens`` that does not fit is lowered in the returned ticket's
+        request when ``[limits] on_overflow`` is "truncate".
+        """
+        try:
+            admission = self.admission
+            if prompt_tokens is None:
+                prompt_tokens = await asyncio.to_thread(
+                    admission.engine.count_tokens, request.messages
+                )
+            settings = request.settings
+            allowed = admission.allowed_new_tokens(prompt_tokens, settings.max_new_tokens)
+            if allowed < settings.max_new_tokens:
+                settings = dataclasses.replace(
+                    settings,
+                    max_new_tokens=allowed,
+                    min_new_tokens=min(settings.min_new_tokens, allowed),
+                )
+                request = dataclasses.replace(request, settings=settings)
+            observe = self.metrics.track()
+
+            def deliver(event: GenerationEvent) -> None:
+                observe(event)
+                on_event(event)
+
+            return admission.submit(request, prompt_tokens, deliver, on_queued or (lambda _: None))
+        except LLMWSError as e:
+            self.metrics.refused(e)
+            raise
 
     # -- reports ---------------------------------------------------------------------
 
@@ -296,24 +355,56 @@ class Daemon:
             line = self.status_line()
             if line != last:
                 self.notifier.status(line)
-                self.metrics.sessions.set(len(self.sessions))
                 last = line
             await asyncio.sleep(2)
 
-    def status(self) -> dict[str, Any]:
+    def engine_figures(self) -> dict[str, Any]:
+        """The engine's live figures; empty without a model."""
         engine = self.engine
-        stats = engine.stats() if engine is not None else {}
+        if engine is None:
+            return {}
+        stats = engine.stats()
+        admission = self.admission.stats()
+        memory = engine.info.memory
+        return {
+            "model": engine.info.name,
+            "device": engine.info.device,
+            "dtype": engine.info.dtype,
+            "max_context": engine.info.max_context,
+            "kv_bytes_per_token": memory.layout.bytes_per_token if memory else None,
+            **stats,
+            **admission,
+            # Waiting for memory (admission) or for a batch slot (the engine).
+            "queued": stats.get("queued", 0) + admission["waiting_for_memory"],
+            "memory": memory.to_dict() if memory else None,
+        }
+
+    def live_figures(self) -> dict[str, Any]:
+        """What /metrics reads at scrape time."""
+        engine = self.engine_figures()
+        return {
+            "active": engine.get("active", 0),
+            "queued": engine.get("queued", 0),
+            "sessions": len(self.sessions),
+            "max_context": engine.get("max_context", 0),
+            "kv_usage_ratio": engine.get("kv_usage_ratio", 0.0),
+            "gpus": resources.GPUS.report()[0],
+        }
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine_figures()
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
-            "model": engine.info.name if engine else None,
+            "model": engine.get("model"),
             "model_state": self.model_state,
-            "device": engine.info.device if engine else None,
-            "max_context": engine.info.max_context if engine else None,
+            "device": engine.get("device"),
+            "max_context": engine.get("max_context"),
             "sessions": len(self.sessions),
-            "queue": stats.get("queued", 0),
-            "active": stats.get("active", 0),
-            "memory": resources.report(self.device())["host"],
+            "queue": engine.get("queued", 0),
+            "active": engine.get("active", 0),
+            "memory": resources.host_report(),
+            "context_limit": engine.get("memory"),
         }
 
     def device(self) -> str:
@@ -321,13 +412,9 @@ class Daemon:
 
     async def resources(self) -> dict[str, Any]:
         report = await asyncio.to_thread(resources.report, self.device())
-        if self.engine is not None:
-            report["engine"] = {
-                "model": self.engine.info.name,
-                "dtype": self.engine.info.dtype,
-                "max_context": self.engine.info.max_context,
-                **self.engine.stats(),
-            }
+        engine = self.engine_figures()
+        if engine:
+            report["engine"] = engine
         return report
 
     def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
@@ -353,12 +440,12 @@ class Daemon:
 
 def fit_context(
     engine: EngineLike, history: list[dict[str, str]], user: str, settings: GenerationSettings
-) -> tuple[list[dict[str, str]], int]:
+) -> tuple[list[dict[str, str]], int, int]:
     """The messages to send: drop the oldest turns (never the system message) until they fit.
 
     Room is left for the answer: up to max_new_tokens, but at most half the context,
     so a huge max_new_tokens does not erase the whole conversation. Returns the
-    messages and how many turns were dropped.
+    messages, how many turns were dropped, and the messages' length in tokens.
     """
     max_context = engine.info.max_context
     budget = max_context - min(settings.max_new_tokens, max_context // 2)
@@ -367,8 +454,9 @@ def fit_context(
     dropped = 0
     while True:
         messages = [*system, *turns, {"role": "user", "content": user}]
-        if not turns or engine.count_tokens(messages) <= budget:
-            return messages, dropped
+        tokens = engine.count_tokens(messages)
+        if not turns or tokens <= budget:
+            return messages, dropped, tokens
         # Drop a whole exchange (user + assistant) at a time.
         turns = turns[2:]
         dropped += 1

@@ -31,6 +31,8 @@ class ServerConfig:
     hello_timeout: float = 10.0  # seconds to wait for the first frame
     drain_timeout: float = 10.0  # seconds running generations get on shutdown
     web_root: str = ""  # empty: share/web beside the code, or /usr/share/llmws/web
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: wss:// and https://
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,21 @@ class MemoryConfig:
 class LimitsConfig:
     max_queue: int = 64  # requests waiting for memory; one more is refused with busy
     on_overflow: str = "truncate"  # prompt + max_new_tokens over max_context: truncate or refuse
+    max_connections: int = 256  # open WebSocket connections in total
+    max_connections_per_address: int = 32
+    messages_per_second: float = 20.0  # per connection, sustained; bursts up to message_burst
+    message_burst: int = 40
+    max_prompt_chars: int = 100_000  # characters of one prompt (system + user)
+    idle_timeout: float = 3600.0  # seconds a connection may send nothing while nothing runs
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    tokens_file: str = ""  # set to require an access token on the public port
+    admin_tokens_file: str = ""  # tokens that may also manage models, where that is allowed
+    allow_model_management: bool = False  # switch/download/delete over the public port
+    allowed_origins: list[str] = field(default_factory=list)  # besides the page's own origin
+    max_auth_failures: int = 10  # failed token attempts per address per minute
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     source: str = ""  # the file this was read from; empty for built-in defaults
 
     @property
@@ -228,6 +246,20 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [limits] max_queue must not be negative")
     if config.limits.on_overflow not in ("truncate", "refuse"):
         raise ConfigError(f"{source}: [limits] on_overflow must be truncate or refuse")
+    for key in (
+        "max_connections",
+        "max_connections_per_address",
+        "message_burst",
+        "max_prompt_chars",
+    ):
+        if getattr(config.limits, key) < 1:
+            raise ConfigError(f"{source}: [limits] {key} must be at least 1")
+    if config.limits.messages_per_second <= 0 or config.limits.idle_timeout < 0:
+        raise ConfigError(
+            f"{source}: [limits] messages_per_second must be positive, idle_timeout not negative"
+        )
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError(f"{source}: [server] tls_cert and tls_key go together")
     g = config.generation_defaults
     if g.max_new_tokens < 1:
         raise ConfigError(f"{source}: [generation_defaults] max_new_tokens must be at least 1")

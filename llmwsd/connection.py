@@ -19,12 +19,14 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from llmwsd import protocol
+from llmwsd.auth import Identity
 from llmwsd.errors import (
     BadRequest,
     Busy,
     Forbidden,
     InternalError,
     LLMWSError,
+    RateLimited,
     UnknownType,
     Unsupported,
 )
@@ -41,10 +43,14 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class JsonConnection:
-    def __init__(self, daemon: Daemon, ws: ServerConnection, peer: str) -> None:
+    def __init__(
+        self, daemon: Daemon, ws: ServerConnection, peer: str, identity: Identity | None = None
+    ) -> None:
         self.daemon = daemon
         self.ws = ws
         self.peer = peer
+        self.identity = identity or Identity()
+        self.rate = daemon.server.gate.message_rate()
         self.session: Session | None = None
         self._streamer: asyncio.Task[None] | None = None
         self._resources: asyncio.Task[None] | None = None
@@ -101,20 +107,37 @@ class JsonConnection:
         try:
             if "type" in hello:
                 await self.dispatch(hello)
-            async for frame in self.ws:
-                await self.dispatch_frame(frame)
+            await self._receive()
         except ConnectionClosed:
             pass
         finally:
             await self.close()
 
+    async def _receive(self) -> None:
+        """Handle frames until the client leaves or stays idle too long with nothing running."""
+        idle_timeout = self.daemon.config.limits.idle_timeout or None
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    frame = await self.ws.recv()
+            except TimeoutError:
+                if self.session is not None and self.session.running is not None:
+                    continue  # waiting for an answer is not idleness
+                await self.ws.close(1000, f"idle for {idle_timeout:g} s")
+                return
+            await self.dispatch_frame(frame)
+
     def _attach(self, hello: dict[str, Any]) -> tuple[Session, bool, int | None]:
         session_id = protocol.parse_session_id(hello.get("session_id"))
         last_seq = protocol.parse_seq(hello.get("last_seq"))
         session = self.daemon.sessions.get(session_id) if session_id else None
+        if session is not None and session.token_id != self.identity.token_id:
+            # Another token's session: as good as unknown, without saying whether it exists.
+            log.info("%s: refused to resume a session made with another token", self.peer)
+            session = None
         resumed = session is not None
         if session is None:
-            session = self.daemon.sessions.create()
+            session = self.daemon.sessions.create(self.identity.token_id)
             last_seq = None
         previous = session.owner
         session.owner = self
@@ -157,6 +180,12 @@ class JsonConnection:
 
     async def dispatch_frame(self, frame: str | bytes) -> None:
         try:
+            if not self.rate.allow():
+                limits = self.daemon.config.limits
+                raise RateLimited(
+                    f"too many messages: at most {limits.messages_per_second:g} per second "
+                    f"(bursts of {limits.message_burst}); this one was dropped"
+                )
             message = protocol.decode_message(frame)
         except LLMWSError as e:
             await self.send_error(e)
@@ -204,6 +233,10 @@ class JsonConnection:
 
     async def on_inference(self, message: dict[str, Any]) -> None:
         prompt = protocol.parse_prompt(message.get("prompt"))
+        length = len(prompt["system"]) + len(prompt["user"])
+        limit = self.daemon.config.limits.max_prompt_chars
+        if length > limit:
+            raise BadRequest(f"prompt too long: {length} characters, at most {limit}")
         overrides = message.get("config")
         await self.daemon.start_generation(self.current, prompt, overrides)
 
@@ -263,10 +296,17 @@ class JsonConnection:
         await self.send({"type": "recheck_complete", "models": models})
 
     async def on_model_management(self, message: dict[str, Any]) -> None:
-        raise Forbidden(
-            f"{message['type']} changes the server for everyone and is not allowed on the public "
-            "port; the operator can use llmwsctl"
-        )
+        """switch/download/delete: only where the operator allows it, and with an admin token."""
+        kind = message["type"]
+        if not self.daemon.config.api.allow_model_management:
+            raise Forbidden(
+                f"{kind} changes the server for everyone and is not allowed on the public "
+                "port; the operator can use llmwsctl"
+            )
+        if not self.identity.admin:
+            raise Forbidden(f"{kind} needs an admin token ([api] admin_tokens_file)")
+        log.info("%s: %s by admin token %s", self.peer, kind, self.identity.token_id)
+        raise Unsupported(f"{kind} over the public port is not built yet; use llmwsctl")
 
     async def on_unsupported(self, message: dict[str, Any]) -> None:
         raise Unsupported(f"{message['type']} is not supported by llmwsd")

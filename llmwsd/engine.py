@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from llmwsd import memory
 from llmwsd.config import Config
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
@@ -96,10 +97,7 @@ def choose_max_batch_size(configured: int, device: str) -> int:
 
 
 def max_context_of(model_config: Any) -> int:
-    """The longest prompt plus answer the engine accepts, in tokens.
-
-    For now the model's trained context; a memory-based estimate belongs here.
-    """
+    """The model's own longest prompt plus answer, in tokens (memory.estimate may lower it)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(model_config, key, None)
         if isinstance(value, int) and value > 0:
@@ -308,18 +306,20 @@ class Engine:
         )
         model.to(torch.device(device)).eval()
         max_batch_size = choose_max_batch_size(config.engine.max_batch_size, device)
+        estimate = memory.estimate(model, config.memory, device, max_context_of(model.config))
         info = ModelInfo(
             name=path.name,
             path=str(path),
             device=device,
             dtype=dtype,
-            max_context=max_context_of(model.config),
+            max_context=estimate.max_context,
             attention=attention,
             compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
             extra={
                 "max_batch_size": max_batch_size,
                 "parameters": sum(p.numel() for p in model.parameters()),
             },
+            memory=estimate,
         )
         return cls(model, tokenizer, count_tokenizer, info, max_batch_size)
 

@@ -45,12 +45,21 @@ class UnknownType(BadRequest):
 class ContextTooLong(LLMWSError):
     code = "context_too_long"
 
-    def __init__(self, input_length: int, max_context: int) -> None:
-        super().__init__(
-            f"Context too long ({input_length} tokens). Max: {max_context}. Please retry.",
-            max_context=max_context,
-            input_length=input_length,
-        )
+    def __init__(self, input_length: int, max_context: int, max_new_tokens: int = 0) -> None:
+        if max_new_tokens:  # the prompt fits, but not with the answer room asked for
+            super().__init__(
+                f"Context too long ({input_length} tokens + max_new_tokens {max_new_tokens}). "
+                f"Max: {max_context}. Lower max_new_tokens or shorten the prompt.",
+                max_context=max_context,
+                input_length=input_length,
+                max_new_tokens=max_new_tokens,
+            )
+        else:
+            super().__init__(
+                f"Context too long ({input_length} tokens). Max: {max_context}. Please retry.",
+                max_context=max_context,
+                input_length=input_length,
+            )
         self.input_length = input_length
         self.max_context = max_context
 
@@ -61,6 +70,10 @@ class NoModel(LLMWSError):
 
 class Busy(LLMWSError):
     code = "busy"
+
+
+class RateLimited(LLMWSError):
+    code = "rate_limited"
 
 
 class Forbidden(LLMWSError):
@@ -102,6 +115,7 @@ ERROR_CLASSES: dict[str, type[LLMWSError]] = {
         UnknownType,
         NoModel,
         Busy,
+        RateLimited,
         Forbidden,
         Unauthorized,
         Unsupported,
@@ -120,7 +134,9 @@ def error_from_message(msg: dict[str, Any]) -> LLMWSError:
     details = {k: v for k, v in msg.items() if k not in ("type", "code", "message")}
     if code == ContextTooLong.code:
         return ContextTooLong(
-            int(details.get("input_length", 0)), int(details.get("max_context", 0))
+            int(details.get("input_length", 0)),
+            int(details.get("max_context", 0)),
+            int(details.get("max_new_tokens", 0)),
         )
     cls = ERROR_CLASSES.get(code, LLMWSError)
     error = cls(message, **details)

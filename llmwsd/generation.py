@@ -11,9 +11,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmwsd.errors import BadRequest, LLMWSError
+
+if TYPE_CHECKING:
+    from llmwsd.memory import MemoryEstimate
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -165,6 +168,7 @@ class ModelInfo:
     attention: str
     compute_capability: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    memory: MemoryEstimate | None = None  # how max_context was derived; None: not measured
 
     def capabilities(self) -> dict[str, Any]:
         return {

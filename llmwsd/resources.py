@@ -1,31 +1,143 @@
-"""What the machine has: memory and load of the host and of the model's device."""
+"""What the machine has: the host's CPU and memory, and each NVIDIA GPU through NVML.
+
+NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) and needs the
+driver's libnvidia-ml. Without either there is no GPU to report, which is an
+answer ("no GPU: …"), never an exception. The engine's own figures are added
+by the daemon (:meth:`llmwsd.app.Daemon.resources`).
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import threading
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import psutil
 
-_GB = 1024**3
+log = logging.getLogger("llmwsd.resources")
+
+GIB = 1024**3
 
 
-def report(device: str) -> dict[str, Any]:
-    """One resources report; the top-level device/total_gb/free_gb are what old clients read."""
+def _gb(n: float) -> float:
+    return round(n / GIB, 3)
+
+
+def host_report() -> dict[str, Any]:
     memory = psutil.virtual_memory()
-    process = psutil.Process(os.getpid())
-    host = {
+    return {
+        # Since the previous call (the first, at import, primes it): the load between two reports.
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpu_count": psutil.cpu_count(),
-        "ram_total_gb": round(memory.total / _GB, 2),
-        "ram_available_gb": round(memory.available / _GB, 2),
-        "ram_used_gb": round((memory.total - memory.available) / _GB, 2),
-        "rss_gb": round(process.memory_info().rss / _GB, 3),
+        "ram_total_gb": _gb(memory.total),
+        "ram_available_gb": _gb(memory.available),
+        "ram_used_gb": _gb(memory.total - memory.available),
+        "rss_gb": _gb(psutil.Process(os.getpid()).memory_info().rss),
     }
+
+
+class GpuMonitor:
+    """Per-GPU figures from NVML; initialized once, on first use."""
+
+    def __init__(self, load_nvml: Callable[[], ModuleType] | None = None) -> None:
+        self._load_nvml = load_nvml or (lambda: importlib.import_module("pynvml"))
+        self._lock = threading.Lock()
+        self._nvml: ModuleType | None = None
+        self._unavailable: str | None = None  # why there is no GPU report, once known
+
+    def _init(self) -> ModuleType | None:
+        with self._lock:
+            if self._nvml is None and self._unavailable is None:
+                try:
+                    nvml = self._load_nvml()
+                except ImportError:
+                    self._unavailable = "no GPU (the nvidia-ml-py package is not installed)"
+                else:
+                    try:
+                        nvml.nvmlInit()
+                    except Exception as e:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …
+                        self._unavailable = f"no GPU (NVML: {e})"
+                    else:
+                        self._nvml = nvml
+                if self._unavailable:
+                    log.info("%s", self._unavailable)
+            return self._nvml
+
+    def report(self) -> tuple[list[dict[str, Any]], str]:
+        """Every GPU's figures, and a one-line summary ("no GPU (…)" without NVIDIA)."""
+        nvml = self._init()
+        if nvml is None:
+            return [], self._unavailable or "no GPU"
+        try:
+            gpus = [self._gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
+        except Exception as e:  # a GPU fallen off the bus, a driver reloaded
+            log.warning("NVML query failed", exc_info=True)
+            return [], f"GPU figures unavailable (NVML: {e})"
+        if not gpus:
+            return [], "no GPU (NVML sees none)"
+        return gpus, f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}"
+
+    @staticmethod
+    def _gpu(nvml: ModuleType, index: int) -> dict[str, Any]:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        name = nvml.nvmlDeviceGetName(handle)
+
+        def optional(query: Callable[[], Any]) -> Any:
+            # Not every board reports every figure (NVMLError_NotSupported): leave it out.
+            try:
+                return query()
+            except Exception:
+                return None
+
+        utilization = optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        temperature = optional(
+            lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        )
+        power_mw = optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+        capability = optional(lambda: nvml.nvmlDeviceGetCudaComputeCapability(handle))
+        return {
+            "index": index,
+            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "memory_used_gb": _gb(memory.used),
+            "memory_total_gb": _gb(memory.total),
+            "memory_free_gb": _gb(memory.free),
+            "memory_used_bytes": int(memory.used),
+            "memory_total_bytes": int(memory.total),
+            "utilization_percent": utilization,
+            "temperature_c": temperature,
+            "power_w": round(power_mw / 1000, 1) if power_mw is not None else None,
+            "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        }
+
+
+GPUS = GpuMonitor()
+psutil.cpu_percent(interval=None)  # prime the CPU figure: its first call has nothing to compare
+
+
+def report(device: str, gpus: GpuMonitor = GPUS) -> dict[str, Any]:
+    """One resources report.
+
+    The top-level ``device``/``total_gb``/``free_gb`` are what old clients read:
+    the model's GPU when it runs on one, else the host's RAM.
+    """
+    host = host_report()
+    gpu_list, gpu_status = gpus.report()
+    total, free = host["ram_total_gb"], host["ram_available_gb"]
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        model_gpu = next((g for g in gpu_list if g["index"] == index), None)
+        if model_gpu is not None:
+            total, free = model_gpu["memory_total_gb"], model_gpu["memory_free_gb"]
     return {
         "device": device,
-        "total_gb": host["ram_total_gb"],
-        "free_gb": host["ram_available_gb"],
+        "total_gb": total,
+        "free_gb": free,
         "host": host,
-        "gpus": [],
+        "gpus": gpu_list,
+        "gpu_status": gpu_status,
     }

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from llmwsd import protocol
 from llmwsd.connection import JsonConnection
-from llmwsd.errors import LLMWSError
+from llmwsd.errors import LLMWSError, Unauthorized
 from llmwsd.generation import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
 from llmwsd.http import HttpRoutes, find_web_root
+from llmwsd.security import Gatekeeper, build_ssl_context
 
 if TYPE_CHECKING:
     from llmwsd.app import Daemon
@@ -40,14 +42,32 @@ class PublicServer:
         self.routes = HttpRoutes(
             find_web_root(self.config.web_root), daemon.health, daemon.metrics.render
         )
+        self.gate = Gatekeeper(daemon.config)
+        self.ssl_context = build_ssl_context(self.config.tls_cert, self.config.tls_key)
         self.server: Server | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.ssl_context else "ws"
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the token files and the TLS files; new connections use them."""
+        self.gate.auth.reload()
+        if self.ssl_context is not None:
+            self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return self.gate.check_handshake(connection, request)
+        return self.routes.process_request(connection, request)
 
     async def start(self) -> None:
         self.server = await serve(
             self.handle,
             self.config.host,
             self.config.port,
-            process_request=self.routes.process_request,
+            ssl=self.ssl_context,
+            process_request=self.process_request,
             max_size=self.config.max_message_size,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout or None,
@@ -69,18 +89,24 @@ class PublicServer:
     async def handle(self, ws: ServerConnection) -> None:
         peer = peer_name(ws)
         self.daemon.metrics.connections.inc()
+        self.gate.opened(ws)
         try:
             first = await self._first_frame(ws, peer)
             if first is None:
                 return
+            hello: dict[str, Any] | None = None
+            hello_error: LLMWSError | None = None
             if first.lstrip().startswith("{"):
                 try:
                     hello = protocol.decode_message(first)
                 except LLMWSError as e:
                     # Meant as JSON but broken: JSON mode, with the error after the welcome.
-                    await JsonConnection(self.daemon, ws, peer).run({}, hello_error=e)
-                else:
-                    await JsonConnection(self.daemon, ws, peer).run(hello)
+                    hello, hello_error = {}, e
+            identity = self.gate.identify(ws, hello.get("token") if hello else None)
+            if isinstance(identity, str):
+                await self._refuse(ws, peer, identity, json_mode=hello is not None)
+            elif hello is not None:
+                await JsonConnection(self.daemon, ws, peer, identity).run(hello, hello_error)
             else:
                 await self._text_mode(ws, peer, first)
         except ConnectionClosed:
@@ -89,8 +115,16 @@ class PublicServer:
             log.error("%s: connection failed", peer, exc_info=True)
             await ws.close(1011, "internal error")
         finally:
+            self.gate.closed(ws)
             self.daemon.metrics.connections.dec()
             log.info("%s: closed (%s)", peer, ws.close_code)
+
+    async def _refuse(self, ws: ServerConnection, peer: str, reason: str, json_mode: bool) -> None:
+        """No valid token: say so (as JSON to JSON clients) and close with 1008."""
+        log.warning("%s: unauthorized: %s", peer, reason)
+        if json_mode:
+            await ws.send(protocol.encode_message(Unauthorized(reason).to_message()))
+        await ws.close(1008, reason[:120])
 
     async def _first_frame(self, ws: ServerConnection, peer: str) -> str | None:
         timeout = self.config.hello_timeout
@@ -125,7 +159,12 @@ class PublicServer:
         messages.append({"role": "user", "content": prompt["user"]})
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         request = GenerationRequest(messages, self.daemon.default_settings)
-        handle = engine.submit(request, events.put_nowait)
+        try:
+            handle = await self.daemon.submit(request, events.put_nowait)
+        except LLMWSError as e:  # refused before any compute: context_too_long, busy
+            await ws.send(f"error: {e.message}")
+            await ws.close(1000)
+            return
         try:
             while True:
                 event = await events.get()
@@ -135,7 +174,6 @@ class PublicServer:
                     await ws.send(f"error: {event.error.message}")
                     break
                 elif isinstance(event, Finished):
-                    self.daemon.count_request(event)
                     break
         finally:
             handle.cancel()  # no-op when finished; frees the slot when the client left

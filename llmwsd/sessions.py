@@ -50,6 +50,7 @@ class RunningGeneration:
     cancel: Any = None  # the engine handle's cancel(), once submitted
     pieces: list[str] = field(default_factory=list)
     dropped_turns: int = 0
+    requested_max_tokens: int = 0  # set when max_new_tokens was lowered to fit the context
 
 
 class Session:
@@ -215,6 +216,11 @@ class Session:
                     "tokens_in": event.tokens_in,
                     "max_tokens": event.max_tokens,
                     "dropped_turns": running.dropped_turns,
+                    **(
+                        {"max_tokens_requested": running.requested_max_tokens}
+                        if running.requested_max_tokens
+                        else {}
+                    ),
                 }
             )
         elif isinstance(event, TokenText):

@@ -149,14 +149,16 @@ def daemon_factory(tmp_path: Path):
 
 
 @pytest.fixture
-async def fake_daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    """An in-process daemon on a free port, with the fake engine and one fake model folder."""
+async def fake_daemon_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    """Start in-process daemons with the fake engine; ``sections`` override config keys."""
     model = tmp_path / "models" / "fake-model"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"")
-    config = parse_config(
-        {
+    started: list[Daemon] = []
+
+    async def start(**sections: dict[str, Any]) -> Daemon:
+        data: dict[str, dict[str, Any]] = {
             "server": {"host": "127.0.0.1", "port": 0, "hello_timeout": 1.0},
             "paths": {
                 "state_dir": str(tmp_path / "state"),
@@ -165,11 +167,22 @@ async def fake_daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
             },
             "models": {"dirs": [str(tmp_path / "models")]},
         }
-    )
-    daemon = Daemon(config, engine_loader=FakeEngine.loader())
-    await daemon.start()
-    yield daemon
-    await daemon.shutdown()
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        daemon = Daemon(parse_config(data), engine_loader=FakeEngine.loader())
+        await daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        await daemon.shutdown()
+
+
+@pytest.fixture
+async def fake_daemon(fake_daemon_factory: Any) -> Daemon:
+    """An in-process daemon on a free port, with the fake engine and one fake model folder."""
+    return await fake_daemon_factory()
 
 
 def ws_url(daemon: Daemon) -> str:

@@ -1,0 +1,323 @@
+"""Tokens, TLS, origins and limits on the public port."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import ipaddress
+import json
+import ssl
+import stat
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websockets
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.exceptions import InvalidStatus
+
+from llmwsd import auth
+from tests.conftest import answer_text, recv_json, recv_until, ws_url
+
+
+async def open_json(url: str, hello: dict | None = None, **kwargs):
+    ws = await websockets.connect(url, **kwargs)
+    await ws.send(json.dumps(hello or {}))
+    return ws, await recv_json(ws)
+
+
+@pytest.fixture
+async def tokens_daemon(fake_daemon_factory, tmp_path: Path):
+    return await fake_daemon_factory(
+        api={
+            "tokens_file": str(tmp_path / "tokens.json"),
+            "admin_tokens_file": str(tmp_path / "admin-tokens.json"),
+            "max_auth_failures": 10,
+        }
+    )
+
+
+async def test_tokens_required(tokens_daemon, tmp_path: Path):
+    _, alice = tokens_daemon.server.gate.auth.access.add("alice")
+    url = ws_url(tokens_daemon)
+    for hello in ({}, {"token": "llmws_wrong"}):
+        ws, first = await open_json(url, hello)
+        assert first["type"] == "error" and first["code"] == "unauthorized"
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1008
+    # The three ways to present a token.
+    ws, welcome = await open_json(url, {"token": alice})
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    ws, welcome = await open_json(url, additional_headers={"Authorization": f"Bearer {alice}"})
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    ws, welcome = await open_json(url + f"?token={alice}")
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    # Text clients present it on the handshake.
+    async with websockets.connect(url) as ws:
+        await ws.send("hello")
+        await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == 1008
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {alice}"}
+    ) as ws:
+        await ws.send("hello")
+        frames = [f async for f in ws]
+    assert "".join(frames) == "echo: hello"
+
+
+async def test_token_file_keeps_no_plain_token(tokens_daemon, tmp_path: Path):
+    _, token = tokens_daemon.server.gate.auth.access.add("bob")
+    path = tmp_path / "tokens.json"
+    assert token not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    entry = json.loads(path.read_text())["tokens"][0]
+    assert entry["name"] == "bob" and len(entry["salt"]) == 32
+
+
+async def test_revoked_token_is_refused_after_reload(tokens_daemon):
+    store = tokens_daemon.server.gate.auth.access
+    _, token = store.add("carol")
+    ws, welcome = await open_json(ws_url(tokens_daemon), {"token": token})
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    auth.TokenStore(store.path).revoke("carol")  # as llmwsctl does, through the file
+    tokens_daemon.reload()
+    ws, first = await open_json(ws_url(tokens_daemon), {"token": token})
+    assert first["code"] == "unauthorized"
+    await ws.close()
+
+
+async def test_another_token_cannot_resume_a_session(tokens_daemon):
+    store = tokens_daemon.server.gate.auth.access
+    _, alice = store.add("alice")
+    _, mallory = store.add("mallory")
+    ws, welcome = await open_json(ws_url(tokens_daemon), {"token": alice})
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "secret plans"}}))
+    await recv_until(ws, {"done"})
+    await ws.close()
+    session_id = welcome["session_id"]
+    ws, stolen = await open_json(
+        ws_url(tokens_daemon), {"token": mallory, "session_id": session_id}
+    )
+    assert stolen["resumed"] is False and stolen["session_id"] != session_id
+    await ws.send(json.dumps({"type": "history"}))
+    assert (await recv_json(ws))["messages"] == []
+    await ws.close()
+    ws, mine = await open_json(ws_url(tokens_daemon), {"token": alice, "session_id": session_id})
+    assert mine["resumed"] is True
+    await ws.close()
+
+
+async def test_failed_attempts_are_rate_limited(fake_daemon_factory, tmp_path: Path):
+    tokens_daemon = await fake_daemon_factory(
+        api={"tokens_file": str(tmp_path / "tokens.json"), "max_auth_failures": 3}
+    )
+    _, token = tokens_daemon.server.gate.auth.access.add("dave")
+    for _ in range(3):
+        ws, first = await open_json(ws_url(tokens_daemon), {"token": "llmws_guess"})
+        assert first["code"] == "unauthorized"
+        await ws.close()
+    # Locked out for a while, even with the right token.
+    ws, first = await open_json(ws_url(tokens_daemon), {"token": token})
+    assert first["code"] == "unauthorized" and "too many failed" in first["message"]
+    await ws.close()
+
+
+def test_verify_compares_every_entry_in_constant_time(tmp_path: Path, monkeypatch):
+    store = auth.TokenStore(tmp_path / "t.json")
+    tokens = [store.add(f"user{i}")[1] for i in range(5)]
+    calls = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    assert store.verify(tokens[0]).name == "user0"
+    assert len(calls) == 5  # the match on the first entry did not stop the loop
+    calls.clear()
+    assert store.verify("llmws_nope") is None
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a b", "x" * 65, "name/with/slash"])
+def test_bad_token_names(tmp_path: Path, name: str):
+    with pytest.raises(auth.BadRequest):
+        auth.TokenStore(tmp_path / "t.json").add(name)
+
+
+async def test_model_management_needs_permission_and_admin_token(fake_daemon_factory, tmp_path):
+    daemon = await fake_daemon_factory(
+        api={
+            "allow_model_management": True,
+            "tokens_file": str(tmp_path / "tokens.json"),
+            "admin_tokens_file": str(tmp_path / "admin.json"),
+        }
+    )
+    _, user = daemon.server.gate.auth.access.add("user")
+    _, admin = daemon.server.gate.auth.admin.add("admin")
+    ws, _ = await open_json(ws_url(daemon), {"token": user})
+    await ws.send(json.dumps({"type": "delete_model", "model_name": "x"}))
+    error = await recv_json(ws)
+    assert error["code"] == "forbidden" and "admin token" in error["message"]
+    await ws.close()
+    ws, _ = await open_json(ws_url(daemon), {"token": admin})
+    await ws.send(json.dumps({"type": "delete_model", "model_name": "x"}))
+    assert (await recv_json(ws))["code"] != "forbidden"
+    await ws.close()
+
+
+async def test_origin_check(fake_daemon_factory):
+    daemon = await fake_daemon_factory(api={"allowed_origins": ["https://chat.example"]})
+    url = ws_url(daemon)
+    with pytest.raises(InvalidStatus) as e:
+        await websockets.connect(url, origin="http://evil.example")
+    assert e.value.response.status_code == 403
+    for origin in (f"http://127.0.0.1:{daemon.server.port}", "https://chat.example", None):
+        ws, welcome = await open_json(url, origin=origin)
+        assert welcome["type"] == "welcome"
+        await ws.close()
+
+
+async def test_connection_limits(fake_daemon_factory):
+    daemon = await fake_daemon_factory(limits={"max_connections_per_address": 2})
+    first = [await open_json(ws_url(daemon)) for _ in range(2)]
+    with pytest.raises(InvalidStatus) as e:
+        await websockets.connect(ws_url(daemon))
+    assert e.value.response.status_code == 429
+    await first[0][0].close()
+    await asyncio.sleep(0.1)
+    ws, welcome = await open_json(ws_url(daemon))
+    assert welcome["type"] == "welcome"
+    for w in (ws, first[1][0]):
+        await w.close()
+
+
+async def test_message_rate_limit(fake_daemon_factory):
+    daemon = await fake_daemon_factory(limits={"messages_per_second": 2.0, "message_burst": 3})
+    ws, _ = await open_json(ws_url(daemon))
+    for _ in range(8):
+        await ws.send(json.dumps({"type": "ping"}))
+    answers = [(await recv_json(ws))["type"] for _ in range(8)]
+    assert answers.count("pong") == 3
+    errors = answers.count("error")
+    assert errors == 5
+    await asyncio.sleep(1.0)
+    await ws.send(json.dumps({"type": "ping"}))
+    assert (await recv_json(ws))["type"] == "pong"  # still open, and refilled
+    await ws.close()
+
+
+async def test_prompt_length_limit_and_idle_timeout(fake_daemon_factory):
+    daemon = await fake_daemon_factory(limits={"max_prompt_chars": 100, "idle_timeout": 1.0})
+    ws, _ = await open_json(ws_url(daemon))
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "x" * 101}}))
+    error = await recv_json(ws)
+    assert error["code"] == "bad_request" and "101 characters" in error["message"]
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == 1000 and "idle" in ws.close_reason
+
+
+def make_certificates(folder: Path, serial: int) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmws test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1000 + serial)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+async def test_tls_and_reload(fake_daemon_factory, tmp_path: Path):
+    ca, cert, key = make_certificates(tmp_path, serial=1)
+    daemon = await fake_daemon_factory(server={"tls_cert": str(cert), "tls_key": str(key)})
+    port = daemon.server.port
+    url = f"wss://127.0.0.1:{port}/"
+
+    def client_context(ca_path: Path) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(ca_path))
+
+    ws, welcome = await open_json(url, ssl=client_context(ca))
+    assert welcome["type"] == "welcome"
+    served = ws.transport.get_extra_info("ssl_object").getpeercert()
+    assert served["serialNumber"] == "01"
+    await ws.close()
+
+    def https_health() -> int:
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/healthz", context=client_context(ca)
+        ) as r:
+            return r.status
+
+    assert await asyncio.to_thread(https_health) == 200
+    with pytest.raises((OSError, websockets.exceptions.InvalidMessage)):
+        await websockets.connect(f"ws://127.0.0.1:{port}/", open_timeout=3)
+
+    # New files in place, SIGHUP's reload: new connections get the new certificate.
+    new_folder = tmp_path / "new"
+    new_folder.mkdir()
+    new_ca, new_cert, new_key = make_certificates(new_folder, serial=2)
+    cert.write_bytes(new_cert.read_bytes())
+    key.write_bytes(new_key.read_bytes())
+    daemon.reload()
+    ws, _ = await open_json(url, ssl=client_context(new_ca))
+    assert ws.transport.get_extra_info("ssl_object").getpeercert()["serialNumber"] == "02"
+    await ws.close()
+
+
+async def test_real_model_behind_a_token(daemon_factory, tmp_path: Path):
+    tokens = tmp_path / "tokens.json"
+    _, token = auth.TokenStore(tokens).add("operator")
+    daemon = daemon_factory(api={"tokens_file": str(tokens)})
+    ws, first = await open_json(daemon.url, {})
+    assert first["code"] == "unauthorized"
+    await ws.close()
+    ws, welcome = await open_json(daemon.url, {"token": token})
+    assert welcome["model"] == "SmolLM2-135M-Instruct"
+    await ws.send(
+        json.dumps({"type": "inference", "prompt": {"user": "What is the capital of France?"}})
+    )
+    assert "Paris" in answer_text(await recv_until(ws, {"done"}, timeout=120))
+    await ws.close()
