@@ -1,0 +1,581 @@
+"""The admin socket and llmwsctl.
+
+Protocol edge cases run against the in-process daemon (fake engine) where the
+test must control model loading; everything else goes through the real
+``llmwsctl`` against a real llmwsd subprocess with the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from llmwsd import adminproto
+from llmwsd.app import Daemon
+from llmwsd.generation import EngineLike
+from tests.conftest import DEFAULT_MODEL, ROOT, RunningDaemon
+from tests.fake_engine import FakeEngine
+
+LLMWSCTL = str(ROOT / ".venv" / "bin" / "llmwsctl")
+PROMPT = "What is the capital of France?"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def ctl(sock: Path | str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != adminproto.SOCKET_ENV}
+    return subprocess.run(
+        [LLMWSCTL, "--socket", str(sock), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def ctl_json(sock: Path | str, *args: str) -> Any:
+    done = ctl(sock, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def start_and_wait_for_admin(daemon: RunningDaemon, timeout: float = 60) -> Path:
+    """Start ``daemon`` and wait until its admin socket answers (it may have no model)."""
+    sock = daemon.folder / "run" / adminproto.SOCKET_NAME
+    proc = daemon.start(wait=False).proc
+    assert proc is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llmwsd exited {proc.returncode}:\n{daemon.log()}")
+        if ctl(sock, "status").returncode == 0:
+            return sock
+        time.sleep(0.2)
+    raise TimeoutError(f"no admin socket at {sock} after {timeout} s:\n{daemon.log()}")
+
+
+def link_model(source: Path, target: Path) -> Path:
+    """A copy of a model folder made of hard links: instant, and no extra disk."""
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file():
+            os.link(item, target / item.name)
+    return target
+
+
+def ask_legacy(daemon: RunningDaemon, prompt: str = PROMPT) -> str:
+    """One prompt in the old text mode: the answer's frames until the server closes."""
+    pieces = []
+    with ws_connect(daemon.url, open_timeout=10) as ws:
+        ws.send(prompt)
+        for frame in ws:
+            pieces.append(str(frame))
+    return "".join(pieces)
+
+
+class RawAdmin:
+    """The admin protocol by hand, to send what llmwsctl never would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, path: Path | str) -> tuple[RawAdmin, dict[str, Any]]:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=2**24)
+        raw = cls(reader, writer)
+        return raw, await raw.read()
+
+    async def send(self, data: bytes | dict[str, Any]) -> None:
+        self.writer.write(data if isinstance(data, bytes) else adminproto.encode(data))
+        await self.writer.drain()
+
+    async def read(self, timeout: float = 30) -> dict[str, Any]:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        assert line.endswith(b"\n"), f"connection closed: {line!r}"
+        return adminproto.decode(line)
+
+    async def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        await self.send(adminproto.request(cmd, cmd, args))
+        while "progress" in (answer := await self.read(120)):
+            pass
+        assert answer["id"] == cmd
+        return answer
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    """A real llmwsd serving the default model, with a second copy and a broken model beside it."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        pytest.fail("the default model is missing: run `make model`")
+    folder = tmp_path_factory.mktemp("admin")
+    models = folder / "models"
+    link_model(DEFAULT_MODEL, models / DEFAULT_MODEL.name)
+    link_model(DEFAULT_MODEL, models / "SmolLM2-copy")
+    broken = models / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    daemon = RunningDaemon(folder, models={"dirs": [str(models)]}).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def sock(served: RunningDaemon) -> Path:
+    return served.folder / "run" / adminproto.SOCKET_NAME
+
+
+@pytest.fixture
+def idle_daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
+    """An llmwsd with no model (it starts in a second), not yet started."""
+    (tmp_path / "no-models").mkdir()
+    daemon = RunningDaemon(tmp_path, models={"dirs": [str(tmp_path / "no-models")]})
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
+def loaded_model(sock: Path) -> str | None:
+    return ctl_json(sock, "status")["model"]
+
+
+# -- llmwsctl against the real daemon ----------------------------------------------------
+
+
+def test_status_both_modes(sock: Path) -> None:
+    status = ctl_json(sock, "status")
+    assert status["model"] == DEFAULT_MODEL.name
+    assert status["model_state"] == "ready"
+    assert {"version", "uptime_s", "device", "sessions", "queue", "memory", "pid"} <= set(status)
+    human = ctl(sock, "status")
+    assert human.returncode == 0
+    assert f"{DEFAULT_MODEL.name} on cpu" in human.stdout
+    assert "GiB used of" in human.stdout
+    # The global options also work after the command.
+    assert json.loads(ctl(sock, "status", "--json").stdout)["pid"] == status["pid"]
+
+
+@pytest.mark.parametrize("alias", ["models", "list", "ls"])
+def test_models_both_modes(sock: Path, alias: str) -> None:
+    entries = ctl_json(sock, alias)
+    by_name = {e["name"]: e for e in entries}
+    assert set(by_name) == {DEFAULT_MODEL.name, "SmolLM2-copy", "broken-model"}
+    assert by_name[DEFAULT_MODEL.name]["loaded"] is True
+    assert by_name["SmolLM2-copy"]["loaded"] is False
+    human = ctl(sock, alias).stdout.splitlines()
+    assert human[0].split() == [
+        "NAME",
+        "SIZE",
+        "MODIFIED",
+        "ARCHITECTURE",
+        "CONTEXT",
+        "DTYPE",
+        "FOLDER",
+    ]
+    loaded = next(line for line in human if DEFAULT_MODEL.name in line)
+    assert loaded.startswith("*")
+    assert " MB " in loaded and "LlamaForCausalLM" in loaded
+    assert human[-1] == "* loaded"
+
+
+def test_resources_both_modes(sock: Path) -> None:
+    report = ctl_json(sock, "resources")
+    assert report["device"] == "cpu"
+    assert report["engine"]["model"] == DEFAULT_MODEL.name
+    human = ctl(sock, "resources").stdout
+    assert "cores" in human and "GiB used of" in human
+    assert f"engine  {DEFAULT_MODEL.name}:" in human
+
+
+def test_resources_watch_refreshes_until_interrupted(sock: Path) -> None:
+    proc = subprocess.Popen(
+        [LLMWSCTL, "--socket", str(sock), "--json", "resources", "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert all(json.loads(line)["device"] == "cpu" for line in lines)
+
+
+def test_sessions_list_and_drop(served: RunningDaemon, sock: Path) -> None:
+    with ws_connect(served.url, open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        session_id = json.loads(ws.recv(10))["session_id"]
+        sessions = {s["id"]: s for s in ctl_json(sock, "sessions")}
+        assert sessions[session_id]["connected"] is True
+        assert {"age_s", "idle_s", "messages", "buffered_events"} <= set(sessions[session_id])
+        human = ctl(sock, "sessions").stdout.splitlines()
+        assert human[0].split()[:3] == ["ID", "AGE", "IDLE"]
+        assert any(line.startswith(session_id) and "yes" in line for line in human)
+
+        dropped = ctl(sock, "sessions", "drop", session_id)
+        assert dropped.returncode == 0, dropped.stderr
+        assert f"dropped session {session_id}" in dropped.stdout
+    assert session_id not in {s["id"] for s in ctl_json(sock, "sessions")}
+    again = ctl(sock, "--json", "sessions", "drop", session_id)
+    assert again.returncode == 1
+    assert f"no session {session_id}" in again.stderr
+
+
+def test_reload_both_modes(sock: Path) -> None:
+    report = ctl_json(sock, "reload")
+    assert report["error"] is None and report["needs_restart"] == []
+    human = ctl(sock, "reload")
+    assert human.returncode == 0
+    assert "configuration reloaded from" in human.stdout
+
+
+def test_reload_with_a_broken_file_fails_and_keeps_serving(
+    served: RunningDaemon, sock: Path
+) -> None:
+    original = served.config_path.read_text()
+    served.config_path.write_text(original + "\n[server\n")
+    try:
+        done = ctl(sock, "reload")
+    finally:
+        served.config_path.write_text(original)
+    assert done.returncode == 1
+    assert "invalid TOML" in done.stderr and "running configuration is kept" in done.stderr
+    assert loaded_model(sock) == DEFAULT_MODEL.name
+
+
+def test_version_both_modes(sock: Path) -> None:
+    versions = ctl_json(sock, "version")
+    assert versions["llmwsd"] == versions["llmwsctl"]
+    assert versions["admin_protocol"] == adminproto.ADMIN_PROTOCOL_VERSION
+    assert "llmwsd   0." in ctl(sock, "version").stdout
+
+
+def test_pull_is_not_supported_yet(sock: Path) -> None:
+    done = ctl(sock, "pull", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert done.returncode == 1
+    assert "not supported yet" in done.stderr
+    assert ctl(sock, "pull", "x/y", "--name", "../evil").returncode == 1
+    assert "invalid model name" in ctl(sock, "pull", "x/y", "--name", "../evil").stderr
+
+
+def test_switch_between_two_real_models(served: RunningDaemon, sock: Path) -> None:
+    try:
+        done = ctl(sock, "switch", "SmolLM2-copy")
+        assert done.returncode == 0, done.stderr
+        assert f"switched to SmolLM2-copy (was {DEFAULT_MODEL.name})" in done.stdout
+        assert "loading SmolLM2-copy" in done.stderr  # progress lines (not a tty)
+        assert loaded_model(sock) == "SmolLM2-copy"
+        assert "Paris" in ask_legacy(served)
+        again = ctl_json(sock, "switch", "SmolLM2-copy")
+        assert again["changed"] is False
+    finally:
+        back = ctl_json(sock, "switch", DEFAULT_MODEL.name)
+    assert back["previous"] == "SmolLM2-copy"
+    assert loaded_model(sock) == DEFAULT_MODEL.name
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("no-such-model", "no model named 'no-such-model'"),
+        ("broken-model", "loading broken-model failed"),
+        ("../etc", "invalid model name"),
+        (".hidden", "invalid model name"),
+        ("a/b", "invalid model name"),
+    ],
+)
+def test_failed_switch_keeps_the_old_model_serving(
+    served: RunningDaemon, sock: Path, model: str, message: str
+) -> None:
+    done = ctl(sock, "switch", model)
+    assert done.returncode == 1
+    assert message in done.stderr
+    if model == "broken-model":
+        assert f"still serving {DEFAULT_MODEL.name}" in done.stderr
+    if model in ("no-such-model", "broken-model"):
+        assert "Paris" in ask_legacy(served)
+    assert loaded_model(sock) == DEFAULT_MODEL.name
+
+
+def test_rm(served: RunningDaemon, sock: Path) -> None:
+    downloads = served.folder / "state" / "models"
+    link_model(DEFAULT_MODEL, downloads / "downloaded")
+    assert "downloaded" in {e["name"] for e in ctl_json(sock, "models")}
+
+    removed = ctl(sock, "rm", "downloaded")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed downloaded (" in removed.stdout and "MB freed" in removed.stdout
+    assert not (downloads / "downloaded").exists()
+    assert os.listdir(downloads) == []  # nothing half-deleted left behind
+    assert "downloaded" not in {e["name"] for e in ctl_json(sock, "models")}
+
+    # Outside <state_dir>/models (the configured folder), unknown, or not a plain name: refused.
+    outside = ctl(sock, "rm", "SmolLM2-copy")
+    assert outside.returncode == 1 and "only deletes downloaded models" in outside.stderr
+    assert (served.folder / "models" / "SmolLM2-copy" / "config.json").exists()
+    assert "no model named" in ctl(sock, "rm", "nothing-here").stderr
+    for name in ("../models", "/etc", ".hidden", "a/b"):
+        done = ctl(sock, "rm", name)
+        assert done.returncode == 1 and "invalid model name" in done.stderr
+
+
+def test_rm_refuses_the_loaded_model(served: RunningDaemon, sock: Path) -> None:
+    downloads = served.folder / "state" / "models"
+    link_model(DEFAULT_MODEL, downloads / "in-use")
+    try:
+        assert ctl(sock, "switch", "in-use").returncode == 0
+        done = ctl(sock, "rm", "in-use")
+        assert done.returncode == 1 and "is the loaded model" in done.stderr
+        assert (downloads / "in-use" / "config.json").exists()
+    finally:
+        assert ctl(sock, "switch", DEFAULT_MODEL.name).returncode == 0
+    assert ctl(sock, "rm", "in-use").returncode == 0
+
+
+def test_socket_mode_and_owner(sock: Path) -> None:
+    info = sock.stat()
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert (info.st_uid, info.st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_second_daemon_on_the_same_runtime_folder_refuses(
+    served: RunningDaemon, sock: Path, tmp_path: Path
+) -> None:
+    second = RunningDaemon(tmp_path, paths={"runtime_dir": str(sock.parent)})
+    second.start(wait=False)
+    assert second.proc is not None
+    try:
+        assert second.proc.wait(60) == 1
+    finally:
+        second.stop(signal.SIGKILL)
+    assert "another llmwsd is already running" in second.log()
+    assert str(sock) in second.log()
+    # The first one's socket is untouched and answers.
+    assert loaded_model(sock) == DEFAULT_MODEL.name
+
+
+def test_stale_socket_is_replaced(idle_daemon: RunningDaemon) -> None:
+    sock = idle_daemon.folder / "run" / adminproto.SOCKET_NAME
+    sock.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as crashed:
+        crashed.bind(str(sock))  # a daemon that died without removing its socket
+    start_and_wait_for_admin(idle_daemon)
+    assert ctl_json(sock, "status")["model_state"] == "none"
+    assert "removing the stale admin socket" in idle_daemon.log()
+    assert idle_daemon.stop() == 0
+    assert not sock.exists()  # removed on a clean exit
+
+
+def test_no_daemon(tmp_path: Path) -> None:
+    missing = tmp_path / "admin.sock"
+    done = ctl(missing, "status")
+    assert done.returncode == 3
+    assert done.stderr.strip() == f"llmwsd is not running (no socket at {missing})"
+    # The default comes from LLMWS_ADMIN_SOCKET.
+    env = {**os.environ, adminproto.SOCKET_ENV: str(missing)}
+    by_env = subprocess.run([LLMWSCTL, "models"], capture_output=True, text=True, env=env)
+    assert by_env.returncode == 3 and str(missing) in by_env.stderr
+    # `version` still tells its own.
+    version = ctl(missing, "version")
+    assert version.returncode == 0 and "not running" in version.stdout
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root needs setpriv here"
+)
+def test_permission_denied_names_the_group(idle_daemon: RunningDaemon) -> None:
+    sock = start_and_wait_for_admin(idle_daemon)
+    os.chmod(sock, 0o060)  # the owner has no rights now, like a user outside the group
+    # Root ignores file modes unless it drops these capabilities.
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*drop, LLMWSCTL, "--socket", str(sock), "status"], capture_output=True, text=True
+    )
+    assert done.returncode == 4, done.stderr
+    group = grp.getgrgid(os.getegid()).gr_name
+    assert f"join the {group} group" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["bogus"], ["switch"], ["rm"], ["sessions", "drop"], ["resources", "--watch", "0"]],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    done = subprocess.run([LLMWSCTL, *argv], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "usage: llmwsctl" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["status"],
+        ["models"],
+        ["ls"],
+        ["switch"],
+        ["pull"],
+        ["rm"],
+        ["resources"],
+        ["sessions"],
+        ["sessions", "drop"],
+        ["reload"],
+        ["version"],
+        ["chat"],
+    ],
+)
+def test_help_on_every_command(argv: list[str]) -> None:
+    done = subprocess.run([LLMWSCTL, *argv, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: llmwsctl")
+    assert len(done.stdout.splitlines()) > 4
+
+
+# -- the protocol by hand, against the real daemon ---------------------------------------
+
+
+async def test_greeting_and_request_shapes(sock: Path) -> None:
+    admin, hello = await RawAdmin.open(sock)
+    try:
+        assert hello["hello"] == "llmwsd"
+        assert hello["protocol"] == adminproto.ADMIN_PROTOCOL_VERSION
+        answer = await admin.call("status")
+        assert answer["ok"] is True and answer["result"]["model"] == DEFAULT_MODEL.name
+        await admin.send({"id": 5, "cmd": "sessions"})  # args may be left out
+        assert (await admin.read())["id"] == 5
+    finally:
+        await admin.close()
+
+
+async def test_garbage_unknown_and_oversized_lines_are_answered(sock: Path) -> None:
+    admin, _ = await RawAdmin.open(sock)
+    try:
+        bad_lines = {
+            b"this is not json\n": "invalid_json",
+            b"\xff\xfe\n": "invalid_json",
+            b"[1, 2, 3]\n": "bad_request",
+            b'{"id": 1}\n': "bad_request",
+            b'{"id": 2, "cmd": "status", "args": [1]}\n': "bad_request",
+            b'{"id": 3, "cmd": "format-disk"}\n': "unknown_type",
+            b'{"id": 4, "cmd": "switch", "args": {"model": 7}}\n': "bad_request",
+        }
+        for line, code in bad_lines.items():
+            await admin.send(line)
+            answer = await admin.read()
+            assert answer["ok"] is False and answer["error"]["code"] == code, line
+            assert answer["error"]["message"]
+        # 10 MB without a newline in sight, then the newline: skipped and answered.
+        await admin.send(b'{"id": 9, "cmd": "status", "pad": "' + b"x" * 10_000_000 + b'"}\n')
+        answer = await admin.read()
+        assert answer == {
+            "id": None,
+            "ok": False,
+            "error": {
+                "code": "bad_request",
+                "message": f"request line longer than {adminproto.MAX_REQUEST_LINE} bytes: skipped",
+            },
+        }
+        # The same connection still works.
+        assert (await admin.call("status"))["ok"] is True
+    finally:
+        await admin.close()
+    assert loaded_model(sock) == DEFAULT_MODEL.name
+
+
+async def test_client_leaving_mid_switch(served: RunningDaemon, sock: Path) -> None:
+    """The switch finishes without its client; the daemon keeps serving."""
+    admin, _ = await RawAdmin.open(sock)
+    await admin.send(adminproto.request(1, adminproto.SWITCH, {"model": "SmolLM2-copy"}))
+    assert (await admin.read())["progress"]["stage"] == "loading"
+    await admin.close()
+    try:
+        deadline = time.monotonic() + 120
+        while loaded_model(sock) != "SmolLM2-copy":
+            assert time.monotonic() < deadline, "the switch did not finish"
+            await asyncio.sleep(0.2)
+        assert "Paris" in await asyncio.to_thread(ask_legacy, served)
+    finally:
+        assert ctl(sock, "switch", DEFAULT_MODEL.name).returncode == 0
+
+
+# -- model changes with a controlled loader (in-process daemon, fake engine) -------------
+
+
+def add_fake_model(daemon: Daemon, name: str) -> Path:
+    folder = daemon.config.model_dirs[0] / name
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+async def test_a_second_model_change_is_refused_while_one_runs(fake_daemon: Daemon) -> None:
+    add_fake_model(fake_daemon, "slow-model")
+    release = asyncio.Event()
+
+    async def slow_loader(config: Any, path: Path) -> EngineLike:
+        await release.wait()
+        return FakeEngine(path)
+
+    fake_daemon.engine_loader = slow_loader
+    first, _ = await RawAdmin.open(fake_daemon.admin.path)
+    second, _ = await RawAdmin.open(fake_daemon.admin.path)
+    try:
+        await first.send(adminproto.request(1, adminproto.SWITCH, {"model": "slow-model"}))
+        assert (await first.read())["progress"]["stage"] == "loading"
+        refused = await second.call(adminproto.RM, model="fake-model")
+        assert refused["error"]["code"] == "busy"
+        # Reports still answer while a model loads, and the old model still generates.
+        assert (await second.call(adminproto.STATUS))["result"]["model"] == "fake-model"
+        release.set()
+        while "progress" in (answer := await first.read()):
+            pass
+        assert answer["ok"] is True and answer["result"]["previous"] == "fake-model"
+        assert fake_daemon.engine is not None and fake_daemon.engine.info.name == "slow-model"
+    finally:
+        release.set()
+        await first.close()
+        await second.close()
+
+
+async def test_a_failed_load_keeps_the_old_engine(fake_daemon: Daemon) -> None:
+    add_fake_model(fake_daemon, "bad-model")
+    old = fake_daemon.engine
+
+    async def failing_loader(config: Any, path: Path) -> EngineLike:
+        raise OSError("weights are corrupt")
+
+    fake_daemon.engine_loader = failing_loader
+    admin, _ = await RawAdmin.open(fake_daemon.admin.path)
+    try:
+        answer = await admin.call(adminproto.SWITCH, model="bad-model")
+    finally:
+        await admin.close()
+    assert answer["error"]["message"] == (
+        "loading bad-model failed: weights are corrupt; still serving fake-model"
+    )
+    assert fake_daemon.engine is old and fake_daemon.model_state == "ready"
