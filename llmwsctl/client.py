@@ -212,13 +212,25 @@ class Client:
     # -- the connection's life: read, and reconnect when it drops ---------------------
 
     async def _supervise(self) -> None:
+        """Read the connection; when it drops, resume at once if a call is waiting on it."""
         while True:
             ws = self._ws
             assert ws is not None
             await self._read(ws)
             if self._closing:
                 return
-            log.info("connection to %s dropped (%s): resuming", self.url, ws.close_code)
+            waiting = self._generation is not None or self._lock.locked()
+            log.info(
+                "connection to %s closed (%s %s)%s",
+                self.url,
+                ws.close_code,
+                ws.close_reason,
+                ": resuming" if waiting else "",
+            )
+            if not waiting:
+                # Idle (servers close idle connections): the next call reconnects.
+                self._ws = None
+                return
             self._settled.clear()
             self._replies.put_nowait(None)  # wake a waiting request so it can resend
             try:
