@@ -93,7 +93,7 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("model"):
         model = f"{s['model']} on {s.get('device')} (context {s.get('max_context')} tokens)"
     else:
-        model = f"none ({s.get('model_state')})"
+        model = f"none: {s.get('model_reason') or s.get('model_state')}"
     memory = s.get("memory") or {}
     used, total = fmt.gib(memory.get("ram_used_gb")), fmt.gib(memory.get("ram_total_gb"))
     return fmt.fields(
@@ -219,10 +219,15 @@ def render_resources(r: dict[str, Any]) -> str:
         pairs.append((f"gpu {i}", ", ".join(f"{k} {v}" for k, v in gpu.items())))
     engine = r.get("engine")
     if engine:
-        details = ", ".join(f"{k} {v}" for k, v in engine.items() if k != "model")
-        pairs.append(("engine", f"{engine.get('model')}: {details}"))
+        pairs.append(("model", f"{engine.get('model')} ({engine.get('dtype')})"))
+        load = f"{engine.get('active', 0)} generating, {engine.get('queued', 0)} queued"
+        if engine.get("tokens_per_s") is not None:
+            load += f", {engine['tokens_per_s']} tokens/s"
+        if engine.get("kv_usage_ratio") is not None:
+            load += f", KV cache {engine['kv_usage_ratio'] * 100:.0f}% used"
+        pairs.append(("engine", load))
     else:
-        pairs.append(("engine", "no model loaded"))
+        pairs.append(("model", "none loaded"))
     return fmt.fields(pairs)
 
 

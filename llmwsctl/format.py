@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 _DECIMAL = ("B", "kB", "MB", "GB", "TB")
 _BINARY = ("B", "KiB", "MiB", "GiB", "TiB")
+PLAIN_LINE_INTERVAL_S = 5.0  # progress lines when stderr is not a terminal
 
 
 def size(n: float | None, binary: bool = False) -> str:
@@ -89,6 +90,7 @@ class ProgressPrinter:
         self._first: tuple[float, float] | None = None  # (time, done) of the first transfer line
         self._drawn = False
         self._last_message = ""
+        self._last_line_at = 0.0
 
     def __call__(self, progress: dict[str, Any]) -> None:
         message = str(progress.get("message", progress.get("stage", "")))
@@ -100,10 +102,16 @@ class ProgressPrinter:
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
             self._drawn = True
-        elif line != self._last_message:
+        elif message != self._last_message or self._due(done, total):
+            # Plain lines go to logs: a new stage at once, a transfer every few seconds.
             self.stream.write(line + "\n")
-        self._last_message = line
+            self._last_line_at = time.monotonic()
+        self._last_message = message
         self.stream.flush()
+
+    def _due(self, done: Any, total: Any) -> bool:
+        finished = done is not None and done == total
+        return finished or time.monotonic() - self._last_line_at >= PLAIN_LINE_INTERVAL_S
 
     def _transfer(self, done: float, total: Any, progress: dict[str, Any]) -> str:
         now = time.monotonic()

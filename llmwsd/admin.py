@@ -229,6 +229,7 @@ class AdminServer:
         daemon = self.daemon
         return {
             **daemon.status(),
+            "model_reason": daemon.no_model_reason() if daemon.engine is None else None,
             "pid": os.getpid(),
             "listen": f"ws://{daemon.config.server.host}:{daemon.server.port}/",
             "config": daemon.config.source,

@@ -6,7 +6,9 @@ One JSON object per line, UTF-8, both ways:
   "version": "0.1.0"}``; a client that speaks another protocol version stops there;
 * a request is ``{"id": 7, "cmd": "switch", "args": {"model": "NAME"}}`` (``args``
   optional);
-* long commands answer with ``{"id": 7, "progress": {...}}`` lines first;
+* long commands answer with ``{"id": 7, "progress": {...}}`` lines first; a
+  progress object has ``stage`` and a human ``message``, and transfers add
+  ``done`` and ``total`` bytes (optionally ``file``, ``file_done``, ``file_total``);
 * the final answer is ``{"id": 7, "ok": true, "result": ...}`` or
   ``{"id": 7, "ok": false, "error": {"code": "not_found", "message": "..."}}``.
 

@@ -205,7 +205,8 @@ def test_resources_both_modes(sock: Path) -> None:
     assert report["engine"]["model"] == DEFAULT_MODEL.name
     human = ctl(sock, "resources").stdout
     assert "cores" in human and "GiB used of" in human
-    assert f"engine  {DEFAULT_MODEL.name}:" in human
+    assert f"model   {DEFAULT_MODEL.name} (" in human
+    assert "generating" in human
 
 
 def test_resources_watch_refreshes_until_interrupted(sock: Path) -> None:
