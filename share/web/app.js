@@ -1,94 +1,22 @@
 // The llmws page: chat, settings, resources and models over one ResumableConnection.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
-
 const SETTINGS_KEY = "llmws.settings";
 const SERVER_KEY = "llmws.server";
-const TOKEN_KEY = "llmws.token";
 const PENDING_KEY = "llmws.pendingPrompt"; // the question of an unfinished answer, for a reload
 const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 2048 };
-const RESOURCES_INTERVAL_S = 2;
-
-const ERROR_TEXT = {
-  context_too_long: (m) =>
-    `The conversation is too long for this model` +
-    (m.input_length ? ` (${m.input_length} tokens, at most ${m.max_context})` : "") +
-    `. Start a new chat or send a shorter message.`,
-  busy: () => "The server is busy right now. Try again in a moment.",
-  forbidden: (m) => `Not allowed: ${m.message}`,
-  unauthorized: () => "The server needs a valid token: enter it under Connection.",
-  no_model: () => "The server has no model loaded.",
-  interrupted: () => "The server restarted while answering; the answer stops here.",
-  unsupported: (m) => `The server does not support this: ${m.message}`,
-};
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function errorText(message) {
-  const describe = ERROR_TEXT[message.code];
-  return describe ? describe(message) : message.message || `Error (${message.code || "unknown"})`;
-}
-
-function formatBytes(bytes) {
-  if (!Number.isFinite(bytes)) return "";
-  const units = ["B", "KB", "MB", "GB", "TB"];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1000 && unit < units.length - 1) {
-    value /= 1000;
-    unit += 1;
-  }
-  return `${value.toFixed(value >= 100 || unit === 0 ? 0 : 1)} ${units[unit]}`;
-}
-
-// The first of `keys` in `object` that holds a finite number.
-function pick(object, ...keys) {
-  if (!object || typeof object !== "object") return undefined;
-  for (const key of keys) {
-    const value = object[key];
-    if (typeof value === "number" && Number.isFinite(value)) return value;
-  }
-  return undefined;
-}
-
-// The token is kept for this tab only (sessionStorage); the rest in localStorage.
-function storageFor(key) {
-  return key === TOKEN_KEY ? window.sessionStorage : window.localStorage;
-}
-
-function readStored(key) {
-  try {
-    return storageFor(key).getItem(key) || "";
-  } catch {
-    return "";
-  }
-}
-
-function writeStored(key, value) {
-  try {
-    storageFor(key).setItem(key, value);
-  } catch {
-    // Not remembered (private browsing, full quota); still used by this page.
-  }
-}
-
-let toastTimer = null;
-function toast(text) {
-  const node = $("toast");
-  node.textContent = text;
-  node.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (node.hidden = true), 5000);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Chat
+
+// Where the streaming cursor goes: the end of the innermost last block (paragraph, item, code).
+function lastTextBlock(root) {
+  let node = root;
+  while (node.lastElementChild && /^(P|UL|OL|LI|BLOCKQUOTE|DIV|PRE|H\d)$/.test(node.lastElementChild.tagName)) {
+    node = node.lastElementChild;
+  }
+  return node;
+}
 
 const answerOf = new WeakMap(); // an assistant message's node -> its Answer
 
@@ -122,7 +50,7 @@ class Answer {
       this.renderQueued = false;
       const follow = chat.isAtBottom();
       this.body.replaceChildren(Markdown.render(this.text));
-      if (this.status === "streaming") this.body.appendChild(el("span", "cursor"));
+      if (this.status === "streaming") lastTextBlock(this.body).appendChild(el("span", "cursor"));
       if (follow) chat.scrollToBottom();
     });
   }
@@ -289,12 +217,8 @@ function autosize(textarea) {
 const handlers = {
   welcome(message, info) {
     const caps = message.capabilities || {};
-    $("fact-model").textContent = message.model || "no model";
-    $("fact-device").textContent = caps.device || (message.resources || {}).device || "–";
-    $("fact-context").textContent = Number.isFinite(caps.max_context)
-      ? `${caps.max_context.toLocaleString("en-US")} tokens`
-      : "–";
-    resources.current = message.model;
+    const loading = message.model_state === "loading" ? "loading…" : "no model";
+    showServerFacts(message.model || loading, caps.device || (message.resources || {}).device, caps.max_context);
     if (message.resources) resources.sample(message.resources);
     if (info.fresh && message.resumed) {
       chat.restoring = true;
@@ -377,13 +301,27 @@ const handlers = {
   },
 
   resources(message) {
-    resources.sample(message.resources && typeof message.resources === "object" ? message.resources : message);
+    const report = message.resources && typeof message.resources === "object" ? message.resources : message;
+    resources.sample(report);
+    const engine = report.engine || {};
+    if (typeof engine.model === "string") showServerFacts(engine.model, engine.device, engine.max_context);
   },
 
   models_list(message) {
     models.render(message);
   },
 };
+
+// The header's model, device and context; resources reports keep it current (a model that
+// finished loading after the welcome, a switch made by the operator).
+function showServerFacts(model, device, maxContext) {
+  if (model) {
+    $("fact-model").textContent = model;
+    models.current = model;
+  }
+  if (device) $("fact-device").textContent = device;
+  if (Number.isFinite(maxContext)) $("fact-context").textContent = `${maxContext.toLocaleString("en-US")} tokens`;
+}
 
 function endGeneration(message) {
   if (chat.active && (message.request_id === undefined || chat.active.requestId === message.request_id)) {
@@ -421,7 +359,7 @@ function onState(status) {
     const wait = status.retryInS ? ` Next attempt in ${status.retryInS.toFixed(1)} s.` : "";
     banner.append(
       el("strong", "", "Reconnecting…"),
-      document.createTextNode(` The connection dropped; the answer continues when it is back.${wait} `),
+      el("span", "", `The connection dropped; the answer continues when it is back.${wait}`),
     );
     const retry = el("button", "ghost small", "Retry now");
     retry.type = "button";
@@ -429,7 +367,7 @@ function onState(status) {
     banner.appendChild(retry);
     banner.hidden = false;
   } else if (status.state === "offline") {
-    banner.append(el("strong", "", "Offline. "), document.createTextNode(status.reason || ""));
+    banner.append(el("strong", "", "Offline."), el("span", "", status.reason || ""));
     const retry = el("button", "ghost small", "Connect");
     retry.type = "button";
     retry.addEventListener("click", () => connectFromForm());
@@ -497,236 +435,6 @@ function saveSettings() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Resources
-
-const resources = {
-  current: null,
-  tokensSeen: 0,
-  lastRate: null, // [time, tokensSeen] of the previous sample: the page's own tokens/s
-  charts: null,
-
-  init() {
-    const box = $("charts");
-    this.charts = {
-      memory: new TimeChart(box, { title: "Memory used", unit: "%", max: 100 }),
-      load: new TimeChart(box, { title: "Utilization", unit: "%", max: 100 }),
-      speed: new TimeChart(box, { title: "Generation speed", unit: "tok/s" }),
-    };
-  },
-
-  countTokens(n) {
-    this.tokensSeen += n;
-  },
-
-  // Adds one resources report to the charts; any key may be missing.
-  sample(report) {
-    const now = Date.now();
-    const { memory, load, speed } = this.charts;
-    const host = report.host || {};
-    const total = pick(report, "total_gb");
-    const free = pick(report, "free_gb");
-    const device = typeof report.device === "string" ? report.device : "device";
-    if (total > 0 && free !== undefined) {
-      memory.add(device.startsWith("cuda") ? device.toUpperCase() : "RAM", "#2563eb", ((total - free) / total) * 100, now);
-    }
-    load.add("CPU", "#2563eb", pick(host, "cpu_percent", "cpu_util") ?? pick(report, "cpu_percent"), now);
-    const gpus = Array.isArray(report.gpus) ? report.gpus : [];
-    const colors = ["#db2777", "#16a34a", "#ea580c", "#7c3aed"];
-    gpus.forEach((gpu, n) => {
-      const label = `GPU ${gpu.index ?? n}`;
-      const color = colors[n % colors.length];
-      const used = pick(gpu, "memory_used_gb", "used_gb");
-      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
-      if (gpuTotal > 0 && used !== undefined && !device.startsWith("cuda")) {
-        memory.add(label, color, (used / gpuTotal) * 100, now);
-      }
-      load.add(label, color, pick(gpu, "utilization_percent", "utilization", "gpu_util", "util_percent"), now);
-    });
-    const engine = report.engine || {};
-    const serverRate = pick(engine, "tokens_per_s", "tokens_per_second") ?? pick(report, "tokens_per_s");
-    if (serverRate !== undefined) {
-      speed.add("server", "#16a34a", serverRate, now);
-    } else if (this.lastRate) {
-      const seconds = (now - this.lastRate[0]) / 1000;
-      if (seconds > 0) speed.add("this chat", "#16a34a", (this.tokensSeen - this.lastRate[1]) / seconds, now);
-    }
-    this.lastRate = [now, this.tokensSeen];
-    this.renderFacts(report, gpus, engine);
-    if (!$("tab-resources").hidden) this.draw();
-  },
-
-  renderFacts(report, gpus, engine) {
-    const rows = [];
-    const gb = (v) => (v >= 1 ? `${v.toFixed(1)} GB` : `${Math.round(v * 1024)} MB`); // the server's GB are GiB
-    const host = report.host || {};
-    if (report.device) rows.push(["Device", report.device]);
-    const total = pick(report, "total_gb");
-    const free = pick(report, "free_gb");
-    if (total !== undefined && free !== undefined) rows.push(["Memory", `${gb(total - free)} used of ${gb(total)}`]);
-    const rss = pick(host, "rss_gb");
-    if (rss !== undefined) rows.push(["Server process", gb(rss)]);
-    const cores = pick(host, "cpu_count");
-    if (cores !== undefined) rows.push(["CPU cores", String(cores)]);
-    gpus.forEach((gpu, n) => {
-      const used = pick(gpu, "memory_used_gb", "used_gb");
-      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
-      const memoryText = used !== undefined && gpuTotal !== undefined ? ` · ${gb(used)} of ${gb(gpuTotal)}` : "";
-      rows.push([`GPU ${gpu.index ?? n}`, `${gpu.name || "GPU"}${memoryText}`]);
-    });
-    for (const [key, label] of [["active", "Generating"], ["queued", "Queued"], ["max_context", "Max context"]]) {
-      const value = pick(engine, key);
-      if (value !== undefined) rows.push([label, value.toLocaleString("en-US")]);
-    }
-    const facts = $("resource-facts");
-    facts.replaceChildren();
-    for (const [key, value] of rows) facts.append(el("dt", "", key), el("dd", "", value));
-  },
-
-  draw() {
-    const now = Date.now();
-    for (const chart of Object.values(this.charts)) chart.draw(now);
-  },
-};
-
-// ---------------------------------------------------------------------------------------------
-// Models
-
-const models = {
-  forbidden: false, // the server refused model management to this client
-  awaiting: null, // the management action waiting for its answer, as text
-
-  canManage() {
-    return Boolean(connection.token) && !this.forbidden;
-  },
-
-  updateControls() {
-    const manage = this.canManage();
-    $("download").hidden = !manage;
-    for (const node of document.querySelectorAll(".model-actions")) node.hidden = !manage;
-    $("models-note").hidden = manage;
-  },
-
-  say(text, kind = "info") {
-    const node = $("models-message");
-    node.textContent = text;
-    node.dataset.kind = kind;
-    node.hidden = !text;
-  },
-
-  render(message) {
-    const list = $("models");
-    list.replaceChildren();
-    const entries = Array.isArray(message.models) ? message.models : [];
-    if (!entries.length) list.appendChild(el("li", "muted", "No models found in the server's model folders."));
-    for (const model of entries) {
-      const name = String(model.name ?? model.path ?? "?");
-      const loaded = model.loaded === true || name === resources.current;
-      const item = el("li", loaded ? "model loaded" : "model");
-      const head = el("div", "model-head");
-      head.appendChild(el("span", "model-name", name));
-      if (loaded) head.appendChild(el("span", "badge", "loaded"));
-      item.appendChild(head);
-      const size = Number.isFinite(model.size_bytes) ? formatBytes(model.size_bytes)
-        : Number.isFinite(model.size_mb) ? formatBytes(model.size_mb * 1e6)
-        : Number.isFinite(model.size_gb) ? formatBytes(model.size_gb * 1e9) : "";
-      const details = [size, model.architecture, model.dtype,
-        Number.isFinite(model.context_length) ? `${model.context_length.toLocaleString("en-US")} ctx` : ""];
-      item.appendChild(el("div", "model-details", details.filter(Boolean).join(" · ")));
-      const actions = el("div", "model-actions");
-      if (!loaded) {
-        actions.append(
-          this.button("Switch to", () => this.act(`Switching to ${name}…`, { type: "switch_model", model: name })),
-          this.button("Delete", () => {
-            if (confirm(`Delete the model ${name} from the server?`)) {
-              this.act(`Deleting ${name}…`, { type: "delete_model", model_name: name });
-            }
-          }, "danger"),
-        );
-      }
-      item.appendChild(actions);
-      list.appendChild(item);
-    }
-    this.updateControls();
-  },
-
-  button(text, onClick, kind = "ghost") {
-    const node = el("button", `${kind} small`, text);
-    node.type = "button";
-    node.addEventListener("click", onClick);
-    return node;
-  },
-
-  act(text, message) {
-    if (!connection.send(message)) {
-      this.say("Not connected.", "error");
-      return;
-    }
-    this.awaiting = text;
-    this.say(text);
-  },
-
-  failed(message) {
-    this.awaiting = null;
-    $("download-progress").hidden = true;
-    if (message.code === "forbidden") {
-      this.forbidden = true;
-      this.updateControls();
-      this.say(`The server does not allow model management for this client: ${message.message}`, "error");
-    } else {
-      this.say(errorText(message), "error");
-    }
-  },
-
-  progress(message) {
-    const done = pick(message, "downloaded_bytes", "bytes_done", "done_bytes", "downloaded");
-    const total = pick(message, "total_bytes", "bytes_total", "total");
-    let percent = pick(message, "percent", "progress");
-    if (percent === undefined && done !== undefined && total > 0) percent = (done / total) * 100;
-    $("download-progress").hidden = false;
-    $("download-bar").style.width = `${Math.max(0, Math.min(100, percent ?? 0))}%`;
-    const parts = [];
-    if (message.file) parts.push(String(message.file));
-    if (done !== undefined) parts.push(total ? `${formatBytes(done)} of ${formatBytes(total)}` : formatBytes(done));
-    if (percent !== undefined) parts.push(`${percent.toFixed(0)}%`);
-    $("download-text").textContent = parts.join(" · ") || "Downloading…";
-  },
-
-  handlers: {
-    model_switched(message) {
-      models.awaiting = null;
-      const name = message.model || message.name || "";
-      models.say(`Now serving ${name}.`);
-      if (name) {
-        $("fact-model").textContent = name;
-        resources.current = name;
-      }
-      connection.send({ type: "list_models" });
-    },
-    model_deleted(message) {
-      models.awaiting = null;
-      models.say(`Deleted ${message.model_name || message.model || "the model"}.`);
-      connection.send({ type: "list_models" });
-    },
-    download_started() {
-      models.awaiting = null;
-      models.say("Download started.");
-      models.progress({});
-    },
-    download_progress(message) {
-      models.progress(message);
-    },
-    log(message) {
-      if (message.message) $("download-text").textContent = String(message.message);
-    },
-    download_done(message) {
-      $("download-progress").hidden = true;
-      models.say(`Downloaded ${message.model || message.name || "the model"}.`);
-      connection.send({ type: "list_models" });
-    },
-  },
-};
-
-// ---------------------------------------------------------------------------------------------
 // Panel, tabs and wiring
 
 function showTab(name) {
@@ -776,6 +484,7 @@ function init() {
   });
 
   const prompt = $("prompt");
+  if (window.matchMedia("(max-width: 600px)").matches) prompt.placeholder = "Message";
   prompt.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
@@ -810,7 +519,13 @@ function init() {
   }
   $("panel-toggle").addEventListener("click", () => togglePanel());
   $("panel-close").addEventListener("click", () => togglePanel(false));
-  togglePanel(window.matchMedia("(min-width: 900px)").matches);
+  const narrow = window.matchMedia("(max-width: 899px)");
+  document.querySelector(".chat").addEventListener("click", (event) => {
+    if (narrow.matches && document.body.classList.contains("panel-open") && event.target === event.currentTarget) {
+      togglePanel(false);
+    }
+  });
+  togglePanel(!narrow.matches);
 
   $("models-refresh").addEventListener("click", () => connection.send({ type: "list_models" }));
   $("download").addEventListener("submit", (event) => {

@@ -8,23 +8,6 @@ const LIVENESS_S = 25; // with no frame for this long, ping; with none after ano
 // Close codes after which retrying cannot help: policy (bad token, hello timeout).
 const FINAL_CLOSE_CODES = new Set([1008]);
 
-function readJSON(key, fallback) {
-  try {
-    const value = JSON.parse(localStorage.getItem(key));
-    return value ?? fallback;
-  } catch {
-    return fallback;
-  }
-}
-
-function writeJSON(key, value) {
-  try {
-    localStorage.setItem(key, JSON.stringify(value));
-  } catch {
-    // Private browsing or a full quota: the page works, only reload-resume is lost.
-  }
-}
-
 // "host:port", "http://host/…" or "ws://host/…" -> a ws(s):// URL.
 function normalizeServerUrl(text) {
   let url = text.trim();

@@ -1,0 +1,216 @@
+"""The web page in a real Chromium against a real llmwsd with the default model.
+
+One daemon and one browser tab serve the whole module, in order: the chat, a
+reload, a dropped connection, a daemon restart, the resources and models
+panels. Screenshots go to test-output/web/ for review.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.browser import ChatPage, chromium_context
+from tests.conftest import DEFAULT_MODEL, ROOT, RunningDaemon
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SCREENSHOTS = ROOT / "test-output" / "web"
+LONG_PROMPT = "Write a detailed story about a dragon who learns to bake bread."
+LONG_TOKENS = 120
+# The page sends these with every request once the settings panel says temperature 0.
+GREEDY = {"temperature": 0.0, "top_p": 0.95, "top_k": 50, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    if not (DEFAULT_MODEL / "config.json").exists():
+        pytest.fail("the default model is missing: run `make model`")
+    # A long drain lets a generation cut by SIGTERM finish into the session before exit.
+    folder = tmp_path_factory.mktemp("web-daemon")
+    daemon = RunningDaemon(folder, server={"drain_timeout": 60.0}).start()
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def chat(daemon: RunningDaemon) -> Iterator[ChatPage]:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with chromium_context(viewport={"width": 1280, "height": 820}) as context:
+        page = ChatPage(context.new_page())
+        page.page.goto(daemon.http + "/")
+        page.wait_connected()
+        yield page
+        assert page.errors == [], "the page threw exceptions"
+
+
+def reference_answer(daemon: RunningDaemon, prompt: str, max_new_tokens: int) -> str:
+    """The text of one uninterrupted greedy run in a new session, over a plain WebSocket."""
+    with connect(daemon.url, open_timeout=30) as ws:
+        ws.send("{}")
+        assert json.loads(ws.recv(30))["type"] == "welcome"
+        config = {**GREEDY, "max_new_tokens": max_new_tokens}
+        ws.send(
+            json.dumps(
+                {"type": "inference", "prompt": {"system": "", "user": prompt}, "config": config}
+            )
+        )
+        pieces = []
+        while True:
+            event: dict[str, Any] = json.loads(ws.recv(120))
+            if event["type"] == "token":
+                pieces.append(event["data"])
+            elif event["type"] in ("done", "error"):
+                assert event["type"] == "done", event
+                return "".join(pieces)
+
+
+def shot(chat: ChatPage, name: str) -> Path:
+    path = SCREENSHOTS / name
+    chat.page.screenshot(path=str(path))
+    return path
+
+
+def test_page_is_served_with_its_files(daemon: RunningDaemon, chat: ChatPage) -> None:
+    assert chat.page.title() == "llmws"
+    assert chat.page.text_content("#fact-model") == DEFAULT_MODEL.name
+    assert chat.page.text_content("#fact-device") == "cpu"
+    assert "tokens" in str(chat.page.text_content("#fact-context"))
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(chat: ChatPage) -> None:
+    chat.page.fill("#prompt", "")
+    chat.page.type("#prompt", "first line")
+    chat.page.keyboard.press("Shift+Enter")
+    chat.page.keyboard.type("second line")
+    assert chat.page.input_value("#prompt") == "first line\nsecond line"
+    assert chat.messages() == []
+    chat.page.fill("#prompt", "")
+
+
+def test_answer_streams_in(chat: ChatPage) -> None:
+    chat.set_settings(temperature=0, max_new_tokens=32)
+    chat.ask("What is the capital of France?")
+    # Seen while streaming: a partial answer, before the end.
+    chat.wait_for("() => llmws.messages()[1].status === 'streaming' && llmws.messages()[1].text")
+    answer = chat.wait_answer_ended()
+    assert answer["status"] == "done"
+    assert "Paris" in answer["text"]
+    assert "Paris" in str(chat.page.text_content(".msg.assistant .body"))
+    assert "tokens" in str(chat.page.text_content(".msg.assistant .meta"))
+
+
+def test_reload_restores_the_conversation(chat: ChatPage) -> None:
+    before = chat.messages()
+    chat.page.reload()
+    chat.wait_connected()
+    chat.wait_for("(n) => llmws.messages().length === n", arg=len(before))
+    assert [(m["role"], m["text"]) for m in chat.messages()] == [
+        (m["role"], m["text"]) for m in before
+    ]
+    shot(chat, "chat.png")
+
+
+def test_model_output_is_never_html(chat: ChatPage) -> None:
+    chat.new_chat()
+    chat.ask("Write an HTML image tag with src x and onerror alert(1).")
+    answer = chat.wait_answer_ended()
+    assert "<img" in answer["text"] and "onerror" in answer["text"]
+    # The small model does not echo markup reliably: the exact payload, outside a code block,
+    # goes through the page's own path for a session's history (how answers come back on reload).
+    payload = "<img src=x onerror=alert(1)>"
+    chat.page.evaluate(
+        """(payload) => {
+            llmws.chat.restoring = true;
+            const messages = [{role: "user", content: "Say it"},
+                              {role: "assistant", content: payload}];
+            llmws.connection.onMessage({type: "history", messages});
+        }""",
+        payload,
+    )
+    chat.wait_for(
+        "(p) => document.querySelector('.msg.assistant .body').textContent.includes(p)", 5, payload
+    )
+    assert chat.page.locator(".messages img").count() == 0
+    assert chat.dialogs == []
+
+
+@pytest.fixture(scope="module")
+def long_answer(daemon: RunningDaemon) -> str:
+    return reference_answer(daemon, LONG_PROMPT, LONG_TOKENS)
+
+
+def test_resume_after_a_dropped_connection(chat: ChatPage, long_answer: str) -> None:
+    chat.new_chat()
+    chat.set_settings(temperature=0, max_new_tokens=LONG_TOKENS)
+    chat.ask(LONG_PROMPT)
+    chat.wait_answer_length(40)
+    chat.page.evaluate("() => llmws.dropConnection()")
+    chat.wait_state("reconnecting", 5)
+    assert "Reconnecting" in str(chat.page.text_content("#banner"))
+    answer = chat.wait_answer_ended()
+    assert chat.state == "connected"
+    assert answer == {"role": "assistant", "text": long_answer, "status": "done"}
+
+
+def test_resume_across_a_daemon_restart(
+    daemon: RunningDaemon, chat: ChatPage, long_answer: str
+) -> None:
+    chat.new_chat()
+    chat.set_settings(temperature=0, max_new_tokens=LONG_TOKENS)
+    chat.ask(LONG_PROMPT)
+    chat.wait_answer_length(40)
+    # SIGTERM drains: the generation finishes into the session, which the new daemon reloads.
+    assert daemon.stop(signal.SIGTERM, timeout=90) == 0
+    chat.wait_state("reconnecting", 10)
+    shot(chat, "reconnecting.png")
+    daemon.start()
+    answer = chat.wait_answer_ended()
+    assert answer == {"role": "assistant", "text": long_answer, "status": "done"}
+
+
+def test_resources_panel_charts(chat: ChatPage) -> None:
+    chat.open_tab("resources")
+    # Two reports at the 2 s interval make a line.
+    chat.wait_for("() => document.querySelector('#resource-facts').textContent !== ''", 10)
+    chat.page.wait_for_timeout(4500)
+    legends = chat.page.locator(".chart-legend").all_text_contents()
+    assert any("RAM" in text for text in legends)
+    assert any("CPU" in text for text in legends)
+    shot(chat, "resources.png")
+
+
+def test_models_panel_lists_and_refuses_management(chat: ChatPage) -> None:
+    chat.open_tab("models")
+    chat.wait_for("() => document.querySelector('.model.loaded') !== null", 10)
+    assert DEFAULT_MODEL.name in str(chat.page.text_content(".model.loaded"))
+    assert chat.page.is_hidden("#download")  # no token: no management controls
+    chat.open_tab("server")
+    chat.page.fill("#server-token", "not-an-admin-token")
+    chat.page.click("#connection-form button[type=submit]")
+    chat.wait_connected()
+    chat.open_tab("models")
+    assert chat.page.is_visible("#download")
+    chat.page.fill("#download-repo", "HuggingFaceTB/SmolLM2-360M-Instruct")
+    chat.page.click("#download button[type=submit]")
+    chat.wait_for("() => document.querySelector('#models-message').dataset.kind === 'error'", 10)
+    assert "does not allow model management" in str(chat.page.text_content("#models-message"))
+    assert chat.page.is_hidden("#download")
+    shot(chat, "models.png")
+
+
+def test_phone_sized_screen(chat: ChatPage) -> None:
+    chat.page.set_viewport_size({"width": 390, "height": 844})
+    chat.page.reload()
+    chat.wait_connected()
+    assert chat.page.is_hidden("#panel")
+    overflow = chat.page.evaluate("() => document.documentElement.scrollWidth - innerWidth")
+    assert overflow <= 0
+    shot(chat, "phone.png")
+    chat.page.set_viewport_size({"width": 1280, "height": 820})
