@@ -328,8 +328,8 @@ class SessionFiles:
                     if operation.durable:
                         durable.add(operation.session_id)
                     continue
-                pending = appends.pop(operation.session_id, [])
-                self._guarded(self._append, operation.session_id, pending, False)
+                # A snapshot holds every change queued before it; a removal ends them all.
+                appends.pop(operation.session_id, None)
                 method = self._rewrite if operation.kind == "rewrite" else self._remove
                 self._guarded(method, operation.session_id, operation.data)
             for session_id, records in appends.items():
