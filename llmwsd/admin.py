@@ -13,33 +13,28 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import struct
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmwsd import __version__, adminproto, models
 from llmwsd.errors import (
     BadRequest,
-    Busy,
     ConfigError,
-    Forbidden,
     InternalError,
     LLMWSError,
     UnknownType,
     Unsupported,
 )
+from llmwsd.modelmanager import Progress
 
 if TYPE_CHECKING:
     from llmwsd.app import Daemon
 
 log = logging.getLogger("llmwsd.admin")
 
-Progress = Callable[[dict[str, Any]], None]
 Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -115,7 +110,6 @@ class AdminServer:
         self.server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._connections: set[asyncio.Task[None]] = set()
-        self._model_lock = asyncio.Lock()
         self.handlers: dict[str, Handler] = {
             adminproto.STATUS: self.on_status,
             adminproto.MODELS: self.on_models,
@@ -267,70 +261,10 @@ class AdminServer:
         )
 
     async def on_switch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Load the new model beside the old one; swap only once it loaded, then retire the old."""
-        name = models.validate_model_name(args.get("model"))
-        daemon = self.daemon
-        if daemon.model_state == "loading":
-            raise Busy("the first model is still loading: retry when `llmwsctl status` says ready")
-        async with self._exclusive("switch"):
-            entry = await asyncio.to_thread(models.find, daemon.config, name)
-            old = daemon.engine
-            if old is not None and Path(old.info.path).resolve() == entry.path.resolve():
-                return {"model": name, "previous": name, "changed": False}
-            previous = old.info.name if old is not None else None
-            progress({"stage": "loading", "model": name, "message": f"loading {name}"})
-            daemon.notifier.status(f"switching to {name}")
-            started = time.monotonic()
-            try:
-                new = await daemon.engine_loader(daemon.config, entry.path)
-            except Exception as e:
-                log.error("switch: loading %s failed", entry.path, exc_info=True)
-                daemon.notifier.status(daemon.status_line())
-                still = f"still serving {previous}" if previous else "no model is loaded"
-                reason = " ".join(str(e).split())  # transformers spreads some over many lines
-                raise InternalError(f"loading {name} failed: {reason}; {still}") from e
-            load_s = round(time.monotonic() - started, 1)
-            daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
-            log.info("switched to %s (was %s), loaded in %.1f s", name, previous, load_s)
-            if old is not None:
-                drain = daemon.config.server.drain_timeout
-                progress(
-                    {"stage": "draining", "model": previous, "message": f"unloading {previous}"}
-                )
-                await old.drain(drain)
-                await old.close()
-            daemon.notifier.status(daemon.status_line())
-            return {"model": name, "previous": previous, "changed": True, "load_s": load_s}
+        return await self.daemon.model_manager.switch(args.get("model"), progress)
 
     async def on_rm(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Delete a downloaded model: rename it out of the catalogue first, so it goes at once."""
-        name = models.validate_model_name(args.get("model"))
-        daemon = self.daemon
-        async with self._exclusive("rm"):
-            entry = await asyncio.to_thread(models.find, daemon.config, name)
-            downloads = daemon.config.state_dir / "models"
-            if entry.path.parent.resolve() != downloads.resolve():
-                raise Forbidden(
-                    f"{name} is in {entry.source}, not in {downloads}: llmwsctl rm only deletes "
-                    "downloaded models; delete that folder yourself"
-                )
-            engine = daemon.engine
-            if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
-                raise Busy(f"{name} is the loaded model: switch to another one first")
-            # A leading dot hides it from the catalogue (models.is_model_folder).
-            doomed = downloads / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
-            entry.path.rename(doomed)
-            await asyncio.to_thread(shutil.rmtree, doomed)
-            log.info("removed model %s (%s)", name, entry.path)
-            return {"removed": name, "path": str(entry.path), "size_bytes": entry.size_bytes}
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, what: str) -> AsyncIterator[None]:
-        """One model change at a time; a second one is refused rather than queued."""
-        if self._model_lock.locked():
-            raise Busy(f"another model change is running; retry {what} when it is done")
-        async with self._model_lock:
-            yield
+        return await self.daemon.model_manager.remove(args.get("model"))
 
 
 def _string_arg(args: dict[str, Any], key: str) -> str:

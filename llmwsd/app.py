@@ -31,6 +31,7 @@ from llmwsd.generation import (
     GenerationSettings,
 )
 from llmwsd.metrics import Metrics
+from llmwsd.modelmanager import ModelManager
 from llmwsd.protocol import PROTOCOL_VERSION
 from llmwsd.server import PublicServer
 from llmwsd.sessions import Session, SessionStore
@@ -82,6 +83,7 @@ class Daemon:
         self.started_at = time.time()
         self.server = PublicServer(self)
         self.admin = AdminServer(self)
+        self.model_manager = ModelManager(self)
         self._stop_requested = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
