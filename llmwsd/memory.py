@@ -7,8 +7,9 @@ not from a guess per parameter (see docs/memory.md):
   key/value head: ``2 × kv_heads × head_dim × dtype bytes``, read from the
   model's own config. Grouped-query attention has fewer KV heads than attention
   heads; sliding-window and chunked layers keep at most their window.
-* activations are measured: one warm-up prefill of ``[memory] probe_tokens``
-  tokens, the engine's way, its peak minus its KV cache, per prompt token.
+* activations are measured: a prefill of ``[memory] probe_tokens`` tokens, the
+  engine's way, after a short warm-up; its peak minus its KV cache, per prompt
+  token.
 * usable memory is the GPU memory free after loading × ``gpu_utilization``, or
   the available RAM (the cgroup's limit when lower) × ``cpu_utilization``, minus
   ``reserve_mb``, capped by ``budget_mb``.
@@ -215,14 +216,16 @@ class MemoryEstimate:
 # -- what is available -------------------------------------------------------------------
 
 
-def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+def cgroup_available_bytes(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
     """What this process's memory cgroup still allows (limit − usage), None when unlimited.
 
     Page cache the kernel would reclaim (inactive files) does not count as usage.
     Inside a container the cgroup's own folder is the mount point, so that is tried too.
     """
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -389,7 +392,10 @@ def estimate(model: Any, config: MemoryConfig, device: str, model_max: int) -> M
     attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
     quadratic = attention_bytes_per_token_squared(model.config, attention, dtype_bytes)
     probe = max(1, min(config.probe_tokens, model_max))
-    # The first forward allocates once for good (kernels, thread pools): not per token.
+    # The first forward allocates once for good (on CPU, oneDNN's packed copy of the
+    # weights; kernels, thread pools): a short warm-up keeps that out of the per-token
+    # figure. The probe is then the first of its length, so its memory is fresh from
+    # the system, not reused from the warm-up's, and its peak RSS shows all of it.
     measure_prefill_peak(model, min(WARMUP_TOKENS, probe))
     peak = measure_prefill_peak(model, probe)
     activation = max(peak - layout.kv_bytes(probe) - quadratic * probe**2, 0) // probe
