@@ -125,7 +125,7 @@ class ProgressPrinter:
             if self.tty:
                 filled = int(fraction * 20)
                 parts.append("[" + "#" * filled + "-" * (20 - filled) + "]")
-            parts.append(f"{fraction * 100:3.0f}% {size(done)}/{size(total)}")
+            parts.append(f"{fraction * 100:.0f}% {size(done)}/{size(total)}")
             if speed > 0:
                 parts.append(f"ETA {duration((total - done) / speed)}")
         else:

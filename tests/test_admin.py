@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import io
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from llmwsctl import format as fmt
 from llmwsd import adminproto
 from llmwsd.app import Daemon
 from llmwsd.generation import EngineLike
@@ -222,6 +224,24 @@ def test_resources_watch_refreshes_until_interrupted(sock: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     assert all(json.loads(line)["device"] == "cpu" for line in lines)
+
+
+def test_resources_watch_redraws_in_place_on_a_terminal(sock: Path) -> None:
+    import pexpect
+
+    child = pexpect.spawn(
+        LLMWSCTL, ["--socket", str(sock), "resources", "--watch", "0.2"], timeout=30
+    )
+    try:
+        for _ in range(2):
+            child.expect_exact("\x1b[H\x1b[2J")  # home and clear: the same screen, redrawn
+            child.expect("Ctrl-C to stop")
+            child.expect("GiB used of")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 def test_sessions_list_and_drop(served: RunningDaemon, sock: Path) -> None:
@@ -580,3 +600,53 @@ async def test_a_failed_load_keeps_the_old_engine(fake_daemon: Daemon) -> None:
         "loading bad-model failed: weights are corrupt; still serving fake-model"
     )
     assert fake_daemon.engine is old and fake_daemon.model_state == "ready"
+
+
+# -- human formatting ------------------------------------------------------------------
+
+
+def test_units_and_tables() -> None:
+    assert [fmt.size(n) for n in (0, 999, 1234, 273_000_000, 1_234_567_890)] == [
+        "0 B",
+        "999 B",
+        "1.2 kB",
+        "273 MB",
+        "1.2 GB",
+    ]
+    assert fmt.gib(1.5) == "1.5 GiB"
+    assert [fmt.duration(s) for s in (42, 180, 7500, 3 * 86400)] == [
+        "42 s",
+        "3 min",
+        "2 h 5 min",
+        "3 days",
+    ]
+    assert fmt.ago(1000.0, now=1180.0) == "3 min ago"
+    assert fmt.ago(1000.0, now=1001.0) == "just now"
+    assert fmt.table(["NAME", "SIZE"], [["a", "1 MB"], ["long-name", "10 MB"]], right=[1]) == (
+        "NAME        SIZE\na           1 MB\nlong-name  10 MB"
+    )
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere() -> None:
+    transfer = {"message": "pulling m", "total": 300_000_000, "file": "model.safetensors"}
+    terminal, log = FakeTerminal(), io.StringIO()
+    for stream in (terminal, log):
+        progress = fmt.ProgressPrinter(stream)
+        progress({"stage": "loading", "message": "loading m"})
+        for done in range(0, 300_000_001, 30_000_000):
+            progress({**transfer, "done": done})
+        progress.finish()
+    assert terminal.getvalue().count("\r\x1b[2K") == 12
+    assert "[##########----------]  50% 150 MB/300 MB" in terminal.getvalue()
+    assert terminal.getvalue().endswith("\n")
+    # Not a terminal: each stage once, transfers only every few seconds and at the end.
+    assert log.getvalue().splitlines() == [
+        "loading m",
+        "pulling m 0% 0 B/300 MB  model.safetensors",
+        "pulling m 100% 300 MB/300 MB  model.safetensors",
+    ]
