@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "models",
         cmd_models,
-        "list the models in the model folders (alias: list, ls)",
+        "list the models in the model folders",
         "List every model in the model folders with its size, age, architecture and "
         "context length; the loaded one is marked with *.",
         aliases=["list", "ls"],
