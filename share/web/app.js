@@ -217,8 +217,8 @@ function autosize(textarea) {
 const handlers = {
   welcome(message, info) {
     const caps = message.capabilities || {};
-    const loading = message.model_state === "loading" ? "loading…" : "no model";
-    showServerFacts(message.model || loading, caps.device || (message.resources || {}).device, caps.max_context);
+    showServerFacts(message.model, caps.device || (message.resources || {}).device, caps.max_context);
+    if (!message.model) $("fact-model").textContent = message.model_state === "loading" ? "loading…" : "no model";
     if (message.resources) resources.sample(message.resources);
     if (info.fresh && message.resumed) {
       chat.restoring = true;
@@ -268,6 +268,11 @@ const handlers = {
   },
 
   error(message) {
+    if (message.code === "unsupported" && message.request_id === undefined && !models.awaiting) {
+      // e.g. resources on a server without them: that panel stays empty, the chat works.
+      console.info("llmws:", message.message);
+      return;
+    }
     const generationError = message.request_id !== undefined || Number.isInteger(message.seq);
     if (generationError || (chat.waiting && !models.awaiting)) {
       const answer = message.request_id !== undefined ? chat.answerFor(message) : chat.waiting;
@@ -282,15 +287,11 @@ const handlers = {
       models.failed(message);
       return;
     }
-    if (message.code === "unsupported") {
-      // e.g. resources on a server without them: that panel stays empty, the chat works.
-      console.info("llmws:", message.message);
-      return;
-    }
     if (message.code === "unauthorized") {
-      $("banner").textContent = errorText(message);
-      $("banner").hidden = false;
-      return;
+      // The server closes next; the token field is where the user can act on it.
+      togglePanel(true);
+      showTab("server");
+      $("server-token").focus();
     }
     toast(errorText(message));
   },
@@ -447,13 +448,11 @@ function showTab(name) {
 }
 
 function togglePanel(open) {
-  const panel = $("panel");
   const show = open ?? !document.body.classList.contains("panel-open");
   document.body.classList.toggle("panel-open", show);
   document.body.classList.toggle("panel-closed", !show);
   $("panel-toggle").setAttribute("aria-expanded", String(show));
   if (show) resources.draw();
-  return panel;
 }
 
 async function copyText(text) {
