@@ -265,6 +265,44 @@ def cmd_session_drop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.TOKENS)
+    if wants_json(args):
+        print_json(result)
+        return EXIT_OK
+    if not result["required"]:
+        print("tokens are off: clients need none ([api] tokens_file is not set)")
+    if result["tokens"]:
+        rows = [
+            [t["name"], t["id"], "admin" if t["admin"] else "access", fmt.ago(t["created"])]
+            for t in result["tokens"]
+        ]
+        print(fmt.table(["NAME", "ID", "KIND", "CREATED"], rows))
+    elif result["required"]:
+        print("no tokens yet: every client is refused (llmwsctl tokens add NAME)")
+    return EXIT_OK
+
+
+def cmd_token_add(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.TOKEN_ADD, {"name": args.name, "admin": args.admin})
+    if wants_json(args):
+        print_json(result)
+        return EXIT_OK
+    kind = "admin token" if result["admin"] else "token"
+    print(f"{kind} {result['name']} ({result['id']}); it is shown this once, keep it safe:")
+    print(result["token"])
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    result = call(args, adminproto.TOKEN_REVOKE, {"name": args.name})
+    if wants_json(args):
+        print_json(result)
+    else:
+        print(f"revoked token {result['name']} ({result['id']})")
+    return EXIT_OK
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     result = call(args, adminproto.RELOAD)
     if wants_json(args):
@@ -408,6 +446,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     drop.add_argument("id", metavar="ID", help="the session id")
     drop.set_defaults(func=cmd_session_drop)
+    tokens = add(
+        "tokens",
+        cmd_tokens,
+        "list access tokens, or add / revoke one",
+        "List the access tokens for the public port ([api] tokens_file) and the admin "
+        "tokens ([api] admin_tokens_file); `tokens add NAME [--admin]` makes one and "
+        "prints it once, `tokens revoke NAME` withdraws one at once. Only salted hashes "
+        "are stored.",
+    )
+    token_actions = tokens.add_subparsers(dest="action", metavar="ACTION")
+    token_add = token_actions.add_parser(
+        "add",
+        help="make a token and print it (once)",
+        description="Make a new token called NAME and print it; llmwsd keeps only a "
+        "salted hash, so it cannot be shown again.",
+        parents=[common],
+    )
+    token_add.add_argument("name", metavar="NAME", help="who or what the token is for")
+    token_add.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin token: may also manage models over the public port, where "
+        "[api] allow_model_management is true",
+    )
+    token_add.set_defaults(func=cmd_token_add)
+    token_revoke = token_actions.add_parser(
+        "revoke",
+        help="withdraw a token",
+        description="Withdraw the token NAME (or its id); clients using it are refused "
+        "from their next connection.",
+        parents=[common],
+    )
+    token_revoke.add_argument("name", metavar="NAME", help="the token's name or id")
+    token_revoke.set_defaults(func=cmd_token_revoke)
     add(
         "reload",
         cmd_reload,

@@ -25,6 +25,7 @@ from llmwsd.errors import (
     ConfigError,
     InternalError,
     LLMWSError,
+    NotFound,
     UnknownType,
     Unsupported,
 )
@@ -120,6 +121,9 @@ class AdminServer:
             adminproto.SESSIONS: self.on_sessions,
             adminproto.SESSION_DROP: self.on_session_drop,
             adminproto.RELOAD: self.on_reload,
+            adminproto.TOKENS: self.on_tokens,
+            adminproto.TOKEN_ADD: self.on_token_add,
+            adminproto.TOKEN_REVOKE: self.on_token_revoke,
         }
 
     # -- the socket ------------------------------------------------------------------
@@ -250,6 +254,27 @@ class AdminServer:
         if report.get("error"):
             raise ConfigError(f"{report['error']}; the running configuration is kept")
         return report
+
+    async def on_tokens(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        auth = self.daemon.server.gate.auth
+        return {
+            "required": auth.required,
+            "tokens": [e.public() for store in (auth.access, auth.admin) for e in store.entries],
+        }
+
+    async def on_token_add(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        store = self.daemon.server.gate.auth.store(admin=bool(args.get("admin")))
+        entry, token = store.add(_string_arg(args, "name"))
+        # The plain token leaves the daemon this once; only its salted hash is kept.
+        return {**entry.public(), "token": token}
+
+    async def on_token_revoke(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        name = _string_arg(args, "name")
+        auth = self.daemon.server.gate.auth
+        for store in (auth.access, auth.admin):
+            if any(name in (e.name, e.id) for e in store.entries):
+                return store.revoke(name).public()
+        raise NotFound(f"no token called {name!r}")
 
     async def on_pull(self, args: dict[str, Any], progress: Progress) -> Any:
         source = _string_arg(args, "source")

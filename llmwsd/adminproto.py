@@ -44,10 +44,28 @@ RESOURCES = "resources"
 SESSIONS = "sessions"
 SESSION_DROP = "session_drop"
 RELOAD = "reload"
+TOKENS = "tokens"
+TOKEN_ADD = "token_add"
+TOKEN_REVOKE = "token_revoke"
 
-COMMANDS = frozenset({STATUS, MODELS, SWITCH, PULL, RM, RESOURCES, SESSIONS, SESSION_DROP, RELOAD})
+COMMANDS = frozenset(
+    {
+        STATUS,
+        MODELS,
+        SWITCH,
+        PULL,
+        RM,
+        RESOURCES,
+        SESSIONS,
+        SESSION_DROP,
+        RELOAD,
+        TOKENS,
+        TOKEN_ADD,
+        TOKEN_REVOKE,
+    }
+)
 # Commands that change the server: the daemon logs who sent them (SO_PEERCRED).
-CHANGING_COMMANDS = frozenset({SWITCH, PULL, RM, SESSION_DROP, RELOAD})
+CHANGING_COMMANDS = frozenset({SWITCH, PULL, RM, SESSION_DROP, RELOAD, TOKEN_ADD, TOKEN_REVOKE})
 
 RequestId = int | str | None
 

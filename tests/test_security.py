@@ -9,6 +9,8 @@ import ipaddress
 import json
 import ssl
 import stat
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -321,3 +323,44 @@ async def test_real_model_behind_a_token(daemon_factory, tmp_path: Path):
     )
     assert "Paris" in answer_text(await recv_until(ws, {"done"}, timeout=120))
     await ws.close()
+
+
+async def llmwsctl(daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real llmwsctl against an in-process daemon's admin socket (off the loop)."""
+    socket_path = str(daemon.config.runtime_dir / "admin.sock")
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "llmwsctl.cli", "--socket", socket_path, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_llmwsctl_tokens_add_list_revoke(tokens_daemon):
+    added = await llmwsctl(tokens_daemon, "tokens", "add", "alice")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip().splitlines()[-1]
+    assert token.startswith("llmws_")
+    admin = await llmwsctl(tokens_daemon, "--json", "tokens", "add", "root-ui", "--admin")
+    assert json.loads(admin.stdout)["admin"] is True
+    listing = await llmwsctl(tokens_daemon, "tokens")
+    assert "alice" in listing.stdout and "root-ui" in listing.stdout and token not in listing.stdout
+    ws, welcome = await open_json(ws_url(tokens_daemon), {"token": token})
+    assert welcome["type"] == "welcome"
+    await ws.close()
+    revoked = await llmwsctl(tokens_daemon, "tokens", "revoke", "alice")
+    assert revoked.returncode == 0 and "revoked token alice" in revoked.stdout
+    ws, first = await open_json(ws_url(tokens_daemon), {"token": token})
+    assert first["code"] == "unauthorized"
+    await ws.close()
+    for bad in (["tokens", "add", "../evil"], ["tokens", "revoke", "nobody"]):
+        result = await llmwsctl(tokens_daemon, *bad)
+        assert result.returncode == 1 and result.stderr.strip()
+
+
+async def test_llmwsctl_tokens_when_off(fake_daemon):
+    listing = await llmwsctl(fake_daemon, "tokens")
+    assert listing.returncode == 0 and "tokens are off" in listing.stdout
+    added = await llmwsctl(fake_daemon, "tokens", "add", "x")
+    assert added.returncode == 1 and "tokens_file" in added.stderr
