@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from llmwsd import memory
 from llmwsd.config import Config
@@ -172,6 +173,55 @@ class _Generation:
     admitted_at: float = 0.0
     first_token_at: float | None = None
     done: bool = False
+
+
+class _SpareRoomLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare room instead of concatenating.
+
+    DynamicLayer copies the whole cache of its layer for every new token; here a
+    token is written in place and ``keys``/``values`` are views of the used part.
+    When someone replaces them (the batch adding or removing rows), the next
+    update moves them into a new buffer with room to grow.
+    """
+
+    _view: torch.Tensor | None = None
+    _key_room: torch.Tensor
+    _value_room: torch.Tensor
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        used = keys.shape[-2] if keys.dim() == 4 else 0
+        length = used + key_states.shape[-2]
+        if keys is not self._view or length > self._key_room.shape[-2]:
+            batch, heads, _, key_dim = key_states.shape
+            value_dim = value_states.shape[-1]
+            capacity = length + max(128, length // 4)
+            self._key_room = key_states.new_empty(batch, heads, capacity, key_dim)
+            self._value_room = value_states.new_empty(batch, heads, capacity, value_dim)
+            if used:
+                self._key_room[:, :, :used] = keys
+                self._value_room[:, :, :used] = values
+        self._key_room[:, :, used:length] = key_states
+        self._value_room[:, :, used:length] = value_states
+        self.keys = self._view = self._key_room[:, :, :length]
+        self.values = self._value_room[:, :, :length]
+        return self.keys, self.values
+
+
+def new_cache(model_config: Any) -> DynamicCache:
+    """A model's DynamicCache whose full-attention layers append in place."""
+    cache = DynamicCache(config=model_config)
+    cache.layers = [
+        _SpareRoomLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    if cache.layer_class_to_replicate is DynamicLayer:
+        cache.layer_class_to_replicate = _SpareRoomLayer
+    return cache
 
 
 class _Batch:
@@ -500,7 +550,7 @@ class Engine:
             input_ids = torch.tensor(rows, device=self._device)
             attention_mask = torch.tensor(masks, device=self._device)
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache(config=self._model.config)
+            cache = new_cache(self._model.config)
             output = self._model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
