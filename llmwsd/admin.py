@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmwsd import __version__, adminproto, models
+from llmwsd.connection import CLOSE_SESSION_DROPPED
 from llmwsd.errors import (
     BadRequest,
     ConfigError,
@@ -247,7 +248,10 @@ class AdminServer:
     async def on_session_drop(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         session_id = _string_arg(args, "id")
         session = self.daemon.sessions.drop(session_id)
-        return {"dropped": session.id, "was_connected": session.owner is not None}
+        connected = session.owner is not None
+        if connected:
+            session.owner.detach(CLOSE_SESSION_DROPPED, "session dropped by the operator")
+        return {"dropped": session.id, "was_connected": connected}
 
     async def on_reload(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         report = self.daemon.reload()

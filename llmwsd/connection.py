@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmwsd.connection")
 
-CLOSE_TAKEN_OVER = 4000  # an application close code: the session moved to another connection
+# Application close codes: the session moved to another connection, or the operator dropped it.
+CLOSE_TAKEN_OVER = 4000
+CLOSE_SESSION_DROPPED = 4001
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -143,22 +145,17 @@ class JsonConnection:
         session.owner = self
         session.touch()
         if previous is not None and previous is not self:
-            previous.taken_over()
+            previous.detach(CLOSE_TAKEN_OVER, "session taken over by another connection")
         return session, resumed, last_seq
 
-    def taken_over(self) -> None:
-        log.info(
-            "%s: session %s taken over by another connection",
-            self.peer,
-            self.session and self.session.id,
-        )
+    def detach(self, code: int, reason: str) -> None:
+        """Stop streaming this connection's session and close it with ``reason``."""
+        log.info("%s: session %s: %s", self.peer, self.session and self.session.id, reason)
         self.session = None
         if self._streamer is not None:
             self._streamer.cancel()
         # Closing waits for the client's answer: do it beside the caller, not inside it.
-        self._closing = asyncio.create_task(
-            self.ws.close(CLOSE_TAKEN_OVER, "session taken over by another connection")
-        )
+        self._closing = asyncio.create_task(self.ws.close(code, reason))
 
     async def close(self) -> None:
         for task in (self._streamer, self._resources):

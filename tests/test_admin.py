@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from llmwsctl import format as fmt
@@ -258,6 +259,11 @@ def test_sessions_list_and_drop(served: RunningDaemon, sock: Path) -> None:
         dropped = ctl(sock, "sessions", "drop", session_id)
         assert dropped.returncode == 0, dropped.stderr
         assert f"dropped session {session_id}" in dropped.stdout
+        # Its client is told, with a reason, rather than left on a session that is gone.
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):  # the pong to the hello's ping may come first
+                ws.recv(10)
+        assert closed.value.rcvd.code == 4001 and "dropped" in closed.value.rcvd.reason
     assert session_id not in {s["id"] for s in ctl_json(sock, "sessions")}
     again = ctl(sock, "--json", "sessions", "drop", session_id)
     assert again.returncode == 1
