@@ -134,6 +134,17 @@ class ChatPage:
         )
         return self.messages()[-1]
 
+    def show_history(self, messages: list[dict[str, str]]) -> None:
+        """Hand the page a ``history`` message, as the server sends one after a reload."""
+        self.page.evaluate(
+            """(messages) => {
+                llmws.chat.clear();
+                llmws.chat.restoring = true;
+                llmws.connection.onMessage({type: "history", messages});
+            }""",
+            messages,
+        )
+
     def new_chat(self) -> None:
         self.page.click("#new-chat")
         self.wait_for("() => llmws.messages().length === 0", 30)

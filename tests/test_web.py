@@ -123,22 +123,78 @@ def test_model_output_is_never_html(chat: ChatPage) -> None:
     answer = chat.wait_answer_ended()
     assert "<img" in answer["text"] and "onerror" in answer["text"]
     # The small model does not echo markup reliably: the exact payload, outside a code block,
-    # goes through the page's own path for a session's history (how answers come back on reload).
+    # goes through the page's path for a session's history (how answers come back on reload).
     payload = "<img src=x onerror=alert(1)>"
-    chat.page.evaluate(
-        """(payload) => {
-            llmws.chat.restoring = true;
-            const messages = [{role: "user", content: "Say it"},
-                              {role: "assistant", content: payload}];
-            llmws.connection.onMessage({type: "history", messages});
-        }""",
-        payload,
+    chat.show_history(
+        [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": payload}]
     )
     chat.wait_for(
         "(p) => document.querySelector('.msg.assistant .body').textContent.includes(p)", 5, payload
     )
     assert chat.page.locator(".messages img").count() == 0
     assert chat.dialogs == []
+
+
+MARKDOWN = """# Title
+Some **bold**, *italic*, `code`, a [link](https://example.org/) and [bad](javascript:alert(1)).
+
+- one
+- two
+  - nested
+
+1. first
+2. second
+
+```js
+const x = 1 < 2;
+```
+"""
+
+
+def test_markdown_rendering_and_copy_button(daemon: RunningDaemon, chat: ChatPage) -> None:
+    chat.page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=daemon.http)
+    chat.show_history(
+        [{"role": "user", "content": "md"}, {"role": "assistant", "content": MARKDOWN}]
+    )
+    chat.wait_for("() => document.querySelector('.msg.assistant .body h3') !== null", 5)
+    body = chat.page.locator(".msg.assistant .body")
+    assert body.locator("h3").inner_text() == "Title"
+    assert body.locator("strong").inner_text() == "bold"
+    assert body.locator("em").inner_text() == "italic"
+    assert body.locator("p code").inner_text() == "code"
+    assert body.locator("a").count() == 1
+    assert body.locator("a").get_attribute("href") == "https://example.org/"
+    assert "[bad](javascript:alert(1))" in body.inner_text()
+    assert body.locator("ul > li").count() == 3
+    assert body.locator("li > ul > li").inner_text() == "nested"
+    assert body.locator("ol > li").count() == 2
+    assert body.locator(".codeblock .lang").inner_text() == "js"
+    assert body.locator(".codeblock pre code").inner_text() == "const x = 1 < 2;"
+    body.locator(".codeblock .copy").click()
+    chat.wait_for("() => document.querySelector('.codeblock .copy').textContent === 'Copied'", 5)
+    assert chat.page.evaluate("() => navigator.clipboard.readText()") == "const x = 1 < 2;"
+
+
+def test_stop_ends_the_answer(chat: ChatPage) -> None:
+    chat.new_chat()
+    chat.set_settings(temperature=0, max_new_tokens=400)
+    chat.ask(LONG_PROMPT)
+    chat.wait_answer_length(20)
+    chat.page.click("#stop")
+    answer = chat.wait_answer_ended()
+    assert answer["status"] == "done"
+    assert "stopped" in str(chat.page.text_content(".msg.assistant:last-child .meta"))
+    assert chat.page.is_visible("#send")
+
+
+def test_errors_are_shown_beside_the_answer(chat: ChatPage) -> None:
+    chat.new_chat()
+    chat.ask("word " * 9000)  # more tokens than the model's context
+    answer = chat.wait_answer_ended()
+    assert answer["status"] == "failed"
+    error = str(chat.page.text_content(".msg.assistant:last-child .error"))
+    assert error.startswith("The conversation is too long for this model"), error
+    assert "context_too_long" in error
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ class TimeChart {
       for (const { points } of this.series.values()) for (const [, v] of points) max = Math.max(max, v);
       max = max > 0 ? max * 1.15 : 1;
     }
-    const pad = { top: 6, bottom: 6, left: 2, right: 2 };
+    const pad = { top: 16, bottom: 6, left: 2, right: 2 }; // the scale's label sits above the plot
     const plotH = height - pad.top - pad.bottom;
     const plotW = width - pad.left - pad.right;
     ctx.strokeStyle = grid;
@@ -79,7 +79,7 @@ class TimeChart {
     ctx.fillStyle = muted;
     ctx.font = "10px system-ui, sans-serif";
     ctx.textAlign = "right";
-    ctx.fillText(this.format(max), width - 4, pad.top + 10);
+    ctx.fillText(this.format(max), width - 4, pad.top - 5);
 
     if (![...this.series.values()].some((s) => s.points.length)) {
       ctx.textAlign = "center";
