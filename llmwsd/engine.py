@@ -200,7 +200,7 @@ class _SpareRoomLayer(DynamicLayer):
         if keys is not self._view or length > self._key_room.shape[-2]:
             batch, heads, _, key_dim = key_states.shape
             value_dim = value_states.shape[-1]
-            capacity = length + max(128, length // 4)
+            capacity = memory.cache_room(length)
             self._key_room = key_states.new_empty(batch, heads, capacity, key_dim)
             self._value_room = value_states.new_empty(batch, heads, capacity, value_dim)
             if used:

@@ -131,6 +131,15 @@ def attention_bytes_per_token_squared(model_config: Any, attention: str, dtype_b
     return heads * (2 * dtype_bytes + 4)
 
 
+def cache_room(tokens: int) -> int:
+    """Tokens of KV cache the engine allocates to hold ``tokens``.
+
+    A quarter more (at least 128) to grow into, so that a decoding step writes
+    its token in place instead of copying the layer's whole cache.
+    """
+    return tokens + max(128, tokens // 4)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Everything the context limit and admission control are derived from."""
@@ -166,6 +175,10 @@ class MemoryEstimate:
             return 0
         longest_prompt = max(prompt for prompt, _ in rows)
         longest = max(total for _, total in rows)
+        if self.device.startswith("cuda"):
+            # The room to grow is allocated at once; on CPU its pages stay untouched,
+            # so not resident, until tokens are written into them.
+            longest = cache_room(longest)
         return len(rows) * (self.layout.kv_bytes(longest) + self.prefill_bytes(longest_prompt))
 
     def tokens_that_fit(self) -> int:

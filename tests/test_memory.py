@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def estimate_for_tests(budget: int, kv_per_token: int = 2, activation: int = 0) 
         budget_bytes=budget,
         model_max=4096,
     )
-    return MemoryEstimate(**{**estimate.__dict__, "max_context": estimate.tokens_that_fit()})
+    return dataclasses.replace(estimate, max_context=estimate.tokens_that_fit())
 
 
 def test_a_batch_costs_its_rows_times_the_longest() -> None:
@@ -106,6 +107,10 @@ def test_a_batch_costs_its_rows_times_the_longest() -> None:
     # The longest context that fits alone: 10 t + 3 t <= 10000.
     assert estimate.max_context == 10_000 // 13
     assert estimate_for_tests(budget=5).max_context == 2  # 2 bytes a token
+    # On CUDA the room the cache grows into is allocated at once, and counts.
+    on_gpu = dataclasses.replace(estimate, device="cuda")
+    assert on_gpu.batch_bytes([(100, 200)]) == 10 * memory.cache_room(200) + 3 * 100
+    assert memory.cache_room(200) == 328 and memory.cache_room(4000) == 5000
 
 
 def test_cgroup_limits_lower_the_available_memory(tmp_path: Path) -> None:
