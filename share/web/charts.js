@@ -1,6 +1,8 @@
 // Small time-series charts on a canvas: the last few minutes of one or more series.
 "use strict";
 
+const MIN_SPAN_S = 60;
+
 class TimeChart {
   // `options`: title, unit ("%", "GB", "tok/s"), max (fixed y maximum, or null to fit), windowS.
   constructor(container, options) {
@@ -80,14 +82,20 @@ class TimeChart {
     ctx.font = "10px system-ui, sans-serif";
     ctx.textAlign = "right";
     ctx.fillText(this.format(max), width - 4, pad.top - 5);
+    // The time axis spans the data seen so far, at least a minute, at most the window.
+    let oldest = now;
+    for (const { points } of this.series.values()) if (points.length) oldest = Math.min(oldest, points[0][0]);
+    const spanMs = Math.min(Math.max(now - oldest, MIN_SPAN_S * 1000), this.options.windowS * 1000);
+    ctx.textAlign = "left";
+    ctx.fillText(`last ${Math.ceil(spanMs / 60000)} min`, 4, pad.top - 5);
 
     if (![...this.series.values()].some((s) => s.points.length)) {
       ctx.textAlign = "center";
       ctx.fillText("not reported by the server", width / 2, height / 2 + 3);
       return;
     }
-    const start = now - this.options.windowS * 1000;
-    const x = (t) => pad.left + ((t - start) / (this.options.windowS * 1000)) * plotW;
+    const start = now - spanMs;
+    const x = (t) => pad.left + ((t - start) / spanMs) * plotW;
     const y = (v) => pad.top + plotH - (Math.min(v, max) / max) * plotH;
     for (const { color, points } of this.series.values()) {
       if (!points.length) continue;
