@@ -7,9 +7,9 @@ every running request in a single forward pass, and drops the ones that
 finished or were cancelled. The running requests share one left-padded KV cache
 (with an attention mask and per-row position ids); rows are appended on
 admission and removed on finish, so the cost of a step does not depend on how
-requests came and went. On this CPU that beats transformers' own continuous
-batching (``generate_batch``, built for CUDA paged attention): see
-``docs/performance.md``.
+requests came and went. On the 2-core development CPU this beat transformers'
+own continuous batching (``generate_batch``, built for CUDA paged attention) by
+about 1.6x for 8 prompts (bf16, greedy, 128 new tokens each).
 
 The event loop only enqueues (:meth:`Engine.submit`) and receives events, which
 the engine thread hands over with ``call_soon_threadsafe``, once per step and loop.
