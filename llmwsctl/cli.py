@@ -130,6 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             "*" if e.get("loaded") else "",
             e.get("name"),
             fmt.size(e.get("size_bytes")),
+            parameter_count(e.get("parameters")),
             fmt.ago(e.get("modified")),
             e.get("architecture"),
             e.get("context_length"),
@@ -138,11 +139,22 @@ def cmd_models(args: argparse.Namespace) -> int:
         ]
         for e in entries
     ]
-    headers = ["", "NAME", "SIZE", "MODIFIED", "ARCHITECTURE", "CONTEXT", "DTYPE", "FOLDER"]
-    print(fmt.table(headers, rows, right=(2, 5)))
+    headers = ["", "NAME", "SIZE", "PARAMS", "MODIFIED", "ARCHITECTURE", "CONTEXT", "DTYPE"]
+    headers.append("FOLDER")
+    print(fmt.table(headers, rows, right=(2, 3, 6)))
     if any(e.get("loaded") for e in entries):
         print("* loaded")
     return EXIT_OK
+
+
+def parameter_count(n: int | None) -> str:
+    """``135M``, ``7.6B``."""
+    if not n:
+        return "-"
+    for unit, step in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= step:
+            return f"{n / step:.1f}{unit}" if n < 10 * step else f"{n / step:.0f}{unit}"
+    return str(n)
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
@@ -158,19 +170,88 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    cmd_args = {"source": args.source}
-    if args.name is not None:
-        cmd_args["name"] = args.name
-    result = call(args, adminproto.PULL, cmd_args, long_running=True)
+    if (args.source is None) == (args.cancel is None):
+        raise SystemExit(usage_error("pull", "give either SOURCE or --cancel ID"))
+    if args.cancel is not None:
+        cancelled = call(args, adminproto.PULL_CANCEL, {"id": args.cancel})
+        print_json(cancelled) if wants_json(args) else print(f"cancelled pull {cancelled['id']}")
+        return EXIT_OK
+    cmd_args: dict[str, Any] = {"source": args.source, "detach": args.detach}
+    for key in ("name", "revision"):
+        if getattr(args, key) is not None:
+            cmd_args[key] = getattr(args, key)
+    if args.detach:
+        started = call(args, adminproto.PULL, cmd_args)
+        if wants_json(args):
+            print_json(started)
+        else:
+            print(f"pulling {started['name']} as {started['id']}: see `llmwsctl pulls`")
+        return EXIT_OK
+    printer = fmt.ProgressPrinter()
+    pull_id: list[str] = []
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        pull_id[:] = [str(progress.get("id"))]
+        printer(progress)
+
+    with AdminClient.connect(socket_path(args)) as admin:
+        try:
+            result = admin.call(adminproto.PULL, cmd_args, on_progress=on_progress, timeout=None)
+        except KeyboardInterrupt:
+            printer.finish()
+            which = pull_id[0] if pull_id else "ID"
+            print(
+                f"the pull goes on in llmwsd: `llmwsctl pulls` shows it, "
+                f"`llmwsctl pull --cancel {which}` stops it",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            printer.finish()
     if wants_json(args):
         print_json(result)
     else:
-        print(f"pulled {result.get('name')} into {result.get('path')}")
+        print(f"pulled {result['name']} into {result['path']} ({fmt.size(result['size_bytes'])})")
     return EXIT_OK
 
 
+def cmd_pulls(args: argparse.Namespace) -> int:
+    if args.clean:
+        removed = call(args, adminproto.PULLS_CLEAN)
+        if wants_json(args):
+            print_json(removed)
+            return EXIT_OK
+        freed = sum(r.get("freed_bytes") or 0 for r in removed)
+        print(f"removed {len(removed)} unfinished pull(s), {fmt.size(freed)} freed")
+        return EXIT_OK
+    pulls = call(args, adminproto.PULLS)
+    if wants_json(args):
+        print_json(pulls)
+        return EXIT_OK
+    if not pulls:
+        print("no pulls")
+        return EXIT_OK
+    rows = []
+    for p in pulls:
+        done, total = p.get("done") or 0, p.get("total")
+        share = f"{done * 100 // total}%" if total else "-"
+        note = (p.get("error") or {}).get("message") or p.get("stage")
+        rows.append([p["id"], p["name"], p["state"], share, fmt.size(total), p["source"], note])
+    headers = ["ID", "NAME", "STATE", "DONE", "SIZE", "SOURCE", "NOTE"]
+    print(fmt.table(headers, rows, right=(3, 4)))
+    if any(p["state"] not in ("running", "queued") for p in pulls):
+        print("pull the same SOURCE again to resume; `llmwsctl pulls --clean` removes the rest")
+    return EXIT_OK
+
+
+def usage_error(command: str, message: str) -> int:
+    print(f"llmwsctl {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.RM, {"model": args.model})
+    cmd_args: dict[str, Any] = {"model": args.model, "force": args.force}
+    result = call(args, adminproto.RM, cmd_args, long_running=args.force)
     if wants_json(args):
         print_json(result)
     else:
@@ -215,11 +296,19 @@ def render_resources(r: dict[str, Any]) -> str:
         ),
         ("llmwsd", f"{fmt.gib(host.get('rss_gb'))} resident"),
     ]
-    for i, gpu in enumerate(r.get("gpus") or []):
-        pairs.append((f"gpu {i}", ", ".join(f"{k} {v}" for k, v in gpu.items())))
+    gpus = r.get("gpus") or []
+    for i, gpu in enumerate(gpus):
+        pairs.append((f"gpu {i}", render_gpu(gpu)))
+    if not gpus and r.get("gpu_status"):
+        pairs.append(("gpu", r["gpu_status"]))
     engine = r.get("engine")
     if engine:
         pairs.append(("model", f"{engine.get('model')} ({engine.get('dtype')})"))
+        if engine.get("max_context"):
+            context = f"{engine['max_context']} tokens"
+            if engine.get("kv_bytes_per_token"):
+                context += f", KV cache {fmt.size(engine['kv_bytes_per_token'])} per token"
+            pairs.append(("context", context))
         load = f"{engine.get('active', 0)} generating, {engine.get('queued', 0)} queued"
         if engine.get("tokens_per_s") is not None:
             load += f", {engine['tokens_per_s']} tokens/s"
@@ -229,6 +318,23 @@ def render_resources(r: dict[str, Any]) -> str:
     else:
         pairs.append(("model", "none loaded"))
     return fmt.fields(pairs)
+
+
+def render_gpu(gpu: dict[str, Any]) -> str:
+    """``NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95 W, SM 9.0``."""
+    parts = [
+        str(gpu.get("name", "GPU")),
+        f"{fmt.gib(gpu.get('memory_used_gb'))} of {fmt.gib(gpu.get('memory_total_gb'))}",
+    ]
+    for key, template in (
+        ("utilization_percent", "{}% busy"),
+        ("temperature_c", "{} °C"),
+        ("power_w", "{} W"),
+        ("compute_capability", "SM {}"),
+    ):
+        if gpu.get(key) is not None:
+            parts.append(template.format(gpu[key]))
+    return ", ".join(parts)
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -398,19 +504,47 @@ def build_parser() -> argparse.ArgumentParser:
         "pull",
         cmd_pull,
         "download a model (Hugging Face org/name, git URL, local .gguf)",
-        "Download a model into llmwsd's models folder, with progress. Not supported by "
-        "this llmwsd yet: it answers so (exit 1).",
+        "Download a model into llmwsd's models folder, with progress (bytes, speed, ETA). "
+        "The files go to a staging folder first; the model appears only once it is complete "
+        "and its config and tokenizer load. Ctrl-C stops following, not the pull.",
     )
-    pull.add_argument("source", metavar="SOURCE", help="org/name, a URL, or a local path")
+    pull.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="org/name or https://huggingface.co/org/name; any git URL (https://, ssh://, "
+        "file://) or absolute path of a repository with git-lfs; an absolute path to a .gguf",
+    )
     pull.add_argument("--name", metavar="NAME", help="the folder name to give the model")
+    pull.add_argument("--revision", metavar="REV", help="a branch, tag or commit")
+    pull.add_argument(
+        "--detach", action="store_true", help="print the pull's id and return; it goes on"
+    )
+    pull.add_argument("--cancel", metavar="ID", help="stop the pull ID and remove its files")
+    pulls = add(
+        "pulls",
+        cmd_pulls,
+        "list pulls: running, failed, interrupted by a restart",
+        "List the pulls that are running, and those a failure or a restart left unfinished "
+        "(pulling the same source again resumes them). --clean removes the unfinished ones.",
+    )
+    pulls.add_argument(
+        "--clean", action="store_true", help="delete the files of every pull that is not running"
+    )
     rm = add(
         "rm",
         cmd_rm,
         "delete a downloaded model",
         "Delete a model that was downloaded into llmwsd's models folder. The loaded "
-        "model and models in other folders are refused.",
+        "model and models in other folders are refused unless --force.",
     )
     rm.add_argument("model", metavar="MODEL", help="a model name from `llmwsctl models`")
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="also the loaded model (switch to another first, or unload) and models "
+        "outside llmwsd's models folder",
+    )
     resources = add(
         "resources",
         cmd_resources,

@@ -656,3 +656,34 @@ def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere() -> None:
         "pulling m 0% 0 B/300 MB  model.safetensors",
         "pulling m 100% 300 MB/300 MB  model.safetensors",
     ]
+
+
+def test_resources_rendering_of_gpus_and_engine() -> None:
+    from llmwsctl.cli import render_resources
+
+    report = {
+        "device": "cuda:0",
+        "host": {"cpu_percent": 5.0, "cpu_count": 16, "ram_total_gb": 128, "rss_gb": 2.5},
+        "gpus": [
+            {
+                "name": "NVIDIA H100",
+                "memory_used_gb": 3.1,
+                "memory_total_gb": 79.6,
+                "utilization_percent": 12,
+                "temperature_c": 41,
+                "power_w": 95.0,
+                "compute_capability": "9.0",
+            }
+        ],
+        "engine": {
+            "model": "m",
+            "dtype": "bfloat16",
+            "max_context": 8192,
+            "kv_bytes_per_token": 23040,
+        },
+    }
+    text = render_resources(report)
+    assert "NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95.0 W, SM 9.0" in text
+    assert "8192 tokens, KV cache 23.0 kB per token" in text
+    no_gpu = render_resources({"device": "cpu", "host": {}, "gpus": [], "gpu_status": "no GPU"})
+    assert "no GPU" in no_gpu and "none loaded" in no_gpu
