@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,7 +271,8 @@ async def test_sweep_expires_idle_sessions_only(tmp_path: Path):
 
 # -- the real daemon -----------------------------------------------------------------------
 
-GREEDY = {"do_sample": False, "max_new_tokens": 16}
+# Plain greedy: a repetition penalty would keep the model from saying "Alice" again.
+GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 16}
 
 
 async def connect(daemon: RunningDaemon, **hello: Any) -> tuple[Any, dict[str, Any]]:
@@ -392,9 +394,12 @@ async def test_bad_session_ids_never_reach_the_disk(short_ttl_daemon: RunningDae
     await send(ws, {"type": "ping"})
     assert (await recv_json(ws))["type"] == "pong"
     await ws.close()
-    new = tree(folder) - before
-    session = Path("state", "sessions", welcome["session_id"])
-    assert new <= {session, session / "log", Path("llmwsd.stderr")}, new
+    # Session files are written a moment later (another case's may show up now): only
+    # folders named by the server's own UUIDs, and their log, ever appear.
+    for path in tree(folder) - before:
+        assert path.parts[:2] == ("state", "sessions") and len(path.parts) in (3, 4), path
+        assert str(uuid.UUID(path.parts[2])) == path.parts[2], path
+        assert len(path.parts) == 3 or path.name in ("log", "log.new"), path
 
 
 async def test_idle_sessions_expire(short_ttl_daemon: RunningDaemon):
@@ -402,11 +407,12 @@ async def test_idle_sessions_expire(short_ttl_daemon: RunningDaemon):
     ws_kept, kept = await connect(short_ttl_daemon)
     await ws.close()
     folder = short_ttl_daemon.folder / "state" / "sessions" / welcome["session_id"]
-    for _ in range(100):
-        if not folder.exists():
-            break
-        await asyncio.sleep(0.1)
-    assert not folder.exists()
+    for expected in (True, False):  # written, then removed by the sweep
+        for _ in range(100):
+            if folder.exists() == expected:
+                break
+            await asyncio.sleep(0.1)
+        assert folder.exists() == expected
     ws, again = await connect(short_ttl_daemon, session_id=welcome["session_id"])
     assert again["resumed"] is False and again["session_id"] != welcome["session_id"]
     await ws.close()
