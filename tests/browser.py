@@ -98,8 +98,8 @@ class ChatPage:
     def wait_connected(self, timeout_s: float = 60) -> None:
         self.wait_state("connected", timeout_s)
 
-    def messages(self) -> list[dict[str, str]]:
-        """The conversation as shown: role, raw text and status of each message."""
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as shown: role, raw text, status and token count of each message."""
         return list(self.page.evaluate("() => llmws.messages()"))
 
     def set_settings(self, temperature: float, max_new_tokens: int, system: str = "") -> None:
@@ -127,7 +127,7 @@ class ChatPage:
             arg=length,
         )
 
-    def wait_answer_ended(self, timeout_s: float = 120) -> dict[str, str]:
+    def wait_answer_ended(self, timeout_s: float = 120) -> dict[str, Any]:
         self.wait_for(
             "() => ['done', 'failed'].includes(llmws.messages().at(-1)?.status)",
             timeout_s,

@@ -25,6 +25,7 @@ class Answer {
   constructor() {
     this.requestId = null;
     this.text = "";
+    this.pieces = 0; // token events received
     this.status = "waiting"; // waiting, streaming, done, failed
     this.root = el("article", "msg assistant");
     this.body = el("div", "body");
@@ -40,6 +41,7 @@ class Answer {
   append(piece) {
     this.status = "streaming";
     this.text += piece;
+    this.pieces += 1;
     this.scheduleRender();
   }
 
@@ -572,12 +574,12 @@ window.llmws = {
   connection,
   chat,
   dropConnection: () => connection.drop(),
-  // The conversation as shown, with each answer's raw (unrendered) text.
-  messages: () => [...chat.messages.querySelectorAll(".msg")].map((node) => ({
-    role: node.classList.contains("user") ? "user" : "assistant",
-    text: answerOf.has(node) ? answerOf.get(node).text : node.textContent,
-    status: answerOf.has(node) ? answerOf.get(node).status : "sent",
-  })),
+  // The conversation as shown: each answer's raw (unrendered) text, status and token count.
+  messages: () => [...chat.messages.querySelectorAll(".msg")].map((node) => {
+    const answer = answerOf.get(node);
+    if (!answer) return { role: "user", text: node.textContent, status: "sent", pieces: 0 };
+    return { role: "assistant", text: answer.text, status: answer.status, pieces: answer.pieces };
+  }),
 };
 
 init();
