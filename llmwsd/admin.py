@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmwsd import __version__, adminproto, models
+from llmwsd import __version__, adminproto
 from llmwsd.connection import CLOSE_SESSION_DROPPED
 from llmwsd.errors import (
     BadRequest,
@@ -28,7 +28,6 @@ from llmwsd.errors import (
     LLMWSError,
     NotFound,
     UnknownType,
-    Unsupported,
 )
 from llmwsd.modelmanager import Progress
 
@@ -117,6 +116,9 @@ class AdminServer:
             adminproto.MODELS: self.on_models,
             adminproto.SWITCH: self.on_switch,
             adminproto.PULL: self.on_pull,
+            adminproto.PULLS: self.on_pulls,
+            adminproto.PULL_CANCEL: self.on_pull_cancel,
+            adminproto.PULLS_CLEAN: self.on_pulls_clean,
             adminproto.RM: self.on_rm,
             adminproto.RESOURCES: self.on_resources,
             adminproto.SESSIONS: self.on_sessions,
@@ -280,20 +282,31 @@ class AdminServer:
                 return store.revoke(name).public()
         raise NotFound(f"no token called {name!r}")
 
-    async def on_pull(self, args: dict[str, Any], progress: Progress) -> Any:
-        source = _string_arg(args, "source")
-        if args.get("name") is not None:
-            models.validate_model_name(args["name"])
-        raise Unsupported(
-            f"pulling {source[:200]!r} is not supported yet: copy a model folder into "
-            f"{self.daemon.config.state_dir / 'models'} and run `llmwsctl switch NAME`"
-        )
+    async def on_pull(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Start a pull; follow it to its end, or (``detach``) answer with its id at once."""
+        pulls = self.daemon.model_manager.pulls
+        pull = await pulls.start(args.get("source"), args.get("name"), args.get("revision"))
+        if args.get("detach"):
+            return pull.summary()
+        return await pulls.follow(pull, progress)
+
+    async def on_pulls(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+        return self.daemon.model_manager.pulls.summaries()
+
+    async def on_pull_cancel(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return await self.daemon.model_manager.pulls.cancel(args.get("id"))
+
+    async def on_pulls_clean(
+        self, args: dict[str, Any], progress: Progress
+    ) -> list[dict[str, Any]]:
+        return await self.daemon.model_manager.pulls.clean()
 
     async def on_switch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return await self.daemon.model_manager.switch(args.get("model"), progress)
 
     async def on_rm(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return await self.daemon.model_manager.remove(args.get("model"))
+        force = args.get("force", False) is True
+        return await self.daemon.model_manager.remove(args.get("model"), force, progress)
 
 
 def _string_arg(args: dict[str, Any], key: str) -> str:

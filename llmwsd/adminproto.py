@@ -39,6 +39,9 @@ STATUS = "status"
 MODELS = "models"
 SWITCH = "switch"
 PULL = "pull"
+PULLS = "pulls"
+PULL_CANCEL = "pull_cancel"
+PULLS_CLEAN = "pulls_clean"
 RM = "rm"
 RESOURCES = "resources"
 SESSIONS = "sessions"
@@ -54,6 +57,9 @@ COMMANDS = frozenset(
         MODELS,
         SWITCH,
         PULL,
+        PULLS,
+        PULL_CANCEL,
+        PULLS_CLEAN,
         RM,
         RESOURCES,
         SESSIONS,
@@ -65,7 +71,9 @@ COMMANDS = frozenset(
     }
 )
 # Commands that change the server: the daemon logs who sent them (SO_PEERCRED).
-CHANGING_COMMANDS = frozenset({SWITCH, PULL, RM, SESSION_DROP, RELOAD, TOKEN_ADD, TOKEN_REVOKE})
+CHANGING_COMMANDS = frozenset(
+    {SWITCH, PULL, PULL_CANCEL, PULLS_CLEAN, RM, SESSION_DROP, RELOAD, TOKEN_ADD, TOKEN_REVOKE}
+)
 
 RequestId = int | str | None
 

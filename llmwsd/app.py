@@ -97,6 +97,7 @@ class Daemon:
     async def start(self) -> None:
         """Everything up to READY=1: folders, sockets, the model."""
         self.prepare_folders()
+        self.model_manager.pulls.open()
         # The admin socket first: a second daemon on this runtime folder stops here.
         await self.admin.start()
         await self.sessions.open()  # before clients come, so that they can resume
@@ -151,6 +152,7 @@ class Daemon:
             self._status_task.cancel()
         await self.server.close()
         await self.admin.close()
+        await self.model_manager.pulls.close()  # their staging stays: pulled again, they resume
         if self._admission is not None:
             self._admission.close()
         engine, self.engine = self.engine, None
@@ -208,7 +210,8 @@ class Daemon:
     # -- the model -------------------------------------------------------------------
 
     async def load_initial_model(self) -> None:
-        path = await asyncio.to_thread(models.select_model, self.config)
+        remembered = models.remembered_model(self.config.state_dir)
+        path = await asyncio.to_thread(models.select_model, self.config, remembered)
         if path is None:
             self.model_state = "none"
             log.warning(
@@ -264,6 +267,7 @@ class Daemon:
         self, session: Session, prompt: dict[str, str], overrides: Any = None
     ) -> None:
         """Submit one turn of ``session``; its events flow into the session's buffer."""
+        await self.model_manager.wait_settled()  # during a switch that had to unload first
         engine = self.require_engine()
         settings = session.settings.merge(overrides) if overrides is not None else session.settings
         running = session.begin_generation(prompt["user"], prompt["system"])
@@ -311,6 +315,7 @@ class Daemon:
         ``max_new_tokens`` that does not fit is lowered in the returned ticket's
         request when ``[limits] on_overflow`` is "truncate".
         """
+        await self.model_manager.wait_settled()
         try:
             admission = self.admission
             if prompt_tokens is None:

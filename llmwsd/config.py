@@ -52,6 +52,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ModelsConfig:
     dirs: list[str] = field(default_factory=list)
+    max_parallel_pulls: int = 2  # pulls beyond this wait their turn (read at start)
+    hf_token: str = ""  # for gated or private Hugging Face repos; HF_TOKEN wins when set
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,8 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [memory] reserve_mb and budget_mb must not be negative")
     if m.probe_tokens < 1:
         raise ConfigError(f"{source}: [memory] probe_tokens must be at least 1")
+    if config.models.max_parallel_pulls < 1:
+        raise ConfigError(f"{source}: [models] max_parallel_pulls must be at least 1")
     if config.limits.max_queue < 0:
         raise ConfigError(f"{source}: [limits] max_queue must not be negative")
     if config.limits.on_overflow not in ("truncate", "refuse"):

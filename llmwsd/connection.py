@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -34,6 +34,7 @@ from llmwsd.sessions import Session
 
 if TYPE_CHECKING:
     from llmwsd.app import Daemon
+    from llmwsd.pull import Pull
 
 log = logging.getLogger("llmwsd.connection")
 
@@ -56,6 +57,7 @@ class JsonConnection:
         self.session: Session | None = None
         self._streamer: asyncio.Task[None] | None = None
         self._resources: asyncio.Task[None] | None = None
+        self._model_tasks: set[asyncio.Task[None]] = set()  # switch logs, download forwarding
         self._closing: asyncio.Task[None] | None = None
         self.handlers: dict[str, Handler] = {
             "ping": self.on_ping,
@@ -158,7 +160,7 @@ class JsonConnection:
         self._closing = asyncio.create_task(self.ws.close(code, reason))
 
     async def close(self) -> None:
-        for task in (self._streamer, self._resources):
+        for task in (self._streamer, self._resources, *self._model_tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
@@ -303,7 +305,72 @@ class JsonConnection:
         if not self.identity.admin:
             raise Forbidden(f"{kind} needs an admin token ([api] admin_tokens_file)")
         log.info("%s: %s by admin token %s", self.peer, kind, self.identity.token_id)
-        raise Unsupported(f"{kind} over the public port is not built yet; use llmwsctl")
+        manager = self.daemon.model_manager
+        if kind == "switch_model":
+
+            def report(progress: dict[str, Any]) -> None:
+                self._spawn(self.send({"type": "log", "message": progress.get("message", "")}))
+
+            if message.get("model_path") is not None:
+                result = await manager.switch(progress=report, path=message["model_path"])
+            else:
+                result = await manager.switch(message.get("model"), report)
+            await self.send({"type": "model_switched", **result})
+        elif kind == "download_model":
+            pull = await manager.pulls.start(
+                message.get("repo"),
+                message.get("target_dir") or None,
+                message.get("revision"),
+                allow_local=False,  # a remote client must not make the daemon read local files
+            )
+            await self.send(
+                {
+                    "type": "download_started",
+                    "id": pull.id,
+                    "repo": pull.source.location,
+                    "name": pull.name,
+                }
+            )
+            self._spawn(self._forward_download(pull))
+        else:
+            result = await manager.remove(message.get("model_name"), message.get("force") is True)
+            await self.send({"type": "model_deleted", **result})
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                await work
+
+        task = asyncio.create_task(run())
+        self._model_tasks.add(task)
+        task.add_done_callback(self._model_tasks.discard)
+
+    async def _forward_download(self, pull: Pull) -> None:
+        """``log`` on each new stage, ``download_progress``, then ``download_done`` or ``error``."""
+        updates: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def follow() -> dict[str, Any]:
+            try:
+                return await self.daemon.model_manager.pulls.follow(pull, updates.put_nowait)
+            finally:
+                updates.put_nowait(None)
+
+        outcome = asyncio.create_task(follow())
+        # This connection may go first; the pull goes on and its outcome is logged there.
+        outcome.add_done_callback(lambda task: task.cancelled() or task.exception())
+        stage = None
+        with contextlib.suppress(ConnectionClosed):
+            while (progress := await updates.get()) is not None:
+                if progress["message"] != stage:
+                    stage = progress["message"]
+                    await self.send({"type": "log", "id": pull.id, "message": stage})
+                await self.send({"type": "download_progress", **progress})
+            try:
+                result = await outcome
+            except LLMWSError as e:
+                await self.send_error(e, id=pull.id)
+            else:
+                await self.send({"type": "download_done", **result})
 
     async def on_unsupported(self, message: dict[str, Any]) -> None:
         raise Unsupported(f"{message['type']} is not supported by llmwsd")

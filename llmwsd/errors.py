@@ -102,6 +102,12 @@ class EventsDropped(LLMWSError):
     code = "events_dropped"
 
 
+class DiskFull(LLMWSError):
+    """Not enough free disk space for a download (``needed_bytes``, ``free_bytes``)."""
+
+    code = "disk_full"
+
+
 class InternalError(LLMWSError):
     code = "internal"
 
@@ -122,6 +128,7 @@ ERROR_CLASSES: dict[str, type[LLMWSError]] = {
         NotFound,
         Interrupted,
         EventsDropped,
+        DiskFull,
         InternalError,
     )
 }

@@ -1,9 +1,10 @@
-"""Changing the daemon's models: switch the served model, delete a downloaded one.
+"""Changing the daemon's models: switch the served model, pull new ones, delete downloaded ones.
 
-The admin socket calls these, and so will the public port's ``switch_model`` and
-``delete_model`` where the operator allows them, which is why they live here.
-One change runs at a time; a second is refused with ``busy`` rather than queued
-behind a load that can take minutes. Names are checked with
+The admin socket calls these, and so does the public port's ``switch_model``,
+``download_model`` and ``delete_model`` where the operator allows them, which is
+why they live here. One switch or delete runs at a time; a second is refused
+with ``busy`` rather than queued behind a load that can take minutes (pulls run
+beside them, see :mod:`llmwsd.pull`). Names are checked with
 :func:`llmwsd.models.validate_model_name` before any filesystem call.
 """
 
@@ -19,8 +20,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from llmwsd import models
 from llmwsd.errors import Busy, Forbidden, InternalError
+from llmwsd.generation import EngineLike
+from llmwsd.pull import Pulls
 
 if TYPE_CHECKING:
     from llmwsd.app import Daemon
@@ -28,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmwsd.models")
 
 Progress = Callable[[dict[str, Any]], None]
+
+# A model in memory takes about its size on disk; this much more is asked for before
+# loading it beside the current one (activations, allocator slack, the warm-up probe).
+LOAD_HEADROOM = 1.2
 
 
 def _no_progress(data: dict[str, Any]) -> None:
@@ -37,65 +46,218 @@ def _no_progress(data: dict[str, Any]) -> None:
 class ModelManager:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.pulls = Pulls(lambda: daemon.config)
         self._lock = asyncio.Lock()
+        # Cleared while no engine can take requests (a switch that had to unload first);
+        # new requests wait on it and are then served by the new model.
+        self._settled = asyncio.Event()
+        self._settled.set()
 
-    async def switch(self, name: Any, progress: Progress = _no_progress) -> dict[str, Any]:
-        """Load the new model beside the old one; swap only once it loaded, then retire the old."""
-        name = models.validate_model_name(name)
+    async def wait_settled(self) -> None:
+        await self._settled.wait()
+
+    # -- switch ----------------------------------------------------------------------
+
+    async def switch(
+        self, name: Any = None, progress: Progress = _no_progress, path: Any = None
+    ) -> dict[str, Any]:
+        """Serve another model: by ``name``, or by ``path`` (a catalogue folder, WS ``model_path``).
+
+        Loaded beside the old one when memory allows, swapped once it loaded, the old
+        one drained and closed. Otherwise: stop admitting, drain, unload, load (and
+        reload the old one if the new one fails). Either way a failed load leaves the
+        old model serving.
+        """
         daemon = self.daemon
+        if path is None:
+            name = models.validate_model_name(name)
         if daemon.model_state == "loading":
             raise Busy("the first model is still loading: retry when `llmwsctl status` says ready")
         async with self._exclusive("switch"):
-            entry = await asyncio.to_thread(models.find, daemon.config, name)
+            if path is None:
+                entry = await asyncio.to_thread(models.find, daemon.config, name)
+            else:
+                entry = await asyncio.to_thread(models.find_by_path, daemon.config, path)
+                name = entry.name
             old = daemon.engine
             if old is not None and Path(old.info.path).resolve() == entry.path.resolve():
                 return {"model": name, "previous": name, "changed": False}
             previous = old.info.name if old is not None else None
-            progress({"stage": "loading", "model": name, "message": f"loading {name}"})
             daemon.notifier.status(f"switching to {name}")
-            started = time.monotonic()
             try:
-                new = await daemon.engine_loader(daemon.config, entry.path)
-            except Exception as e:
-                log.error("switch: loading %s failed", entry.path, exc_info=True)
+                if old is None or self._fits_beside(entry, old):
+                    result = await self._load_beside(entry, old, progress)
+                else:
+                    result = await self._unload_then_load(entry, old, progress)
+            finally:
                 daemon.notifier.status(daemon.status_line())
-                still = f"still serving {previous}" if previous else "no model is loaded"
-                reason = " ".join(str(e).split())  # transformers spreads some over many lines
-                raise InternalError(f"loading {name} failed: {reason}; {still}") from e
-            load_s = round(time.monotonic() - started, 1)
-            daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
-            log.info("switched to %s (was %s), loaded in %.1f s", name, previous, load_s)
-            if old is not None:
-                drain = daemon.config.server.drain_timeout
-                progress(
-                    {"stage": "draining", "model": previous, "message": f"unloading {previous}"}
-                )
-                await old.drain(drain)
-                await old.close()
-            daemon.notifier.status(daemon.status_line())
-            return {"model": name, "previous": previous, "changed": True, "load_s": load_s}
+            result["previous"] = previous
+            result["remembered"] = self._remember(name)
+            return result
 
-    async def remove(self, name: Any) -> dict[str, Any]:
-        """Delete a downloaded model: rename it out of the catalogue first, so it goes at once."""
-        name = models.validate_model_name(name)
+    def _fits_beside(self, entry: models.ModelEntry, old: EngineLike) -> bool:
+        """Whether the new model's weights fit in memory while the old one still serves."""
+        need = entry.size_bytes * LOAD_HEADROOM
+        if old.info.dtype == "float32" and entry.dtype in ("bfloat16", "float16"):
+            need *= 2  # 16-bit weights are widened on a CPU without native bf16
+        if old.info.device.startswith("cuda"):
+            import torch  # loaded already: a CUDA engine is running
+
+            free, _total = torch.cuda.mem_get_info(torch.device(old.info.device))
+        else:
+            free = psutil.virtual_memory().available
+        fits = need <= free
+        if not fits:
+            log.info(
+                "switch: %s needs about %.0f MB, %.0f MB free: unloading %s first",
+                entry.name,
+                need / 1e6,
+                free / 1e6,
+                old.info.name,
+            )
+        return fits
+
+    async def _load_beside(
+        self, entry: models.ModelEntry, old: EngineLike | None, progress: Progress
+    ) -> dict[str, Any]:
         daemon = self.daemon
+        new, load_s = await self._load(entry, progress, old.info.name if old else None)
+        daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
+        log.info("switched to %s, loaded beside the old model in %.1f s", entry.name, load_s)
+        if old is not None:
+            progress(
+                {
+                    "stage": "draining",
+                    "model": old.info.name,
+                    "message": f"unloading {old.info.name}",
+                }
+            )
+            await old.drain(daemon.config.server.drain_timeout)
+            await old.close()
+        return {"model": entry.name, "changed": True, "load_s": load_s, "unloaded_first": False}
+
+    async def _unload_then_load(
+        self, entry: models.ModelEntry, old: EngineLike, progress: Progress
+    ) -> dict[str, Any]:
+        daemon = self.daemon
+        drain = daemon.config.server.drain_timeout
+        self._settled.clear()  # new requests wait from here on
+        try:
+            progress(
+                {
+                    "stage": "draining",
+                    "model": old.info.name,
+                    "message": f"not enough memory for both: draining {old.info.name} "
+                    f"(up to {drain:g} s), then unloading it",
+                }
+            )
+            await old.drain(drain)
+            daemon.engine, daemon.model_state = None, "switching"
+            await old.close()
+            try:
+                new, load_s = await self._load(entry, progress, old.info.name)
+            except InternalError as e:
+                progress({"stage": "loading", "message": f"reloading {old.info.name}"})
+                try:
+                    daemon.engine = await daemon.engine_loader(daemon.config, Path(old.info.path))
+                except Exception:
+                    log.error("switch: reloading %s failed", old.info.path, exc_info=True)
+                    daemon.model_state = "failed"
+                    daemon.model_error = f"{e.message}; reloading {old.info.name} failed too"
+                    raise InternalError(daemon.model_error) from e
+                daemon.model_state = "ready"
+                raise
+            daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
+            log.info("switched to %s after unloading the old model, in %.1f s", entry.name, load_s)
+            return {"model": entry.name, "changed": True, "load_s": load_s, "unloaded_first": True}
+        finally:
+            self._settled.set()
+
+    async def _load(
+        self, entry: models.ModelEntry, progress: Progress, serving: str | None
+    ) -> tuple[EngineLike, float]:
+        progress({"stage": "loading", "model": entry.name, "message": f"loading {entry.name}"})
+        started = time.monotonic()
+        try:
+            engine = await self.daemon.engine_loader(self.daemon.config, entry.path)
+        except Exception as e:
+            log.error("switch: loading %s failed", entry.path, exc_info=True)
+            still = f"still serving {serving}" if serving else "no model is loaded"
+            reason = " ".join(str(e).split())  # transformers spreads some over many lines
+            raise InternalError(f"loading {entry.name} failed: {reason}; {still}") from e
+        return engine, round(time.monotonic() - started, 1)
+
+    def _remember(self, name: str) -> bool:
+        """Keep the choice for the next start, unless ``[model] path`` decides that."""
+        config = self.daemon.config
+        if config.model.path:
+            log.info("[model] path pins the model served at start; not remembering %s", name)
+            return False
+        try:
+            models.remember_model(config.state_dir, name)
+        except OSError as e:
+            log.error("could not remember the model choice: %s", e, exc_info=True)
+            return False
+        return True
+
+    # -- remove ----------------------------------------------------------------------
+
+    async def remove(
+        self, name: Any, force: bool = False, progress: Progress = _no_progress
+    ) -> dict[str, Any]:
+        """Delete a model folder: renamed out of the catalogue first, so it goes at once.
+
+        Without ``force`` only downloaded models (``<state_dir>/models``) that are not
+        loaded; with it, also other model folders, and the loaded model (switched
+        away from first when another model exists, else unloaded).
+        """
+        name = models.validate_model_name(name)
+        if self._lock.locked():
+            raise Busy("another model change is running; retry rm when it is done")
+        daemon = self.daemon
+        entry = await asyncio.to_thread(models.find, daemon.config, name)
+        downloads = daemon.config.state_dir / "models"
+        if entry.path.parent.resolve() != downloads.resolve() and not force:
+            raise Forbidden(
+                f"{name} is in {entry.source}, not in {downloads}: llmwsctl rm only deletes "
+                "downloaded models unless --force"
+            )
+        engine = daemon.engine
+        if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
+            if not force:
+                raise Busy(f"{name} is the loaded model: switch to another one first, or --force")
+            await self._leave(entry, progress)
         async with self._exclusive("rm"):
-            entry = await asyncio.to_thread(models.find, daemon.config, name)
-            downloads = daemon.config.state_dir / "models"
-            if entry.path.parent.resolve() != downloads.resolve():
-                raise Forbidden(
-                    f"{name} is in {entry.source}, not in {downloads}: llmwsctl rm only deletes "
-                    "downloaded models; delete that folder yourself"
-                )
             engine = daemon.engine
             if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
-                raise Busy(f"{name} is the loaded model: switch to another one first")
+                raise Busy(f"{name} was loaded again meanwhile; nothing removed")
             # A leading dot hides it from the catalogue (models.is_model_folder).
-            doomed = downloads / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+            doomed = entry.path.parent / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
             entry.path.rename(doomed)
             await asyncio.to_thread(shutil.rmtree, doomed)
             log.info("removed model %s (%s)", name, entry.path)
             return {"removed": name, "path": str(entry.path), "size_bytes": entry.size_bytes}
+
+    async def _leave(self, entry: models.ModelEntry, progress: Progress) -> None:
+        """Stop serving ``entry`` for rm --force: switch to another model, or unload."""
+        others = [
+            e
+            for e in await asyncio.to_thread(models.scan, self.daemon.config.model_dirs)
+            if e.path.resolve() != entry.path.resolve()
+        ]
+        if others:
+            await self.switch(others[0].name, progress)
+            return
+        daemon = self.daemon
+        async with self._exclusive("rm"):
+            engine, daemon.engine = daemon.engine, None
+            daemon.model_state = "none"
+            if engine is not None:
+                progress({"stage": "draining", "message": f"unloading {engine.info.name}"})
+                await engine.drain(daemon.config.server.drain_timeout)
+                await engine.close()
+            daemon.notifier.status(daemon.status_line())
+            log.info("unloaded %s to delete it; no other model to serve", entry.name)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, what: str) -> AsyncIterator[None]:
