@@ -92,7 +92,7 @@ def _read_key(path: Path, check_mode: bool = True) -> bytes:
         data = path.read_bytes()
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise
+        raise  # load_key creates it
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the session key: {e.strerror}") from None
     if check_mode and mode & 0o077:
@@ -117,6 +117,8 @@ def _create_key(path: Path) -> bytes:
     key = os.urandom(KEY_SIZE)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()  # left by an earlier start that crashed here
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         _write_all(fd, base64.b64encode(key) + b"\n")
@@ -341,7 +343,9 @@ class SessionFiles:
         try:
             method(session_id, *args)
         except Exception:
-            log.error("session %s: writing its file failed", session_id, exc_info=True)
+            # Logged once per spell of failures (a full disk fails every record).
+            if session_id not in self.failed:
+                log.error("session %s: writing its file failed", session_id, exc_info=True)
             self.failed.add(session_id)
 
     def _append(self, session_id: str, records: list[bytes], durable: bool) -> None:

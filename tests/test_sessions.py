@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
 import stat
 import time
@@ -159,6 +160,30 @@ async def test_a_changed_log_is_skipped_and_logged(tmp_path: Path, caplog):
     assert [s.id for s in store.list()] == [kept.id]
     assert any(changed.id in r.message and "skipped" in r.message for r in caplog.records)
     assert path.exists()  # left for the operator
+    await store.close()
+
+
+async def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_failed_write_is_repaired_by_a_rewrite(tmp_path: Path, caplog):
+    store = await open_store(tmp_path)
+    session = store.create()
+    folder = tmp_path / "sessions" / session.id
+    await wait_for((folder / "log").exists)
+    shutil.rmtree(folder)  # the disk lost it: the next appends fail
+    generate(session, "hello", ["one"])
+    await wait_for(lambda: session.id in store.files.failed)
+    assert sum("writing its file failed" in r.message for r in caplog.records) == 1
+    session.set_settings(session.settings.merge({"top_k": 3}))  # written whole again
+    expected = comparable(session)
+    await store.close()
+    store = await open_store(tmp_path)
+    assert comparable(store.get(session.id)) == expected
     await store.close()
 
 
