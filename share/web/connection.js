@@ -44,7 +44,8 @@ class ResumableConnection {
     this.ackedSeq = Number.isInteger(saved.ackedSeq) ? saved.ackedSeq : 0;
     this.savedUrl = saved.url || "";
     this.lastSeq = this.ackedSeq; // the newest event this page has handled
-    this.hasResumedOnce = false; // false until the first welcome of this page load
+    this.welcomed = false; // the current socket got its welcome
+    this.welcomedOnce = false; // false until the first welcome of this page load
     this.attempt = 0;
     this.retryTimer = null;
     this.livenessTimer = null;
@@ -81,13 +82,18 @@ class ResumableConnection {
     this.sessionId = null;
     this.ackedSeq = 0;
     this.lastSeq = 0;
-    this.hasResumedOnce = true; // nothing to restore: a new session starts empty
+    this.welcomedOnce = true; // nothing to restore: a new session starts empty
     this.save();
   }
 
-  // A test and debugging hook: drop the socket as a network failure would.
+  // Drops the socket as a network failure would and starts reconnecting at once, without
+  // waiting for a closing handshake that a dead network never completes. Also a test hook.
   drop() {
-    if (this.socket) this.socket.close(4000, "dropped by the page");
+    if (!this.socket) return;
+    const socket = this.socket;
+    socket.onclose = socket.onmessage = socket.onerror = null;
+    socket.close(4000, "dropped by the page");
+    this.closed({ code: 4000, reason: "" });
   }
 
   retryNow() {
@@ -117,7 +123,7 @@ class ResumableConnection {
 
   open() {
     if (!this.url) {
-      this.onState({ state: "offline", reason: "No server address: set one under Connection." });
+      this.onState({ state: "offline", reason: "No server address: set one under Server." });
       return;
     }
     this.welcomed = false;
@@ -137,7 +143,7 @@ class ResumableConnection {
       const hello = {};
       if (this.sessionId) {
         hello.session_id = this.sessionId;
-        hello.last_seq = this.hasResumedOnce ? this.lastSeq : this.ackedSeq;
+        hello.last_seq = this.welcomedOnce ? this.lastSeq : this.ackedSeq;
       }
       if (this.token) hello.token = this.token;
       socket.send(JSON.stringify(hello));
@@ -171,7 +177,7 @@ class ResumableConnection {
     }
     if (Number.isInteger(message.seq)) {
       if (message.seq <= this.lastSeq) return; // already shown: a replay overlap
-      if (message.seq > this.lastSeq + 1 && this.hasResumedOnce) {
+      if (message.seq > this.lastSeq + 1 && this.welcomedOnce) {
         console.warn(`llmws: events ${this.lastSeq + 1}..${message.seq - 1} are missing`);
       }
       this.lastSeq = message.seq;
@@ -180,7 +186,7 @@ class ResumableConnection {
   }
 
   welcome(message) {
-    const fresh = !this.hasResumedOnce;
+    const fresh = !this.welcomedOnce;
     if (!message.resumed || message.session_id !== this.sessionId) {
       // A new session (first visit, expired, or a server that lost it): seqs start over.
       this.lastSeq = 0;
@@ -188,7 +194,7 @@ class ResumableConnection {
     }
     const lostSession = this.sessionId !== null && !message.resumed;
     this.sessionId = message.session_id;
-    this.hasResumedOnce = true;
+    this.welcomedOnce = true;
     this.welcomed = true;
     this.attempt = 0;
     this.save();
