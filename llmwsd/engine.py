@@ -48,7 +48,7 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
-from llmwsd.sampling import TokenSampler
+from llmwsd.sampling import TokenSampler, choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -603,18 +603,20 @@ class Engine:
 
     def _advance(self, batch: _Batch, logits: torch.Tensor) -> None:
         """Sample every row's next token, stream its text, finish the rows that are done."""
+        samplers: list[TokenSampler] = []
+        for generation in batch.rows:
+            assert generation.sampler is not None  # set at admission
+            samplers.append(generation.sampler)
+        picks = choose_tokens(samplers, logits, [len(g.generated) for g in batch.rows])
         tokens = []
-        for i, generation in enumerate(batch.rows):
-            try:
-                assert generation.sampler is not None
-                token = int(generation.sampler.next_token(logits[i], len(generation.generated)))
-            except Exception as e:
-                log.error("sampling failed for %s", generation.handle.request_id, exc_info=True)
-                self._fail(generation, InternalError(f"sampling failed: {e}"))
-                token = self._pad_id
+        for generation, pick in zip(batch.rows, picks, strict=True):
+            if isinstance(pick, Exception):
+                log.error("sampling failed for %s", generation.handle.request_id, exc_info=pick)
+                self._fail(generation, InternalError(f"sampling failed: {pick}"))
+                pick = self._pad_id
             else:
-                self._take_token(generation, token)
-            tokens.append(token)
+                self._take_token(generation, pick)
+            tokens.append(pick)
         batch.next_tokens = torch.tensor(tokens, device=self._device)
 
     def _take_token(self, generation: _Generation, token: int) -> None:

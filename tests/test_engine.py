@@ -36,6 +36,7 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
+from llmwsd.sampling import TokenSampler, choose_tokens
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
 PARIS = "What is the capital of France?"
@@ -203,6 +204,61 @@ def test_stop_string_filter_holds_back_partial_matches():
     tail = StopStringFilter(["abc"])
     assert tail.push("xab") == ("x", False)
     assert tail.flush() == "ab"
+
+
+# -- sampling ----------------------------------------------------------------------
+
+
+def sampler(prompt_ids=(), end_ids=(9,), **changes: Any) -> TokenSampler:
+    settings = dataclasses.replace(GenerationSettings(), **changes)
+    return TokenSampler(settings, list(prompt_ids), 10, list(end_ids), torch.device("cpu"))
+
+
+def test_greedy_applies_repetition_penalty_and_min_new_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.8, 0, 0, 0, 0, 0, 0, 9.0]] * 3)
+    rows = [
+        sampler(do_sample=False, repetition_penalty=1.0),
+        sampler(prompt_ids=[1], do_sample=False, repetition_penalty=1.1),
+        sampler(do_sample=False, repetition_penalty=1.0, min_new_tokens=1),
+    ]
+    assert choose_tokens(rows, logits.clone(), [0, 5, 0]) == [9, 9, 1]
+    assert choose_tokens(rows, logits.clone(), [0, 0, 1])[2] == 9  # the minimum is reached
+    logits[:, 9] = 0.0
+    assert choose_tokens(rows[:2], logits[:2].clone(), [0, 0]) == [1, 2]  # 5/1.1 < 4.8
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    settings = [
+        {"seed": 1, "top_k": 3},
+        {"seed": 2, "top_k": 0, "top_p": 0.9},
+        {"seed": 3, "top_k": 0, "top_p": 1.0, "temperature": 2.0},
+        {"seed": 4, "top_k": 6, "top_p": 0.5},
+    ]
+    alone = [sampler(repetition_penalty=1.0, **s) for s in settings]
+    batched = [sampler(repetition_penalty=1.0, **s) for s in settings]
+    for _ in range(20):
+        one_by_one = [
+            choose_tokens([alone[i]], logits[i : i + 1].clone(), [0])[0] for i in range(4)
+        ]
+        assert choose_tokens(batched, logits.clone(), [0] * 4) == one_by_one
+
+
+def test_sampling_respects_top_k_top_p_and_reaches_every_candidate():
+    logits = torch.tensor([[3.0, 2.99, 2.98, -9, -9, -9, -9, -9, -9, -9]])
+    for settings in ({"top_k": 2}, {"top_k": 0, "top_p": 0.6}, {"top_k": 0, "top_p": 1.0}):
+        row = sampler(seed=5, repetition_penalty=1.0, **settings)
+        seen = {choose_tokens([row], logits.clone(), [0])[0] for _ in range(60)}
+        assert seen == {0, 1} if settings.get("top_k") or settings["top_p"] < 1 else {0, 1, 2}
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.zeros(2, 10)
+    logits[0] = float("nan")
+    rows = [sampler(seed=1, top_k=0, top_p=0.5), sampler(do_sample=False)]
+    bad, good = choose_tokens(rows, logits, [0, 0])
+    assert isinstance(bad, Exception) and good == 0
 
 
 # -- generation on the real model ----------------------------------------------------
