@@ -244,7 +244,7 @@ class JsonConnection:
         if running is None or running.cancel is None:
             await self.send({"type": "cancel_ack", "cancelled": False})
             return
-        running.cancel()
+        running.request_cancel()
         await self.send({"type": "cancel_ack", "cancelled": True, "request_id": running.request_id})
 
     async def on_ack(self, message: dict[str, Any]) -> None:

@@ -51,6 +51,14 @@ class RunningGeneration:
     pieces: list[str] = field(default_factory=list)
     dropped_turns: int = 0
     requested_max_tokens: int = 0  # set when max_new_tokens was lowered to fit the context
+    on_disk: bool = False  # its "begin" record is written: a restart ends it `interrupted`
+    cancel_requested: bool = False
+
+    def request_cancel(self) -> None:
+        """Cancel for the client or the operator; any other cancellation is an interruption."""
+        self.cancel_requested = True
+        if self.cancel is not None:
+            self.cancel()
 
 
 class Session:
@@ -85,6 +93,12 @@ class Session:
 
     def append_event(self, message: dict[str, Any]) -> dict[str, Any]:
         """Give ``message`` the next seq, buffer it, and wake the streaming connection."""
+        running = self.running
+        if running is not None and not running.on_disk:
+            # The generation's first event (queued or start): from now on it exists on disk.
+            running.on_disk = True
+            begin = {"kind": "begin", "request_id": running.request_id, "user": running.user_text}
+            self.store.record(self, begin)
         event = {**message, "seq": self.next_seq}
         self._add_event(event)
         self.store.record(self, {"kind": "event", "event": event})
@@ -205,10 +219,11 @@ class Session:
     def on_generation_event(self, running: RunningGeneration, event: GenerationEvent) -> None:
         """Turn an engine event into a buffered protocol event (runs on the event loop)."""
         base = {"request_id": running.request_id}
+        cancelled = isinstance(event, Finished) and event.finish_reason == "cancelled"
+        if cancelled and not running.cancel_requested:  # the server's doing: a shutdown's drain
+            message = "the server stopped before this answer was complete; its part is kept"
+            event = Failed(Interrupted(message))
         if isinstance(event, Started):
-            # From here on the generation exists on disk too: a restart ends it `interrupted`.
-            begin = {"kind": "begin", "request_id": running.request_id, "user": running.user_text}
-            self.store.record(self, begin)
             self.append_event(
                 {
                     "type": "start",
@@ -271,7 +286,7 @@ class Session:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole session as one record: what a compacted log starts with."""
-        running = self.running
+        running = self.running if self.running is not None and self.running.on_disk else None
         return {
             "kind": "snapshot",
             "created_at": self.created_at,
@@ -315,7 +330,7 @@ class Session:
                 None
                 if running is None
                 else RunningGeneration(
-                    running["request_id"], running["user"], None, running["pieces"]
+                    running["request_id"], running["user"], pieces=running["pieces"], on_disk=True
                 )
             )
         elif kind == "event":
@@ -329,7 +344,7 @@ class Session:
                     self.running = None
         elif kind == "begin":
             self.requests = max(self.requests, int(record["request_id"].lstrip("r")))
-            self.running = RunningGeneration(record["request_id"], record["user"])
+            self.running = RunningGeneration(record["request_id"], record["user"], on_disk=True)
         elif kind == "ack":
             self._drop_through(record["seq"])
             self.acked_through = max(self.acked_through, record["seq"])
@@ -444,8 +459,8 @@ class SessionStore:
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise NotFound(f"no session {session_id}")
-        if session.running is not None and session.running.cancel is not None:
-            session.running.cancel()
+        if session.running is not None:
+            session.running.request_cancel()
         self._records_in_log.pop(session.id, None)
         if self.files is not None:
             self.files.remove(session.id)

@@ -95,6 +95,37 @@ async def test_sessions_replay_to_what_they_were(tmp_path: Path):
     await store.close()
 
 
+async def test_a_queued_generation_cut_off_ends_interrupted_too(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    running = session.begin_generation("wait for me", "")
+    session.append_event({"type": "queued", "request_id": running.request_id, "position": 1})
+    await store.close()
+    store = await open_store(tmp_path)
+    events = store.get(session.id).events
+    assert [e["type"] for e in events] == ["queued", "error"]
+    assert events[-1]["code"] == "interrupted" and events[-1]["request_id"] == "r1"
+    assert store.get(session.id).messages == []  # nothing was produced
+    await store.close()
+
+
+async def test_only_a_requested_cancel_is_cancelled():
+    store = SessionStore(GenerationSettings())  # in memory
+    session = store.create()
+    running = session.begin_generation("q", "")
+    session.on_generation_event(running, Started(1, 64))
+    session.on_generation_event(running, TokenText("part"))
+    session.on_generation_event(running, Finished(1, "cancelled", 1.0, 1.0))  # a shutdown's drain
+    assert session.events[-1]["type"] == "error" and session.events[-1]["code"] == "interrupted"
+    assert session.messages[-1] == {"role": "assistant", "content": "part"}
+    running = session.begin_generation("q2", "")
+    session.on_generation_event(running, Started(1, 64))
+    running.request_cancel()  # the client's cancel
+    session.on_generation_event(running, Finished(0, "cancelled", 1.0, 1.0))
+    assert session.events[-1]["type"] == "done"
+    assert session.events[-1]["finish_reason"] == "cancelled"
+
+
 async def test_acks_compact_the_log(tmp_path: Path):
     store = await open_store(tmp_path)
     session = store.create()
