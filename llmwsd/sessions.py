@@ -402,11 +402,21 @@ class SessionStore:
         if self.files is not None:
             loaded = await asyncio.to_thread(self._load)
             self.files.start()
+            deadline = time.time() - self.config.idle_ttl
+            kept = [s for s in loaded if s.last_active >= deadline]
             for session in loaded:
+                if session.last_active < deadline:  # expired while the daemon was down
+                    self.files.remove(session.id)
+            for session in kept:
                 self._sessions[session.id] = session
-            for session in loaded:
+            for session in kept:
                 session.end_interrupted()
-            log.info("%d stored sessions loaded from %s", len(loaded), self.files.folder)
+            log.info(
+                "%d stored sessions loaded from %s (%d expired)",
+                len(kept),
+                self.files.folder,
+                len(loaded) - len(kept),
+            )
         self.sweep()
         self._sweeper = asyncio.create_task(self._sweep_periodically())
 
@@ -458,7 +468,7 @@ class SessionStore:
         """Forget a session, in memory and on disk; its running generation is cancelled."""
         session = self._sessions.pop(session_id, None)
         if session is None:
-            raise NotFound(f"no session {session_id}")
+            raise NotFound(f"no session {session_id[:64]}")
         if session.running is not None:
             session.running.request_cancel()
         self._records_in_log.pop(session.id, None)

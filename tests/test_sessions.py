@@ -292,6 +292,28 @@ async def test_session_cap_replaces_the_longest_idle_or_is_busy(tmp_path: Path):
     assert not (tmp_path / "sessions" / first.id).exists()
 
 
+class TwoHoursAgo:
+    @staticmethod
+    def time() -> float:
+        return time.time() - 7200
+
+
+async def test_sessions_that_expired_while_the_daemon_was_down_are_removed(
+    tmp_path: Path, monkeypatch
+):
+    store = await open_store(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr("llmwsd.sessions.time", TwoHoursAgo)
+        old = store.create()
+        generate(old, "cut off", ["part"], finish=False)
+    recent = store.create()
+    await store.close()
+    store = await open_store(tmp_path, idle_ttl=3600)
+    assert [s.id for s in store.list()] == [recent.id]
+    await store.close()
+    assert not (tmp_path / "sessions" / old.id).exists()
+
+
 async def test_no_free_session_slot_is_busy_and_closes_1013(fake_daemon_factory):
     daemon = await fake_daemon_factory(sessions={"max_sessions": 1})
     url = f"ws://127.0.0.1:{daemon.server.port}/"
