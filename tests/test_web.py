@@ -80,7 +80,7 @@ def shot(chat: ChatPage, name: str) -> Path:
 def test_page_is_served_with_its_files(daemon: RunningDaemon, chat: ChatPage) -> None:
     assert chat.page.title() == "llmws"
     assert chat.page.text_content("#fact-model") == DEFAULT_MODEL.name
-    assert chat.page.text_content("#fact-device") == "cpu"
+    assert chat.page.text_content("#fact-device") not in ("", "–")
     assert "tokens" in str(chat.page.text_content("#fact-context"))
 
 
@@ -239,6 +239,34 @@ def test_resources_panel_charts(chat: ChatPage) -> None:
     assert any("RAM" in text for text in legends)
     assert any("CPU" in text for text in legends)
     shot(chat, "resources.png")
+
+
+def test_resources_panel_with_gpus_and_old_servers(chat: ChatPage) -> None:
+    """GPU figures as llmwsd reports them on CUDA, and a report with only the old keys."""
+    gpu = {"memory_used_gb": 30.5, "memory_total_gb": 79.6, "utilization_percent": 87}
+    report = {
+        "type": "resources",
+        "device": "cuda:0",
+        "total_gb": 79.6,
+        "free_gb": 49.1,
+        "host": {"cpu_percent": 12.5, "ram_total_gb": 125.0, "ram_used_gb": 20.0},
+        "gpus": [
+            {"index": 0, "name": "NVIDIA H100", "temperature_c": 41, **gpu},
+            {"index": 1, "name": "NVIDIA H100", "temperature_c": 38, **gpu},
+        ],
+    }
+    old_report = {"type": "resources", "device": "cpu", "total_gb": 16.0, "free_gb": 12.0}
+    chat.open_tab("resources")
+    for message in (report, old_report):
+        chat.page.evaluate("(m) => llmws.connection.onMessage(m)", message)
+        legends = " ".join(chat.page.locator(".chart-legend").all_text_contents())
+        facts = str(chat.page.text_content("#resource-facts"))
+        if message is report:
+            assert "GPU 0" in legends and "GPU 1" in legends, legends
+            assert "NVIDIA H100 · 30.5 GB of 79.6 GB · 41 °C" in facts
+            assert "RAM20.0 GB used of 125.0 GB" in facts
+        else:
+            assert "RAM4.0 GB used of 16.0 GB" in facts
 
 
 def test_models_panel_lists_and_refuses_management(chat: ChatPage) -> None:

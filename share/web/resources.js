@@ -2,6 +2,29 @@
 "use strict";
 
 const RESOURCES_INTERVAL_S = 2;
+const BLUE = "#2563eb";
+const GREEN = "#16a34a";
+const GPU_COLORS = ["#db2777", "#ea580c", "#7c3aed", "#0891b2"];
+
+// Host RAM in GB: from `host`, or from the top-level keys that older servers send
+// (which llmwsd uses for the model's GPU when it runs on one).
+function hostMemory(report) {
+  const host = report.host || {};
+  let total = pick(host, "ram_total_gb");
+  let used = pick(host, "ram_used_gb");
+  const topLevel = typeof report.device !== "string" || !report.device.startsWith("cuda");
+  if ((total === undefined || used === undefined) && topLevel) {
+    total = pick(report, "total_gb");
+    const free = pick(report, "free_gb");
+    used = total !== undefined && free !== undefined ? total - free : undefined;
+  }
+  return total > 0 && used !== undefined ? { total, used } : null;
+}
+
+// The server's GB are GiB; small figures read better in MB.
+function gigabytes(value) {
+  return value >= 1 ? `${value.toFixed(1)} GB` : `${Math.round(value * 1024)} MB`;
+}
 
 const resources = {
   tokensSeen: 0,
@@ -27,57 +50,51 @@ const resources = {
     const now = Date.now();
     const { memory, load, speed } = this.charts;
     const host = report.host || {};
-    const total = pick(report, "total_gb");
-    const free = pick(report, "free_gb");
-    const device = typeof report.device === "string" ? report.device : "device";
-    if (total > 0 && free !== undefined) {
-      memory.add(device.startsWith("cuda") ? device.toUpperCase() : "RAM", "#2563eb", ((total - free) / total) * 100, now);
-    }
-    load.add("CPU", "#2563eb", pick(host, "cpu_percent", "cpu_util") ?? pick(report, "cpu_percent"), now);
     const gpus = Array.isArray(report.gpus) ? report.gpus : [];
-    const colors = ["#db2777", "#16a34a", "#ea580c", "#7c3aed"];
+    const ram = hostMemory(report);
+    if (ram) memory.add("RAM", BLUE, (ram.used / ram.total) * 100, now);
+    load.add("CPU", BLUE, pick(host, "cpu_percent") ?? pick(report, "cpu_percent"), now);
     gpus.forEach((gpu, n) => {
       const label = `GPU ${gpu.index ?? n}`;
-      const color = colors[n % colors.length];
-      const used = pick(gpu, "memory_used_gb", "used_gb");
-      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
-      if (gpuTotal > 0 && used !== undefined && !device.startsWith("cuda")) {
-        memory.add(label, color, (used / gpuTotal) * 100, now);
-      }
-      load.add(label, color, pick(gpu, "utilization_percent", "utilization", "gpu_util", "util_percent"), now);
+      const color = GPU_COLORS[n % GPU_COLORS.length];
+      const used = pick(gpu, "memory_used_gb");
+      const total = pick(gpu, "memory_total_gb");
+      if (total > 0 && used !== undefined) memory.add(label, color, (used / total) * 100, now);
+      load.add(label, color, pick(gpu, "utilization_percent", "utilization"), now);
     });
     const engine = report.engine || {};
-    const serverRate = pick(engine, "tokens_per_s", "tokens_per_second") ?? pick(report, "tokens_per_s");
+    const serverRate = pick(engine, "tokens_per_s") ?? pick(report, "tokens_per_s");
     if (serverRate !== undefined) {
       this.serverReportsRate = true;
-      speed.add("server", "#16a34a", serverRate, now);
+      speed.add("server", GREEN, serverRate, now);
     } else if (this.lastRate && !this.serverReportsRate) {
       const seconds = (now - this.lastRate[0]) / 1000;
-      if (seconds > 0) speed.add("this chat", "#16a34a", (this.tokensSeen - this.lastRate[1]) / seconds, now);
+      if (seconds > 0) speed.add("this chat", GREEN, (this.tokensSeen - this.lastRate[1]) / seconds, now);
     }
     this.lastRate = [now, this.tokensSeen];
-    this.renderFacts(report, gpus, engine);
+    this.renderFacts(report, gpus, engine, ram);
     if (!$("tab-resources").hidden) this.draw();
   },
 
-  renderFacts(report, gpus, engine) {
+  renderFacts(report, gpus, engine, ram) {
     const rows = [];
-    const gb = (v) => (v >= 1 ? `${v.toFixed(1)} GB` : `${Math.round(v * 1024)} MB`); // the server's GB are GiB
     const host = report.host || {};
     if (report.device) rows.push(["Device", report.device]);
-    const total = pick(report, "total_gb");
-    const free = pick(report, "free_gb");
-    if (total !== undefined && free !== undefined) rows.push(["Memory", `${gb(total - free)} used of ${gb(total)}`]);
+    if (ram) rows.push(["RAM", `${gigabytes(ram.used)} used of ${gigabytes(ram.total)}`]);
     const rss = pick(host, "rss_gb");
-    if (rss !== undefined) rows.push(["Server process", gb(rss)]);
+    if (rss !== undefined) rows.push(["Server process", gigabytes(rss)]);
     const cores = pick(host, "cpu_count");
     if (cores !== undefined) rows.push(["CPU cores", String(cores)]);
     gpus.forEach((gpu, n) => {
-      const used = pick(gpu, "memory_used_gb", "used_gb");
-      const gpuTotal = pick(gpu, "memory_total_gb", "total_gb");
-      const memoryText = used !== undefined && gpuTotal !== undefined ? ` · ${gb(used)} of ${gb(gpuTotal)}` : "";
-      rows.push([`GPU ${gpu.index ?? n}`, `${gpu.name || "GPU"}${memoryText}`]);
+      const used = pick(gpu, "memory_used_gb");
+      const total = pick(gpu, "memory_total_gb");
+      const parts = [gpu.name || "GPU"];
+      if (used !== undefined && total !== undefined) parts.push(`${gigabytes(used)} of ${gigabytes(total)}`);
+      const temperature = pick(gpu, "temperature_c");
+      if (temperature !== undefined) parts.push(`${Math.round(temperature)} °C`);
+      rows.push([`GPU ${gpu.index ?? n}`, parts.join(" · ")]);
     });
+    if (!gpus.length && typeof report.gpu_status === "string") rows.push(["GPU", report.gpu_status]);
     for (const [key, label] of [["active", "Generating"], ["queued", "Queued"], ["max_context", "Max context"]]) {
       const value = pick(engine, key);
       if (value !== undefined) rows.push([label, value.toLocaleString("en-US")]);
