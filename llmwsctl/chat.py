@@ -341,8 +341,11 @@ class Chat:
         return True
 
     def do_history(self, rest: str) -> bool:
-        for message in self.client.history():
+        messages = self.client.history()
+        for message in messages:
             print(f"{message['role']}: {message['content']}")
+        if not messages:
+            print("(no messages yet)")
         return True
 
     def do_reset(self, rest: str) -> bool:

@@ -153,6 +153,7 @@ class Client:
     async def disconnect(self) -> None:
         """Close the connection; the session stays on the server until it expires."""
         self._closing = True
+        self._fail_generation(ConnectionLost("disconnected while an answer was streaming"))
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
@@ -192,7 +193,7 @@ class Client:
                 protocol.encode_message({k: v for k, v in hello.items() if v is not None})
             )
             first = protocol.decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
-        except (ConnectionClosed, TimeoutError) as e:
+        except (ConnectionClosed, TimeoutError, LLMWSError) as e:
             await ws.close()
             raise ConnectionLost(f"{self.url} did not welcome us: {e}") from e
         if first.get("type") != "welcome":

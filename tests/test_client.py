@@ -171,6 +171,33 @@ async def test_resume_after_the_network_drops(fake_daemon: Daemon):
         assert len(await client.history()) == 4
 
 
+async def test_drop_right_after_sending_the_question(fake_daemon: Daemon, monkeypatch):
+    """The server may or may not have got the question: either way, exactly one answer."""
+    async with (
+        CuttableProxy(fake_daemon.server.port) as proxy,
+        Client(proxy.url, resume_timeout=10) as client,
+    ):
+        send = client._send
+        sent: list[str] = []
+        delays = [0, 0.05, 0.2]  # the cut lands before or after the server reads the question
+
+        async def send_then_cut(message):
+            await send(message)
+            if message["type"] == "inference":
+                sent.append(message["prompt"]["user"])
+                if sent.count(message["prompt"]["user"]) == 1:
+                    await asyncio.sleep(delays[len(set(sent)) - 1])
+                    proxy.cut()
+
+        monkeypatch.setattr(client, "_send", send_then_cut)
+        for attempt in range(3):
+            assert await client.inference(f"question {attempt}") == f"echo: question {attempt}"
+        # Resent only when the server had not got it (which one happens is up to timing).
+        assert all(sent.count(f"question {i}") in (1, 2) for i in range(3))
+        users = [m["content"] for m in await client.history() if m["role"] == "user"]
+        assert users == ["question 0", "question 1", "question 2"]
+
+
 async def test_gives_up_after_resume_timeout(fake_daemon: Daemon):
     fake_daemon.engine.token_delay = 0.05
     async with Client(ws_url(fake_daemon), resume_timeout=1) as client:
@@ -428,7 +455,8 @@ def test_chat_interactive_in_a_terminal(real_daemon: RunningDaemon, tmp_path):
         child.expect("> ")
         # Ctrl-C during an answer cancels it; the chat goes on.
         child.sendline(LONG_QUESTION)
-        child.expect(r"\w+ \w+ \w+")  # the answer has started
+        child.expect_exact(LONG_QUESTION + "\r\n")  # the line's echo
+        child.expect(r"\w+ \w+")  # the answer has started
         child.sendintr()
         child.expect(r"\[cancelled\]")
         child.expect("> ")
