@@ -248,8 +248,8 @@ class _Batch:
         # Layers a model never uses (shared KV) stay uninitialized and are skipped.
         return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
 
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows; cut the left padding no remaining row needs."""
+    def keep(self, indices: list[int], trim: bool) -> None:
+        """Keep only these rows; ``trim``: cut the left padding no remaining row needs."""
         index = torch.tensor(indices, device=self.positions.device)
         self.rows = [self.rows[i] for i in indices]
         self.attention_mask = self.attention_mask[index]
@@ -257,7 +257,7 @@ class _Batch:
         self.next_tokens = self.next_tokens[index]
         for layer in self._layers():
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-        start = int(self.attention_mask.any(dim=0).int().argmax())
+        start = int(self.attention_mask.any(dim=0).int().argmax()) if trim else 0
         if start > 0:
             self.attention_mask = self.attention_mask[:, start:]
             for layer in self._layers():
@@ -312,6 +312,11 @@ class Engine:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
+        # Rows of different lengths can share a cache only when every layer keeps all
+        # tokens; sliding-window layers do not, so such models batch one wave at a time.
+        self._rows_can_join = all(
+            isinstance(layer, _SpareRoomLayer) for layer in new_cache(model.config).layers
+        )
 
         self._wakeup = threading.Condition()
         self._inbox: list[_Generation] = []  # guarded by _wakeup
@@ -480,10 +485,8 @@ class Engine:
             self._admit(generation)
         self._end_cancelled()
         running = len(self._batch.rows) if self._batch is not None else 0
-        newcomers = [
-            self._waiting.popleft()
-            for _ in range(min(self.max_batch_size - running, len(self._waiting)))
-        ]
+        room = self.max_batch_size - running if self._rows_can_join or not running else 0
+        newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         fresh = self._prefill(newcomers) if newcomers else None
         tokens = len(newcomers)
         if self._batch is not None:
@@ -536,7 +539,7 @@ class Engine:
             if not keep:
                 self._batch = None
             elif len(keep) < len(batch.rows):
-                batch.keep(keep)
+                batch.keep(keep, trim=self._rows_can_join)
 
     def _prefill(self, newcomers: list[_Generation]) -> _Batch | None:
         """Run the newcomers' prompts; return them as a batch with their first tokens."""
@@ -569,7 +572,7 @@ class Engine:
         if not keep:
             return None
         if len(keep) < len(batch.rows):
-            batch.keep(keep)
+            batch.keep(keep, trim=self._rows_can_join)
         return batch
 
     def _decode(self, batch: _Batch) -> None:
