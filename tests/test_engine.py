@@ -270,7 +270,7 @@ async def test_paris_greedy_through_load():
         assert engine.info.name == "SmolLM2-135M-Instruct"
         assert engine.info.device == "cpu"
         assert engine.info.attention == "sdpa"
-        assert engine.info.max_context == 8192
+        assert 0 < engine.info.max_context <= 8192  # the model's own, or less for memory
         assert engine.max_batch_size == 2
         run = await generate(engine, PARIS)
         assert "Paris" in run.text
