@@ -186,6 +186,18 @@ def test_stop_ends_the_answer(chat: ChatPage) -> None:
     assert chat.page.is_visible("#send")
 
 
+def test_new_chat_during_an_answer(chat: ChatPage) -> None:
+    chat.ask(LONG_PROMPT)
+    chat.wait_answer_length(20)
+    chat.new_chat()
+    chat.page.wait_for_timeout(1500)  # the cancelled answer's last events must not come back
+    assert chat.messages() == []
+    chat.page.reload()  # the session's history is empty too
+    chat.wait_connected()
+    chat.page.wait_for_timeout(500)
+    assert chat.messages() == []
+
+
 def test_errors_are_shown_beside_the_answer(chat: ChatPage) -> None:
     chat.new_chat()
     chat.ask("word " * 9000)  # more tokens than the model's context

@@ -84,6 +84,7 @@ const chat = {
   waiting: null, // the Answer to our last `inference`, until its `start` names it
   active: null, // the Answer being generated, if any
   restoring: false, // a fresh load's resume: events so far are reconciled with `history`
+  resetWhenEnded: false, // "New chat" was pressed during an answer
 
   isAtBottom() {
     const m = this.messages;
@@ -206,6 +207,17 @@ function sendPrompt() {
   input.value = "";
   autosize(input);
   setGenerating(true);
+}
+
+// A running answer is cancelled first, and the conversation reset once it has ended: a reset
+// before that would let the cancelled turn land in the new conversation.
+function newChat() {
+  const running = chat.active || chat.waiting;
+  if (!connection.send(running ? { type: "cancel" } : { type: "reset" })) {
+    toast("Not connected.");
+    return;
+  }
+  chat.resetWhenEnded = Boolean(running);
 }
 
 function autosize(textarea) {
@@ -333,6 +345,10 @@ function endGeneration(message) {
   if (!chat.active && !chat.waiting) {
     setGenerating(false);
     writeJSON(PENDING_KEY, null);
+    if (chat.resetWhenEnded) {
+      chat.resetWhenEnded = false;
+      connection.send({ type: "reset" });
+    }
   }
   // The answer is in the session's history now; its buffered events can go.
   if (Number.isInteger(message.seq) && !chat.restoring) connection.ack(message.seq);
@@ -498,10 +514,7 @@ function init() {
     sendPrompt();
   });
   $("stop").addEventListener("click", () => connection.send({ type: "cancel" }));
-  $("new-chat").addEventListener("click", () => {
-    if (chat.active) connection.send({ type: "cancel" });
-    if (!connection.send({ type: "reset" })) toast("Not connected.");
-  });
+  $("new-chat").addEventListener("click", newChat);
   $("messages").addEventListener("click", async (event) => {
     const button = event.target.closest("button.copy");
     if (!button) return;
