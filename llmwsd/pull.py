@@ -643,20 +643,29 @@ class Pulls:
                 raise  # a cancellation that nobody here asked for
             await self._stopped(pull)
         except LLMWSError as e:
-            pull.state, pull.stage, pull.message = "failed", "failed", e.message
-            pull.error = {"code": e.code, "message": e.message, **e.details}
             log.warning("pull %s of %s failed: %s", pull.id, pull.source.location, e.message)
-            await asyncio.to_thread(pull.save)
+            await self._failed(pull, {"code": e.code, "message": e.message, **e.details})
         except Exception as e:
             log.error("pull %s of %s failed", pull.id, pull.source.location, exc_info=True)
-            pull.state, pull.stage = "failed", "failed"
-            pull.message = f"failed: {' '.join(str(e).split())[:300]}"
-            pull.error = {"code": "internal", "message": pull.message}
-            await asyncio.to_thread(pull.save)
+            message = f"failed: {' '.join(str(e).split())[:300]}"
+            await self._failed(pull, {"code": "internal", "message": message})
         finally:
             reporter.cancel()
             self.running.pop(pull.id, None)
             self._tell(pull, pull.progress())
+
+    async def _failed(self, pull: Pull, error: dict[str, Any]) -> None:
+        """Keep what was downloaded for a retry to resume; with nothing downloaded, keep nothing."""
+        pull.state, pull.stage, pull.message, pull.error = (
+            "failed",
+            "failed",
+            error["message"],
+            error,
+        )
+        if await asyncio.to_thread(_files_under, pull.model_dir):
+            await asyncio.to_thread(pull.save)
+        else:
+            await asyncio.to_thread(shutil.rmtree, pull.folder, True)
 
     async def _stopped(self, pull: Pull) -> None:
         if pull.stop_reason == "shutdown":
