@@ -18,6 +18,9 @@ function lastTextBlock(root) {
   return node;
 }
 
+// Errors after which the same question may well get an answer.
+const RETRYABLE = new Set(["busy", "interrupted", "session_lost", "internal", "no_model"]);
+
 const answerOf = new WeakMap(); // an assistant message's node -> its Answer
 
 // One assistant answer: its raw text, rendered as Markdown at most once per frame.
@@ -25,6 +28,7 @@ class Answer {
   constructor() {
     this.requestId = null;
     this.text = "";
+    this.prompt = ""; // the question, when this page asked it (for "Ask again")
     this.pieces = 0; // token events received
     this.status = "waiting"; // waiting, streaming, done, failed
     this.root = el("article", "msg assistant");
@@ -72,6 +76,15 @@ class Answer {
   fail(message) {
     this.status = "failed";
     this.error.replaceChildren(el("strong", "", errorText(message)), el("code", "", message.code || ""));
+    if (this.prompt && RETRYABLE.has(message.code)) {
+      const retry = el("button", "ghost small", "Ask again");
+      retry.type = "button";
+      retry.addEventListener("click", () => {
+        $("prompt").value = this.prompt;
+        sendPrompt();
+      });
+      this.error.appendChild(retry);
+    }
     this.error.hidden = false;
     if (!this.text) this.body.replaceChildren();
     this.scheduleRender();
@@ -203,6 +216,7 @@ function sendPrompt() {
   writeJSON(PENDING_KEY, { text, requestId: null });
   chat.addUser(text);
   chat.waiting = chat.active = new Answer();
+  chat.waiting.prompt = text;
   chat.add(chat.waiting.root);
   input.value = "";
   autosize(input);
