@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from llmwsd import protocol
-from llmwsd.errors import Busy, LLMWSError, Unauthorized, error_from_message
+from llmwsd.errors import Busy, EventsDropped, LLMWSError, Unauthorized, error_from_message
 
 __all__ = [
     "DEFAULT_URL",
@@ -255,6 +255,13 @@ class Client:
                     continue
                 if message.get("type") in protocol.GENERATION_TYPES and "seq" in message:
                     self._on_event(message)
+                elif message.get("code") == EventsDropped.code:
+                    # No request's answer: the server's buffer cap lost events of an answer,
+                    # so the running one (if any) cannot be whole.
+                    if self._generation is not None:
+                        self._fail_generation(error_from_message(message))
+                    else:
+                        self.notifications.append(message)
                 else:
                     self._replies.put_nowait(message)
 

@@ -23,6 +23,7 @@ from llmwsd.app import Daemon
 from llmwsd.errors import (
     Busy,
     ContextTooLong,
+    EventsDropped,
     Forbidden,
     LLMWSError,
     Unauthorized,
@@ -42,6 +43,7 @@ class CuttableProxy:
         self.target_port = target_port
         self.links: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
+        self.refusing = False  # while True, new links are cut at once (the network is down)
 
     async def __aenter__(self) -> CuttableProxy:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -64,6 +66,9 @@ class CuttableProxy:
         self.links.clear()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -196,6 +201,26 @@ async def test_drop_right_after_sending_the_question(fake_daemon: Daemon, monkey
         assert all(sent.count(f"question {i}") in (1, 2) for i in range(3))
         users = [m["content"] for m in await client.history() if m["role"] == "user"]
         assert users == ["question 0", "question 1", "question 2"]
+
+
+async def test_an_answer_with_dropped_events_fails(fake_daemon_factory):
+    daemon = await fake_daemon_factory(sessions={"max_buffered_events": 5})
+    daemon.engine.token_delay = 0.01
+    words = " ".join(f"w{i}" for i in range(30))
+
+    async def outage() -> None:
+        proxy.refusing = True
+        proxy.cut()
+        await asyncio.sleep(1)  # the answer goes on into the capped buffer
+        proxy.refusing = False
+
+    async with (
+        CuttableProxy(daemon.server.port) as proxy,
+        Client(proxy.url, resume_timeout=10) as client,
+    ):
+        with pytest.raises(EventsDropped):
+            await stream_with_cut(client, words, outage)
+        assert await client.inference("still fine") == "echo: still fine"
 
 
 async def test_gives_up_after_resume_timeout(fake_daemon: Daemon):
