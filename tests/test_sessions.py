@@ -447,13 +447,20 @@ async def test_resume_mid_stream_loses_and_repeats_nothing(real_daemon: RunningD
     await ws.close()
 
 
-@pytest.fixture(scope="module")
-def short_ttl_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
-    daemon = RunningDaemon(
-        tmp_path_factory.mktemp("short-ttl"), sessions={"idle_ttl": 2.0, "sweep_interval": 0.5}
+@pytest.fixture
+def short_ttl_daemon(daemon_factory: Any, tmp_path: Path) -> RunningDaemon:
+    """A daemon whose sessions expire after 2 s idle. Expiry needs no model: none is loaded."""
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    sessions = {"idle_ttl": 2.0, "sweep_interval": 0.5}
+    daemon: RunningDaemon = daemon_factory(
+        wait=False, models={"dirs": [str(empty)]}, sessions=sessions
     )
-    yield daemon.start()
-    daemon.stop()
+    deadline = time.monotonic() + 60
+    while not (daemon.folder / "llmwsd.stderr").exists() or "listening" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    return daemon
 
 
 def tree(folder: Path) -> set[Path]:
@@ -461,10 +468,10 @@ def tree(folder: Path) -> set[Path]:
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc/passwd", "", None, "x" * 10_000, 7])
-async def test_bad_session_ids_never_reach_the_disk(short_ttl_daemon: RunningDaemon, bad_id):
-    folder = short_ttl_daemon.folder
+async def test_bad_session_ids_never_reach_the_disk(real_daemon: RunningDaemon, bad_id):
+    folder = real_daemon.folder
     before = tree(folder)
-    ws, welcome = await connect(short_ttl_daemon, session_id=bad_id, last_seq=3)
+    ws, welcome = await connect(real_daemon, session_id=bad_id, last_seq=3)
     if bad_id is not None:
         error = await recv_json(ws)
         assert error["type"] == "error" and error["code"] == "bad_request"
