@@ -39,6 +39,16 @@ Progress = Callable[[dict[str, Any]], None]
 LOAD_HEADROOM = 1.2
 
 
+def free_memory(device: str) -> int:
+    """Bytes free for another model on ``device``: GPU memory, or available RAM."""
+    if device.startswith("cuda"):
+        import torch  # loaded already: a CUDA engine is running
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
 def _no_progress(data: dict[str, Any]) -> None:
     """The progress callback of callers that show none."""
 
@@ -100,12 +110,7 @@ class ModelManager:
         need = entry.size_bytes * LOAD_HEADROOM
         if old.info.dtype == "float32" and entry.dtype in ("bfloat16", "float16"):
             need *= 2  # 16-bit weights are widened on a CPU without native bf16
-        if old.info.device.startswith("cuda"):
-            import torch  # loaded already: a CUDA engine is running
-
-            free, _total = torch.cuda.mem_get_info(torch.device(old.info.device))
-        else:
-            free = psutil.virtual_memory().available
+        free = free_memory(old.info.device)
         fits = need <= free
         if not fits:
             log.info(

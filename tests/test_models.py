@@ -27,10 +27,13 @@ from urllib.parse import urlparse
 import pytest
 import websockets
 
-from llmwsd import adminproto
+from llmwsd import adminproto, modelmanager
+from llmwsd.app import Daemon
 from llmwsd.auth import TokenStore
-from tests.conftest import DEFAULT_MODEL, RunningDaemon, recv_until
-from tests.test_admin import ctl, ctl_json, link_model, start_and_wait_for_admin
+from llmwsd.errors import LLMWSError
+from tests.conftest import DEFAULT_MODEL, RunningDaemon, recv_until, ws_url
+from tests.fake_engine import FakeEngine
+from tests.test_admin import add_fake_model, ctl, ctl_json, link_model, start_and_wait_for_admin
 
 PROMPT = "What is the capital of France?"
 BAD_NAMES = ["../x", "/etc", ".hidden", "a/b"]
@@ -606,3 +609,88 @@ async def test_public_port_management_with_an_admin_token(
     )
     assert deleted[-1]["type"] == "model_deleted" and deleted[-1]["removed"] == "smol-ws"
     assert not (downloads(serving_default) / "smol-ws").exists()
+
+
+# -- short memory, the remembered choice (in-process daemon, fake engine) --------------------
+
+
+def short_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No room for a second model beside the first: switches must unload first."""
+    monkeypatch.setattr(modelmanager, "free_memory", lambda device: 0)
+
+
+async def test_switch_unloads_first_when_memory_is_short_and_requests_wait(
+    fake_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (add_fake_model(fake_daemon, "big-model") / "model.safetensors").write_bytes(b"w" * 4096)
+    short_of_memory(monkeypatch)
+    statuses: list[str] = []
+    monkeypatch.setattr(fake_daemon.notifier, "status", statuses.append)
+    release = asyncio.Event()
+    loaded: list[FakeEngine] = []
+
+    async def slow_loader(config: Any, path: Path) -> FakeEngine:
+        await release.wait()
+        loaded.append(FakeEngine(path))
+        return loaded[-1]
+
+    fake_daemon.engine_loader = slow_loader
+    old = fake_daemon.engine
+    assert isinstance(old, FakeEngine)
+    switch = asyncio.create_task(fake_daemon.model_manager.switch("big-model"))
+    async with websockets.connect(ws_url(fake_daemon)) as ws:
+        await ws.send("{}")
+        await recv_until(ws, {"welcome"})
+        wait_for_unload = time.monotonic() + 10
+        while fake_daemon.engine is not None:
+            assert time.monotonic() < wait_for_unload
+            await asyncio.sleep(0.01)
+        assert fake_daemon.model_state == "switching"
+        prompt = {"type": "inference", "prompt": {"system": "", "user": "during the switch"}}
+        await ws.send(json.dumps(prompt))
+        with pytest.raises(TimeoutError):
+            await recv_until(ws, {"start", "error"}, timeout=0.3)  # it waits for the new model
+        release.set()
+        events = await recv_until(ws, {"done", "error"})
+    assert answer(events) == "echo: during the switch"
+    assert [r.messages[-1]["content"] for r in loaded[0].submitted] == ["during the switch"]
+    assert old.submitted == []
+    result = await switch
+    assert result["unloaded_first"] is True and result["previous"] == "fake-model"
+    assert "switching to big-model" in statuses
+
+
+async def test_a_failed_load_after_unloading_reloads_the_old_model(
+    fake_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (add_fake_model(fake_daemon, "bad-model") / "model.safetensors").write_bytes(b"w" * 4096)
+    short_of_memory(monkeypatch)
+
+    async def loader(config: Any, path: Path) -> FakeEngine:
+        if path.name == "bad-model":
+            raise OSError("weights are corrupt")
+        return FakeEngine(path)
+
+    fake_daemon.engine_loader = loader
+    with pytest.raises(LLMWSError) as failed:
+        await fake_daemon.model_manager.switch("bad-model")
+    assert failed.value.message == (
+        "loading bad-model failed: weights are corrupt; still serving fake-model"
+    )
+    assert fake_daemon.engine is not None and fake_daemon.engine.info.name == "fake-model"
+    assert fake_daemon.model_state == "ready"
+
+
+async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory: Any) -> None:
+    first = await fake_daemon_factory()
+    add_fake_model(first, "second-model")
+    assert (await first.model_manager.switch("second-model"))["remembered"] is True
+    await first.shutdown()
+    again = await fake_daemon_factory()
+    assert again.engine is not None and again.engine.info.name == "second-model"
+    await again.shutdown()
+    # [model] path pins the model: the remembered choice is neither used nor written.
+    pinned_path = again.config.model_dirs[0] / "fake-model"
+    pinned = await fake_daemon_factory(model={"path": str(pinned_path)})
+    assert pinned.engine is not None and pinned.engine.info.name == "fake-model"
+    assert (await pinned.model_manager.switch("second-model"))["remembered"] is False
