@@ -160,10 +160,10 @@ const Markdown = (() => {
       if (fence) {
         endParagraph();
         const body = [];
+        const close = new RegExp("^ {0,3}" + fence[1][0] + "{" + fence[1].length + ",}\\s*$");
         i += 1;
         let closed = false;
         while (i < lines.length) {
-          const close = new RegExp("^ {0,3}" + fence[1][0] + "{" + fence[1].length + ",}\\s*$");
           if (close.test(lines[i])) {
             closed = true;
             i += 1;
