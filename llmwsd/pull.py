@@ -98,8 +98,6 @@ def parse_source(text: Any, revision: Any = None) -> Source:
         if len(parts) < 2 or not _REPO_ID.fullmatch(f"{parts[0]}/{parts[1]}"):
             raise BadRequest(f"{text[:200]!r} does not name a Hugging Face model (org/name)")
         return Source("huggingface", f"{parts[0]}/{parts[1]}", revision, parts[1])
-    if not url.scheme and _REPO_ID.fullmatch(text):
-        return Source("huggingface", text, revision, text.split("/")[1])
     path = Path(url.path if url.scheme == "file" else text)
     if path.suffix == ".gguf" and url.scheme in ("", "file"):
         if not path.is_absolute():
@@ -107,6 +105,8 @@ def parse_source(text: Any, revision: Any = None) -> Source:
         if not path.is_file():
             raise NotFound(f"no GGUF file at {path}")
         return Source("gguf", str(path), None, path.stem)
+    if not url.scheme and _REPO_ID.fullmatch(text):
+        return Source("huggingface", text, revision, text.split("/")[1])
     if url.scheme in ("http", "https", "git", "ssh", "file") or _GIT_SCP.fullmatch(text):
         return Source("git", text, revision, _repo_name(text))
     if path.is_absolute():
@@ -228,7 +228,8 @@ class Pull:
             "id": self.id,
             "stage": self.stage,
             "message": f"{self.id} {self.name}: {self.message}",
-            "done": self.done,
+            # No byte count before the size is known: clients show the stage alone.
+            "done": self.done if self.total is not None else None,
             "total": self.total,
             "file": self.file,
             "file_done": self.file_done,

@@ -481,6 +481,22 @@ def test_pull_from_the_hub_resumes_after_a_dropped_connection(
     assert ctl_json(sock, "pulls") == []  # nothing downloaded, nothing to resume: not kept
 
 
+@pytest.mark.slow  # the conversion loads the whole model in a child process
+def test_pull_a_local_gguf_file_converts_it(idle: RunningDaemon) -> None:
+    from llmwsd.convert import default_gguf
+
+    sock = idle_sock(idle)
+    relative = ctl(sock, "pull", "models/x.gguf")
+    assert relative.returncode == 1 and "absolute path" in relative.stderr
+    done = ctl(sock, "pull", str(default_gguf()), "--name", "smol-gguf", timeout=600)
+    assert done.returncode == 0, done.stderr + idle.log()
+    assert "smol-gguf: converting SmolLM2-135M-Instruct.Q4_1.gguf to safetensors" in done.stderr
+    (entry,) = ctl_json(sock, "models")
+    assert entry["name"] == "smol-gguf" and entry["architecture"] == "LlamaForCausalLM"
+    assert entry["parameters"] == 134_515_008 and entry["dtype"] == "bfloat16"
+    assert staging(idle) == []
+
+
 # -- switch and rm -------------------------------------------------------------------------
 
 
