@@ -321,7 +321,7 @@ class JsonConnection:
                 message.get("repo"),
                 message.get("target_dir") or None,
                 message.get("revision"),
-                allow_local=False,  # a remote client must not make the daemon read local files
+                host_access=False,  # a remote client must not reach this host's files or keys
             )
             await self.send(
                 {

@@ -75,12 +75,11 @@ class Source:
     default_name: str
 
     @property
-    def local(self) -> bool:
-        return (
-            self.kind == "gguf"
-            or self.location.startswith("file://")
-            or (self.kind == "git" and self.location.startswith("/"))
-        )
+    def host_access(self) -> bool:
+        """Whether pulling it reads this host's files or uses its ssh keys."""
+        if self.kind != "git":
+            return self.kind == "gguf"
+        return not self.location.startswith(("https://", "http://", "git://"))
 
 
 def parse_source(text: Any, revision: Any = None) -> Source:
@@ -394,8 +393,11 @@ def fetch_git(pull: Pull) -> None:
     pull.set_stage("finishing", "removing the git metadata")
     shutil.rmtree(work / ".git")
     for item in list(work.iterdir()):
-        if item.name not in needed or _lfs_pointer(item):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        # Symlinks go too: a repository must not make the model read files outside it.
+        if item.is_symlink() or not item.is_file():
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        elif item.name not in needed or _lfs_pointer(item):
+            item.unlink()
 
 
 def _fetch_lfs_file(pull: Pull, work: Path, name: str, oid: str, size: int) -> None:
@@ -555,14 +557,16 @@ class Pulls:
             )
 
     async def start(
-        self, text: Any, name: Any = None, revision: Any = None, allow_local: bool = True
+        self, text: Any, name: Any = None, revision: Any = None, host_access: bool = True
     ) -> Pull:
         """Check the request, then run the pull in the background; the caller may follow it."""
         if name is not None:
             models.validate_model_name(name)
         source = parse_source(text, revision)
-        if source.local and not allow_local:
-            raise BadRequest("local paths and file:// sources can only be pulled with llmwsctl")
+        if source.host_access and not host_access:
+            raise BadRequest(
+                "local paths, file:// and ssh sources can only be pulled with llmwsctl"
+            )
         if name is None:
             try:
                 name = models.validate_model_name(source.default_name)
@@ -582,8 +586,8 @@ class Pulls:
                 )
         pull = self._resumable(source, name)
         if pull is None:
-            pull = Pull(uuid.uuid4().hex[:8], source, name, self.root / "")
-            pull.folder = self.root / pull.id
+            pull_id = uuid.uuid4().hex[:8]
+            pull = Pull(pull_id, source, name, self.root / pull_id)
             pull.folder.mkdir(parents=True)
         else:
             log.info("pull %s: resuming %s into %s", pull.id, source.location, name)

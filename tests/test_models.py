@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import websockets
 
-from llmwsd import adminproto, modelmanager
+from llmwsd import adminproto, modelmanager, pull
 from llmwsd.app import Daemon
 from llmwsd.auth import TokenStore
 from llmwsd.errors import LLMWSError
@@ -710,3 +710,57 @@ async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory:
     pinned = await fake_daemon_factory(model={"path": str(pinned_path)})
     assert pinned.engine is not None and pinned.engine.info.name == "fake-model"
     assert (await pinned.model_manager.switch("second-model"))["remembered"] is False
+
+
+# -- sources and file choice (no daemon) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "location", "revision", "name"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M", "huggingface", "HuggingFaceTB/SmolLM2-135M", None, None),
+        ("https://huggingface.co/org/m/tree/v2", "huggingface", "org/m", "v2", "m"),
+        ("https://example.org/git/m.git", "git", "https://example.org/git/m.git", None, "m"),
+        ("git@example.org:org/m.git", "git", "git@example.org:org/m.git", None, "m"),
+        ("file:///srv/models/m", "git", "file:///srv/models/m", None, "m"),
+    ],
+)
+def test_sources_are_recognised(
+    text: str, kind: str, location: str, revision: str | None, name: str | None
+) -> None:
+    source = pull.parse_source(text)
+    assert (source.kind, source.location, source.revision) == (kind, location, revision)
+    assert source.default_name == (name or text.split("/")[-1])
+    assert source.host_access == (text.startswith(("git@", "file:")))
+
+
+@pytest.mark.parametrize("text", ["not a source", "", "relative/dir/x", "models/x.gguf", 7])
+def test_unusable_sources_are_refused(text: Any) -> None:
+    with pytest.raises(LLMWSError) as refused:
+        pull.parse_source(text)
+    assert refused.value.code == "bad_request"
+
+
+def test_only_the_files_a_model_needs_are_fetched() -> None:
+    repo = [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "onnx/model.onnx",
+        "original/consolidated.00.pth",
+        ".gitattributes",
+        "tokenizer.json",
+        "README.md",
+    ]
+    assert pull.needed_files(repo) == [
+        "README.md",
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    assert "pytorch_model.bin" in pull.needed_files(["config.json", "pytorch_model.bin"])
