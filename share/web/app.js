@@ -73,9 +73,15 @@ class Answer {
     this.scheduleRender();
   }
 
+  // Shows `message` beside the answer without ending it.
+  warn(message) {
+    this.error.replaceChildren(el("strong", "", errorText(message)), el("code", "", message.code || ""));
+    this.error.hidden = false;
+  }
+
   fail(message) {
     this.status = "failed";
-    this.error.replaceChildren(el("strong", "", errorText(message)), el("code", "", message.code || ""));
+    this.warn(message);
     if (this.prompt && RETRYABLE.has(message.code)) {
       const retry = el("button", "ghost small", "Ask again");
       retry.type = "button";
@@ -85,7 +91,6 @@ class Answer {
       });
       this.error.appendChild(retry);
     }
-    this.error.hidden = false;
     if (!this.text) this.body.replaceChildren();
     this.scheduleRender();
   }
@@ -296,6 +301,11 @@ const handlers = {
   },
 
   error(message) {
+    if (message.code === "events_dropped" && chat.active) {
+      // The server's buffer overflowed while this page was away: the answer goes on, with a gap.
+      chat.active.warn(message);
+      return;
+    }
     if (message.code === "unsupported" && message.request_id === undefined && !models.awaiting) {
       // e.g. resources on a server without them: that panel stays empty, the chat works.
       console.info("llmws:", message.message);

@@ -15,6 +15,7 @@ const ERROR_TEXT = {
   no_model: () => "The server has no model loaded.",
   interrupted: () => "The server restarted while answering; the answer stops here.",
   unsupported: (m) => `The server does not support this: ${m.message}`,
+  events_dropped: () => "Part of this answer was lost while the page was away (the server keeps a limited buffer).",
 };
 
 function el(tag, className, text) {
