@@ -285,8 +285,8 @@ class Client:
         while True:
             try:
                 ws, welcome = await self._open(self.session_id, self.last_seq)
-            except (Unauthorized, SessionLost):
-                raise
+            except Unauthorized:
+                raise  # trying again cannot help
             except LLMWSError as e:
                 if loop.time() + delay > deadline:
                     raise ConnectionLost(
