@@ -432,6 +432,8 @@ class Daemon:
             "server": f"llmwsd/{__version__}",
             "session_id": session.id,
             "resumed": resumed,
+            # The newest event's seq at this moment: what a resuming client's replay ends at.
+            "last_seq": session.next_seq - 1,
             "model": engine.info.name if engine else None,
             "model_state": self.model_state,
             "capabilities": engine.info.capabilities() if engine else {"device": self.device()},

@@ -25,6 +25,7 @@ async def test_welcome_shape(fake_daemon: Daemon):
     ws, welcome = await hello(fake_daemon)
     assert welcome["protocol"] == 1
     assert welcome["resumed"] is False
+    assert welcome["last_seq"] == 0
     assert welcome["model"] == "fake-model"
     assert welcome["capabilities"]["max_context"] == 4096
     for key in ("device", "total_gb", "free_gb"):
@@ -225,3 +226,17 @@ async def test_http_routes(fake_daemon):
             assert status == 404, path
 
     await check()
+
+
+async def test_resume_welcome_names_the_last_seq(fake_daemon):
+    ws, welcome = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "a b c"}}))
+    events = await recv_until(ws, {"done"})
+    await ws.close()
+    ws, again = await hello(
+        fake_daemon, session_id=welcome["session_id"], last_seq=events[1]["seq"]
+    )
+    assert again["resumed"] is True and again["last_seq"] == events[-1]["seq"]
+    replayed = await recv_until(ws, {"done"})
+    assert replayed == events[2:]
+    await ws.close()
