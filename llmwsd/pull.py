@@ -168,6 +168,7 @@ class Pull:
     followers: list[Progress] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None  # "cancel" or "shutdown", once asked
+    announce: Callable[[dict[str, Any]], None] | None = None  # stage changes, from any thread
     _stop: threading.Event = field(default_factory=threading.Event)
     _child: subprocess.Popen[bytes] | None = None
     _rate_start: tuple[float, int] | None = None  # (monotonic, done) when bytes started to flow
@@ -186,6 +187,8 @@ class Pull:
         self.check_stop()
         self.stage, self.message = stage, message
         log.info("pull %s: %s", self.id, message)
+        if self.announce is not None:
+            self.announce(self.progress())  # at once: a stage may end before the next report
 
     def start_file(self, name: str, size: int | None, already: int = 0) -> None:
         self.check_stop()
@@ -630,6 +633,12 @@ class Pulls:
         raise failure
 
     async def _run(self, pull: Pull) -> None:
+        loop = asyncio.get_running_loop()
+
+        def announce(progress: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._tell, pull, progress)
+
+        pull.announce = announce
         reporter = asyncio.create_task(self._report(pull))
         try:
             async with self._slots:
