@@ -59,6 +59,9 @@ def _number(key: str, value: Any, *, integer: bool = False) -> float:
         raise BadRequest(f"setting {key!r} must be a number")
     if integer and not isinstance(value, int):
         raise BadRequest(f"setting {key!r} must be an integer")
+    # Checked before any float(): an int beyond a float's range would raise OverflowError.
+    if isinstance(value, int) and abs(value) >= 2**63:
+        raise BadRequest(f"setting {key!r} is out of range")
     if not math.isfinite(value):
         raise BadRequest(f"setting {key!r} must be finite")
     return value

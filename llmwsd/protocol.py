@@ -46,6 +46,8 @@ GENERATION_TYPES = frozenset({"start", "token", "done", "error", "queued"})
 
 _LEGACY_SECTION = re.compile(r"<\|(system|user)\|>(.*?)(?:<\|end\|>|(?=<\|)|\Z)", re.DOTALL)
 _LEGACY_TAG = re.compile(r"<\|[a-z_]+\|>")
+# Where a surrogate may hide: a \uD800-\uDFFF escape (a valid pair is fine, a lone one is not).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def parse_legacy_prompt(text: str) -> dict[str, str]:
@@ -80,7 +82,19 @@ def decode_message(frame: str | bytes) -> dict[str, Any]:
         raise InvalidJSON(f"invalid JSON: {e}") from None
     if not isinstance(message, dict):
         raise BadRequest("a message must be a JSON object")
+    if _SURROGATE_ESCAPE.search(frame) and not _is_text(message):
+        # A lone surrogate cannot be encoded: echoed or stored, it would fail later, elsewhere.
+        raise BadRequest("invalid text: a lone surrogate escape (\\ud800-\\udfff)")
     return message
+
+
+def _is_text(message: dict[str, Any]) -> bool:
+    """Whether every string in ``message`` is valid Unicode (JSON escapes can make it not)."""
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_message(message: dict[str, Any]) -> str:
