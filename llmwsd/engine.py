@@ -5,9 +5,7 @@ engine thread takes the requests that arrived (tokenizes them, answers
 ``Started``), prefills the ones that fit into the batch, decodes one token for
 every running request in a single forward pass, and drops the ones that
 finished or were cancelled. The running requests share one left-padded KV cache
-(with an attention mask and per-row position ids); rows are appended on
-admission and removed on finish, so the cost of a step does not depend on how
-requests came and went. On the 2-core development CPU this beat transformers'
+(:mod:`llmwsd.batch`). On the 2-core development CPU this beat transformers'
 own continuous batching (``generate_batch``, built for CUDA paged attention) by
 about 1.6x for 8 prompts (bf16, greedy, 128 new tokens each).
 
@@ -30,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd import memory
+from llmwsd.batch import Batch, rows_can_join
 from llmwsd.config import Config
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
@@ -140,7 +137,7 @@ def template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-# -- requests and the running batch ---------------------------------------------------
+# -- requests -------------------------------------------------------------------------
 
 
 class GenerationHandle:
@@ -175,112 +172,6 @@ class _Generation:
     done: bool = False
 
 
-class _SpareRoomLayer(DynamicLayer):
-    """A DynamicLayer that appends into spare room instead of concatenating.
-
-    DynamicLayer copies the whole cache of its layer for every new token; here a
-    token is written in place and ``keys``/``values`` are views of the used part.
-    When someone replaces them (the batch adding or removing rows), the next
-    update moves them into a new buffer with room to grow.
-    """
-
-    _view: torch.Tensor | None = None
-    _key_room: torch.Tensor
-    _value_room: torch.Tensor
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = self.keys, self.values
-        assert keys is not None and values is not None
-        used = keys.shape[-2] if keys.dim() == 4 else 0
-        length = used + key_states.shape[-2]
-        if keys is not self._view or length > self._key_room.shape[-2]:
-            batch, heads, _, key_dim = key_states.shape
-            value_dim = value_states.shape[-1]
-            capacity = memory.cache_room(length)
-            self._key_room = key_states.new_empty(batch, heads, capacity, key_dim)
-            self._value_room = value_states.new_empty(batch, heads, capacity, value_dim)
-            if used:
-                self._key_room[:, :, :used] = keys
-                self._value_room[:, :, :used] = values
-        self._key_room[:, :, used:length] = key_states
-        self._value_room[:, :, used:length] = value_states
-        self.keys = self._view = self._key_room[:, :, :length]
-        self.values = self._value_room[:, :, :length]
-        return self.keys, self.values
-
-
-def new_cache(model_config: Any) -> DynamicCache:
-    """A model's DynamicCache whose full-attention layers append in place."""
-    cache = DynamicCache(config=model_config)
-    cache.layers = [
-        _SpareRoomLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
-    ]
-    if cache.layer_class_to_replicate is DynamicLayer:
-        cache.layer_class_to_replicate = _SpareRoomLayer
-    return cache
-
-
-class _Batch:
-    """Running requests sharing one left-padded KV cache.
-
-    ``next_tokens`` were sampled but are not in the cache yet; ``positions`` are
-    their position ids (the number of real tokens before them in each row).
-    """
-
-    def __init__(
-        self,
-        rows: list[_Generation],
-        cache: DynamicCache,
-        attention_mask: torch.Tensor,
-        positions: torch.Tensor,
-    ) -> None:
-        self.rows = rows
-        self.cache = cache
-        self.attention_mask = attention_mask
-        self.positions = positions
-        self.next_tokens = torch.zeros_like(positions)
-
-    def _layers(self) -> list[Any]:
-        # Layers a model never uses (shared KV) stay uninitialized and are skipped.
-        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
-
-    def keep(self, indices: list[int], trim: bool) -> None:
-        """Keep only these rows; ``trim``: cut the left padding no remaining row needs."""
-        index = torch.tensor(indices, device=self.positions.device)
-        self.rows = [self.rows[i] for i in indices]
-        self.attention_mask = self.attention_mask[index]
-        self.positions = self.positions[index]
-        self.next_tokens = self.next_tokens[index]
-        for layer in self._layers():
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        start = int(self.attention_mask.any(dim=0).int().argmax()) if trim else 0
-        if start > 0:
-            self.attention_mask = self.attention_mask[:, start:]
-            for layer in self._layers():
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-
-    def extend(self, other: _Batch) -> None:
-        """Append ``other``'s rows, padding the shorter cache on the left."""
-        length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-
-        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = length - t.shape[-dim_from_end]
-            return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
-
-        self.rows += other.rows
-        self.attention_mask = torch.cat([pad(self.attention_mask, 1), pad(other.attention_mask, 1)])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
-        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
-
-
 def _deliver(items: list[tuple[_Generation, GenerationEvent]]) -> None:
     """Run on the event loop: hand each event to its request's callback."""
     for generation, event in items:
@@ -312,11 +203,7 @@ class Engine:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
-        # Rows of different lengths can share a cache only when every layer keeps all
-        # tokens; sliding-window layers do not, so such models batch one wave at a time.
-        self._rows_can_join = all(
-            isinstance(layer, _SpareRoomLayer) for layer in new_cache(model.config).layers
-        )
+        self._rows_can_join = rows_can_join(model.config)
 
         self._wakeup = threading.Condition()
         self._inbox: list[_Generation] = []  # guarded by _wakeup
@@ -328,7 +215,7 @@ class Engine:
         self._closed = False
         # Engine thread only:
         self._waiting: collections.deque[_Generation] = collections.deque()
-        self._batch: _Batch | None = None
+        self._batch: Batch[_Generation] | None = None
         self._outbox: list[tuple[_Generation, GenerationEvent]] = []
         # Statistics, read from other threads:
         self._stats_lock = threading.Lock()
@@ -541,32 +428,17 @@ class Engine:
             elif len(keep) < len(batch.rows):
                 batch.keep(keep, trim=self._rows_can_join)
 
-    def _prefill(self, newcomers: list[_Generation]) -> _Batch | None:
+    def _prefill(self, newcomers: list[_Generation]) -> Batch[_Generation] | None:
         """Run the newcomers' prompts; return them as a batch with their first tokens."""
-        length = max(len(g.prompt_ids) for g in newcomers)
-        rows = [[self._pad_id] * (length - len(g.prompt_ids)) + g.prompt_ids for g in newcomers]
-        masks = [[0] * (length - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in newcomers]
         now = time.monotonic()
         for generation in newcomers:
             generation.admitted_at = now
         try:
-            input_ids = torch.tensor(rows, device=self._device)
-            attention_mask = torch.tensor(masks, device=self._device)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = new_cache(self._model.config)
-            output = self._model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1, :].float()
+            prompts = [g.prompt_ids for g in newcomers]
+            batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id)
         except Exception as e:
             self._step_failed(newcomers, "prefill", e)
             return None
-        batch = _Batch(newcomers, cache, attention_mask, attention_mask.sum(-1))
         self._advance(batch, logits)
         keep = [i for i, g in enumerate(batch.rows) if not g.done]
         if not keep:
@@ -575,25 +447,15 @@ class Engine:
             batch.keep(keep, trim=self._rows_can_join)
         return batch
 
-    def _decode(self, batch: _Batch) -> None:
+    def _decode(self, batch: Batch[_Generation]) -> None:
         """One token for every running request."""
         try:
-            attention_mask = F.pad(batch.attention_mask, (0, 1), value=1)
-            output = self._model(
-                input_ids=batch.next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=batch.positions[:, None],
-                cache=batch.cache,
-                use_cache=True,
-            )
-            logits = output.logits[:, -1, :].float()
+            logits = batch.decode(self._model)
         except Exception as e:
             # The cache may be half updated: every row of the batch is lost.
             self._batch = None
             self._step_failed(batch.rows, "decoding step", e)
             return
-        batch.attention_mask = attention_mask
-        batch.positions = batch.positions + 1
         self._advance(batch, logits)
         self._drop_done()
 
@@ -604,7 +466,7 @@ class Engine:
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _advance(self, batch: _Batch, logits: torch.Tensor) -> None:
+    def _advance(self, batch: Batch[_Generation], logits: torch.Tensor) -> None:
         """Sample every row's next token, stream its text, finish the rows that are done."""
         samplers: list[TokenSampler] = []
         for generation in batch.rows:
