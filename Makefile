@@ -41,5 +41,29 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llmwsd llmwsctl
 
+# The Debian package, built from a copy of the sources: dpkg-buildpackage writes
+# its results beside the tree it builds, here build/deb/. Needs debhelper,
+# help2man, python3-venv and lintian (apt-get install).
+DEB_DIR := build/deb
+DEB_SOURCES := pyproject.toml constraints.txt llmwsd llmwsctl etc share packaging $(wildcard README.md LICENSE)
+
+deb:
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/llmws
+	cp -r $(DEB_SOURCES) $(DEB_DIR)/llmws/
+	cp -r packaging/debian $(DEB_DIR)/llmws/debian
+	find $(DEB_DIR)/llmws -name __pycache__ -prune -exec rm -rf {} +
+	cd $(DEB_DIR)/llmws && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error,warning $(DEB_DIR)/llmws_*.changes
+	@ls -l $(DEB_DIR)/*.deb
+
+# Boots systemd in a fresh Debian 12 root, installs the package there and drives
+# the service (root only; see tests/system/).
+system-test: deb
+	LLMWS_DEB=$$(ls $(DEB_DIR)/llmws_*.deb) $(BIN)/python -m pytest -m system tests/system $(PYTEST_ARGS)
+
+bench: venv model
+	$(BIN)/python bench/bench.py
+
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
