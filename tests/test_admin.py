@@ -190,6 +190,7 @@ def test_models_both_modes(sock: Path, alias: str) -> None:
     assert human[0].split() == [
         "NAME",
         "SIZE",
+        "PARAMS",
         "MODIFIED",
         "ARCHITECTURE",
         "CONTEXT",
