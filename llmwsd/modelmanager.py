@@ -244,15 +244,18 @@ class ModelManager:
             return {"removed": name, "path": str(entry.path), "size_bytes": entry.size_bytes}
 
     async def _leave(self, entry: models.ModelEntry, progress: Progress) -> None:
-        """Stop serving ``entry`` for rm --force: switch to another model, or unload."""
+        """Stop serving ``entry`` for rm --force: switch to another model that loads, or unload."""
         others = [
             e
             for e in await asyncio.to_thread(models.scan, self.daemon.config.model_dirs)
             if e.path.resolve() != entry.path.resolve()
         ]
-        if others:
-            await self.switch(others[0].name, progress)
-            return
+        for other in others:
+            try:
+                await self.switch(other.name, progress)
+                return
+            except InternalError as e:  # that one does not load: try the next
+                progress({"stage": "loading", "message": e.message})
         daemon = self.daemon
         async with self._exclusive("rm"):
             engine, daemon.engine = daemon.engine, None

@@ -697,6 +697,14 @@ async def test_a_failed_load_after_unloading_reloads_the_old_model(
     assert fake_daemon.model_state == "ready"
 
 
+async def test_rm_force_of_the_only_model_unloads_it(fake_daemon: Daemon) -> None:
+    folder = fake_daemon.config.model_dirs[0] / "fake-model"  # a configured folder, loaded
+    result = await fake_daemon.model_manager.remove("fake-model", force=True)
+    assert result["removed"] == "fake-model" and not folder.exists()
+    assert fake_daemon.engine is None and fake_daemon.model_state == "none"
+    assert os.listdir(folder.parent) == []
+
+
 async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory: Any) -> None:
     first = await fake_daemon_factory()
     add_fake_model(first, "second-model")
