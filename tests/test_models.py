@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import websockets
 
-from llmwsd import adminproto, modelmanager, pull
+from llmwsd import adminproto, fetch, modelmanager
 from llmwsd.app import Daemon
 from llmwsd.auth import TokenStore
 from llmwsd.errors import LLMWSError
@@ -736,7 +736,7 @@ async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory:
 def test_sources_are_recognised(
     text: str, kind: str, location: str, revision: str | None, name: str | None
 ) -> None:
-    source = pull.parse_source(text)
+    source = fetch.parse_source(text)
     assert (source.kind, source.location, source.revision) == (kind, location, revision)
     assert source.default_name == (name or text.split("/")[-1])
     assert source.host_access == (text.startswith(("git@", "file:")))
@@ -745,7 +745,7 @@ def test_sources_are_recognised(
 @pytest.mark.parametrize("text", ["not a source", "", "relative/dir/x", "models/x.gguf", 7])
 def test_unusable_sources_are_refused(text: Any) -> None:
     with pytest.raises(LLMWSError) as refused:
-        pull.parse_source(text)
+        fetch.parse_source(text)
     assert refused.value.code == "bad_request"
 
 
@@ -763,7 +763,7 @@ def test_only_the_files_a_model_needs_are_fetched() -> None:
         "tokenizer.json",
         "README.md",
     ]
-    assert pull.needed_files(repo) == [
+    assert fetch.needed_files(repo) == [
         "README.md",
         "config.json",
         "model-00001-of-00002.safetensors",
@@ -771,4 +771,4 @@ def test_only_the_files_a_model_needs_are_fetched() -> None:
         "model.safetensors.index.json",
         "tokenizer.json",
     ]
-    assert "pytorch_model.bin" in pull.needed_files(["config.json", "pytorch_model.bin"])
+    assert "pytorch_model.bin" in fetch.needed_files(["config.json", "pytorch_model.bin"])
