@@ -177,9 +177,9 @@ class Pull:
         if self.announce is not None:
             self.announce(self.progress())  # at once: a stage may end before the next report
 
-    def start_file(self, name: str, size: int | None, already: int = 0) -> None:
+    def start_file(self, name: str, size: int | None) -> None:
         self.check_stop()
-        self.file, self.file_total, self.file_done = name, size, already
+        self.file, self.file_total, self.file_done = name, size, 0
 
     def add_bytes(self, n: int) -> None:
         """Count ``n`` more bytes of the current file (negative when a transfer restarts)."""

@@ -101,9 +101,6 @@ class Pulls:
                 raise BadRequest(
                     f"{source.default_name[:80]!r} is not a usable model name: give one with --name"
                 ) from None
-        for other in self.running.values():
-            if other.name == name:
-                raise Busy(f"{name} is already being pulled (pull {other.id})")
         catalogue = await asyncio.to_thread(models.scan, self.config.model_dirs)
         for entry in catalogue:
             if entry.name == name:
@@ -111,6 +108,10 @@ class Pulls:
                     f"a model named {name} already exists in {entry.source}: "
                     "pick another --name, or llmwsctl rm it first"
                 )
+        # No await from here until the pull is registered: a second one sees it.
+        for other in self.running.values():
+            if other.name == name:
+                raise Busy(f"{name} is already being pulled (pull {other.id})")
         pull = self._resumable(source, name)
         if pull is None:
             pull_id = uuid.uuid4().hex[:8]
@@ -255,6 +256,8 @@ class Pulls:
             if pull.stage == "downloading" and time.monotonic() - logged >= LOG_INTERVAL_S:
                 logged = time.monotonic()
                 log.info("pull %s: %s", pull.id, describe_progress(progress))
+                # So that `llmwsctl pulls` after a crash says how far it got.
+                await asyncio.to_thread(pull.save)
 
     @staticmethod
     def _tell(pull: Pull, progress: dict[str, Any]) -> None:
