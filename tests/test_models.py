@@ -403,6 +403,25 @@ def test_pull_cancelled_halfway_leaves_nothing(idle: RunningDaemon, slow_lfs: Pa
     assert unknown.returncode == 1 and f"no pull {pull_id}" in unknown.stderr
 
 
+def test_several_pulls_run_at_once_each_with_its_id(idle: RunningDaemon, slow_lfs: Path) -> None:
+    sock = idle_sock(idle)
+    source = f"file://{slow_lfs}"
+    ids = [ctl_json(sock, "pull", source, "--name", n, "--detach")["id"] for n in ("one", "two")]
+    same = ctl(sock, "pull", source, "--name", "one")
+    assert same.returncode == 1 and f"one is already being pulled (pull {ids[0]})" in same.stderr
+
+    def both_downloading() -> bool:
+        pulls = ctl_json(sock, "pulls")
+        return [p["id"] for p in pulls] == ids and all(p["done"] > 0 for p in pulls)
+
+    wait_for(both_downloading, 60, "two pulls downloading")
+    listing = ctl(sock, "pulls").stdout
+    assert ids[0] in listing and ids[1] in listing and "running" in listing
+    for pull_id in ids:
+        assert ctl(sock, "pull", "--cancel", pull_id).returncode == 0
+    assert ctl_json(sock, "pulls") == [] and staging(idle) == []
+
+
 def test_pull_interrupted_by_a_restart_is_listed_and_resumes(
     idle: RunningDaemon, slow_lfs: Path
 ) -> None:
