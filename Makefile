@@ -9,7 +9,7 @@ MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
 DEV_CONFIG := etc/llmws/dev.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv model run test lint bench deb system-test soak clean
+.PHONY: all venv model git-lfs run test lint bench deb system-test soak clean
 
 all: venv model
 
@@ -29,11 +29,17 @@ model: $(DEFAULT_MODEL)/config.json
 $(DEFAULT_MODEL)/config.json: | $(VENV)/.installed
 	$(BIN)/python -m llmwsd.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
 
+# `llmwsctl pull` of git repositories needs git-lfs: Debian's package, installed as root
+# when missing (otherwise its tests are skipped and say why).
+git-lfs:
+	@git lfs version >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq git-lfs; } || echo "git-lfs is missing: apt-get install git-lfs"
+
 run: venv model
 	@echo "admin: $(BIN)/llmwsctl --socket var/run/admin.sock status"
 	$(BIN)/llmwsd --config $(DEV_CONFIG)
 
-test: venv model
+test: venv model git-lfs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
