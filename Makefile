@@ -42,6 +42,10 @@ run: venv model
 test: venv model git-lfs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The long load test: 64 clients chatting with the real model for 60 s (tests/test_load.py).
+soak: venv model
+	LLMWS_SOAK=1 $(BIN)/python -m pytest tests/test_load.py -k soak $(PYTEST_ARGS)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
