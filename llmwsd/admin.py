@@ -111,6 +111,7 @@ class AdminServer:
         self.server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._connections: set[asyncio.Task[None]] = set()
+        self._restoring: asyncio.Task[None] | None = None
         self.handlers: dict[str, Handler] = {
             adminproto.STATUS: self.on_status,
             adminproto.MODELS: self.on_models,
@@ -132,6 +133,9 @@ class AdminServer:
     # -- the socket ------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._listen()
+
+    async def _listen(self) -> None:
         claim_socket_path(self.path)
         self.server = await asyncio.start_unix_server(
             self._serve, path=str(self.path), limit=adminproto.MAX_REQUEST_LINE
@@ -142,6 +146,33 @@ class AdminServer:
         stat = self.path.stat()
         self._identity = (stat.st_dev, stat.st_ino)
         log.info("admin socket %s (mode 0660, gid %d)", self.path, os.getegid())
+
+    def reload(self) -> None:
+        """On reload (SIGHUP): listen again if our socket file was removed or replaced.
+
+        A tmpfiles cleaner or an operator's ``rm`` can take the file away; the
+        listening socket lives on unreachable, and llmwsctl needs a way back in.
+        """
+        if self.server is None or self._restoring is not None:
+            return
+        try:
+            stat = self.path.stat()
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        log.warning("the admin socket %s was removed or replaced: creating it again", self.path)
+        self._restoring = asyncio.create_task(self._restore())
+
+    async def _restore(self) -> None:
+        assert self.server is not None
+        self.server.close()  # the lost file's listener; its open connections carry on
+        try:
+            await self._listen()
+        except OSError as e:
+            log.error("cannot create the admin socket %s again: %s", self.path, e)
+        finally:
+            self._restoring = None
 
     async def close(self) -> None:
         if self.server is None:

@@ -199,6 +199,7 @@ class Daemon:
             self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart
+        self.admin.reload()
         try:
             self.server.reload_credentials()
         except (OSError, ValueError, LLMWSError) as e:
