@@ -12,6 +12,7 @@ import grp
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,8 +210,9 @@ def test_resources_both_modes(sock: Path) -> None:
     assert report["engine"]["model"] == DEFAULT_MODEL.name
     human = ctl(sock, "resources").stdout
     assert "cores" in human and "GiB used of" in human
-    assert f"model   {DEFAULT_MODEL.name} (" in human
-    assert "generating" in human
+    assert re.search(rf"^model +{DEFAULT_MODEL.name} \(", human, re.MULTILINE)
+    assert re.search(r"^context +\d+ tokens, KV cache .* per token", human, re.MULTILINE)
+    assert "no GPU" in human and "generating" in human
 
 
 def test_resources_watch_refreshes_until_interrupted(sock: Path) -> None:
