@@ -21,6 +21,7 @@ import pytest
 from llmwsctl.client import Client, ConnectionLost, SessionLost, SyncClient
 from llmwsd.app import Daemon
 from llmwsd.errors import (
+    BadRequest,
     Busy,
     ContextTooLong,
     EventsDropped,
@@ -28,7 +29,6 @@ from llmwsd.errors import (
     Interrupted,
     LLMWSError,
     Unauthorized,
-    Unsupported,
 )
 from tests.conftest import ROOT, RunningDaemon, ws_url
 
@@ -277,11 +277,10 @@ async def test_model_management_where_allowed(fake_daemon_factory, tmp_path):
     _, admin = daemon.server.gate.auth.admin.add("admin")
     async with Client(ws_url(daemon), token=admin) as client:
         assert [m["name"] for m in await client.list_models()] == ["fake-model"]
-        try:
-            reply = await client.switch_model("fake-model")
-        except Unsupported:
-            pytest.xfail("model management on the public port is not built yet (issue 5)")
+        reply = await client.switch_model("fake-model")
         assert reply["type"] == "model_switched"
+        with pytest.raises(BadRequest):
+            await client.delete_model("../fake-model")
 
 
 # -- the real model ----------------------------------------------------------------------
