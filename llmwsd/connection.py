@@ -100,7 +100,7 @@ class JsonConnection:
         except Busy as e:
             # Every session slot is in use: no session to welcome into (1013: try again later).
             await self.send_error(e)
-            await self.ws.close(1013, "too many sessions")
+            await self.ws.close(1013, e.message[:120])
             return
         self.session = session
         log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")

@@ -61,6 +61,9 @@ RECORD_INDEX = struct.Struct(">Q")
 LOG_NAME = "log"
 COMPACTING_NAME = "log.new"
 LOCK_NAME = ".lock"
+# New sessions are refused below this much free space: one that cannot be written would
+# vanish at the next restart without its client being told.
+MIN_FREE_BYTES = 1024 * 1024
 
 
 class LogCorrupt(Exception):
@@ -299,6 +302,15 @@ class SessionFiles:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+    def out_of_room(self) -> bool:
+        """Whether the sessions' file system is (nearly) full: one statvfs, cheap on the loop."""
+        try:
+            stats = os.statvfs(self.folder)
+        except OSError:
+            log.error("cannot check the free space of %s", self.folder, exc_info=True)
+            return False  # the writes themselves will tell
+        return stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES
 
     # -- what the event loop queues ----------------------------------------------------
 

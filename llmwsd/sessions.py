@@ -448,6 +448,11 @@ class SessionStore:
 
     def create(self, token_id: str | None = None) -> Session:
         """A new session; at the cap, the longest idle one makes room, or Busy."""
+        if self.files is not None and self.files.out_of_room():
+            log.warning("refusing a new session: %s is full", self.files.folder)
+            raise Busy(
+                "the server's state folder is full: no new session can be stored; try again later"
+            )
         if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
             raise Busy(
                 f"all {self.config.max_sessions} sessions are in use (connected or generating); "
