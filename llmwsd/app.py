@@ -181,7 +181,8 @@ class Daemon:
         else:
             needs_restart = [
                 name
-                for name in ("server", "paths", "model", "engine")
+                # Read once at start (the gate, admission and the listener keep them).
+                for name in ("server", "paths", "model", "engine", "memory", "limits", "api")
                 if getattr(new, name) != getattr(self.config, name)
             ]
             if needs_restart:
