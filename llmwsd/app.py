@@ -289,7 +289,7 @@ class Daemon:
             request = GenerationRequest(messages, settings, running.request_id)
             ticket = await self.submit(request, on_event, on_queued, tokens)
         except BaseException:
-            session.running = None
+            session.abandon_generation(running)
             raise
         granted = ticket.request.settings.max_new_tokens
         if granted < settings.max_new_tokens:

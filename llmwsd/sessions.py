@@ -53,6 +53,7 @@ class RunningGeneration:
     requested_max_tokens: int = 0  # set when max_new_tokens was lowered to fit the context
     on_disk: bool = False  # its "begin" record is written: a restart ends it `interrupted`
     cancel_requested: bool = False
+    previous_system: str = ""  # put back when the generation is refused before it starts
 
     def request_cancel(self) -> None:
         """Cancel for the client or the operator; any other cancellation is an interruption."""
@@ -209,12 +210,29 @@ class Session:
         """Reserve the session for one generation; a second one at a time is Busy."""
         if self.running is not None:
             raise Busy("a generation is already running in this session: cancel it or wait")
+        previous_system = self.system
         if system:
             self.system = system
             self.store.record(self, {"kind": "system", "content": system})
         self.requests += 1
-        self.running = RunningGeneration(f"r{self.requests}", user_text)
+        self.running = RunningGeneration(
+            f"r{self.requests}", user_text, previous_system=previous_system
+        )
         return self.running
+
+    def abandon_generation(self, running: RunningGeneration) -> None:
+        """Undo :meth:`begin_generation` for a request refused before it started.
+
+        A refusal (busy, context_too_long) must not change the session: the
+        system message it brought is withdrawn and its request id is free again.
+        """
+        if self.running is not running:
+            return
+        self.running = None
+        self.requests -= 1
+        if self.system != running.previous_system:
+            self.system = running.previous_system
+            self.store.record(self, {"kind": "system", "content": self.system})
 
     def on_generation_event(self, running: RunningGeneration, event: GenerationEvent) -> None:
         """Turn an engine event into a buffered protocol event (runs on the event loop)."""
