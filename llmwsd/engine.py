@@ -375,6 +375,8 @@ class Engine:
         room = self.max_batch_size - running if self._rows_can_join or not running else 0
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         fresh = self._prefill(newcomers) if newcomers else None
+        # The newcomers' first tokens go out now, not after the running rows' step.
+        self._flush_events()
         tokens = len(newcomers)
         if self._batch is not None:
             tokens += len(self._batch.rows)

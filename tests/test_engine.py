@@ -436,3 +436,75 @@ async def test_a_raising_callback_does_not_hurt_others(engine):
     engine.submit(GenerationRequest([{"role": "user", "content": PARIS}], GREEDY), broken)
     run = await generate(engine, PARIS)
     assert "Paris" in run.text
+
+
+# -- fairness ---------------------------------------------------------------------------
+
+
+def record_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """After every engine step, the request ids in the running batch, in row order."""
+    steps: list[list[str]] = []
+    step = engine._step
+
+    def recorded(arrived: Any) -> None:
+        step(arrived)
+        batch = engine._batch
+        steps.append([g.handle.request_id for g in batch.rows] if batch is not None else [])
+
+    monkeypatch.setattr(engine, "_step", recorded)
+    return steps
+
+
+def fixed_length(content: str, tokens: int, request_id: str) -> GenerationRequest:
+    settings = dataclasses.replace(GREEDY, max_new_tokens=tokens, min_new_tokens=tokens)
+    return GenerationRequest([{"role": "user", "content": content}], settings, request_id)
+
+
+async def test_a_newcomer_joins_the_step_after_a_slot_frees(engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_batch_size", 2)
+    steps = record_steps(engine, monkeypatch)
+    runs = {name: Run() for name in ("long", "short", "newcomer")}
+    engine.submit(fixed_length("Tell me a story.", 30, "long"), runs["long"].on_event)
+    engine.submit(fixed_length("Count to ten.", 6, "short"), runs["short"].on_event)
+    while not steps or len(steps[-1]) < 2:
+        await asyncio.sleep(0.01)
+    engine.submit(fixed_length(PARIS, 4, "newcomer"), runs["newcomer"].on_event)
+    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 120)
+
+    assert all(len(rows) <= 2 for rows in steps)
+    # The short one leaves at the end of the step after which it was last seen; the newcomer
+    # fills its slot in the next step.
+    freed = max(i for i, rows in enumerate(steps) if "short" in rows) + 1
+    assert steps[freed] == ["long"], steps
+    assert steps[freed + 1] == ["long", "newcomer"], steps
+    assert all(r.end.finish_reason == "length" for r in runs.values())
+
+
+async def test_a_long_request_does_not_starve_short_ones(engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_batch_size", 2)
+    steps = record_steps(engine, monkeypatch)
+    order: list[str] = []
+    runs: dict[str, Run] = {}
+
+    def track(name: str):
+        def on_event(event: GenerationEvent) -> None:
+            if isinstance(event, Finished):
+                order.append(name)
+            runs[name].on_event(event)
+
+        return on_event
+
+    names = ["long", "short1", "short2", "short3", "short4"]
+    for name in names:
+        runs[name] = Run()
+        tokens = 40 if name == "long" else 4
+        engine.submit(fixed_length(f"Say something, {name}.", tokens, name), track(name))
+    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 120)
+
+    # The short ones take turns in the free slot while the long one keeps going.
+    assert order == ["short1", "short2", "short3", "short4", "long"]
+    long_steps = [i for i, rows in enumerate(steps) if "long" in rows]
+    assert long_steps == list(range(long_steps[0], long_steps[-1] + 1))  # never left out
+    first_rows = [rows[-1] for rows in steps if len(rows) == 2]
+    assert [name for i, name in enumerate(first_rows) if name not in first_rows[:i]] == names[1:]
+    assert all(r.end.total_tokens == (40 if n == "long" else 4) for n, r in runs.items())
