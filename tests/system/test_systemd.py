@@ -136,6 +136,8 @@ def test_start_returns_once_the_model_is_loaded(root: SystemdRoot) -> None:
     assert state["StatusText"].startswith(f"serving {MODEL_NAME} on cpu"), state
     assert journal_line(root, f": loaded {MODEL_NAME} on cpu", 6)
     assert journal_line(root, r": listening on ws://", 6)
+    # Every line is text (a progress bar's carriage returns would make a binary entry).
+    assert all(isinstance(entry["MESSAGE"], str) for entry in journal(root))
 
 
 def test_llmwsctl_for_root_and_the_llmws_group_only(root: SystemdRoot) -> None:
@@ -200,9 +202,16 @@ def test_upgrade_restarts_the_service_and_keeps_sessions(root: SystemdRoot) -> N
     assert "Bob" in json.dumps(again["history"])
 
 
-def test_stop_drains_and_exits_cleanly(root: SystemdRoot) -> None:
+def test_stop_drains_a_running_answer_and_exits_cleanly(root: SystemdRoot) -> None:
+    started = root.root / "root" / "long-answer-started"
+    long_answer = f"{VENV_PYTHON} /root/ws_client.py --prompt 'Count from 1 to 1000.'"
+    long_answer += f" --max-new-tokens 4000 --started-file /{started.relative_to(root.root)}"
+    root.run(["sh", "-c", f"{long_answer} >/root/long-answer.json 2>&1 &"])
+    wait_for("the long answer to start", started.exists, 120)
     root.run(["systemctl", "stop", "llmws"])
-    # Past TimeoutStopSec systemd would SIGKILL it and record Result=timeout.
+    assert journal_line(root, ": draining running generations", 6)
+    # Past TimeoutStopSec (30 s, well above the 10 s drain) systemd would have
+    # sent SIGKILL and recorded Result=timeout.
     state = unit(root, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert state == {
         "ActiveState": "inactive",
