@@ -45,6 +45,9 @@ def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
         },
         "models": {"dirs": [str(DEFAULT_MODEL.parent)]},
         "generation_defaults": {"do_sample": False, "max_new_tokens": 64},
+        # A short activation probe keeps each test daemon's start quick; test_memory
+        # measures with the real default.
+        "memory": {"probe_tokens": 64},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

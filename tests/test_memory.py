@@ -389,7 +389,7 @@ def small_budget_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
     daemon = RunningDaemon(
         folder,
         env=env,
-        memory={"budget_mb": BUDGET_MB},
+        memory={"budget_mb": BUDGET_MB, "probe_tokens": 512},  # the default probe
         limits={"max_queue": 4},
         generation_defaults={"do_sample": False, "max_new_tokens": 8},
     ).start(timeout=280)
