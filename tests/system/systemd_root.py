@@ -11,11 +11,13 @@ with ``cgroup.kill`` and so every mount with the mount namespace.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -125,6 +127,13 @@ def own_cgroup2() -> tuple[Path, Path]:
     return mount_point, Path(own.lstrip("/"))
 
 
+def _die_with_parent() -> None:
+    """Should the test process be killed outright, unshare gets SIGKILL, and with
+    --kill-child so does the root's PID 1: the namespaces and their mounts go."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class SystemdRoot:
     """A booted root; use as a context manager so that it is always torn down."""
 
@@ -155,19 +164,21 @@ class SystemdRoot:
         self._cgroup.mkdir()
         self.console.touch()
         # The shell moves itself into the new cgroup before it becomes unshare.
-        self._unshare = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                'echo $$ > "$0/cgroup.procs" && exec "$@"',
-                self._cgroup,
-                *("unshare", "--pid", "--fork", "--mount", "--cgroup", "--uts", "--ipc", "--net"),
-                *("--kill-child", "sh", BOOT_SCRIPT, self.root, self.console),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self.console.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with self.console.open("ab") as console:
+            self._unshare = subprocess.Popen(
+                [
+                    "sh",
+                    "-c",
+                    'echo $$ > "$0/cgroup.procs" && exec "$@"',
+                    self._cgroup,
+                    *("unshare", "--pid", "--fork", "--mount", "--cgroup", "--uts", "--ipc"),
+                    *("--net", "--kill-child", "sh", BOOT_SCRIPT, self.root, self.console),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + timeout
         while self.pid is None:
             if self._unshare.poll() is not None or time.monotonic() > deadline:

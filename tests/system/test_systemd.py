@@ -124,11 +124,11 @@ def test_security_exposure_is_ok(root: SystemdRoot) -> None:
 
 
 def test_start_returns_once_the_model_is_loaded(root: SystemdRoot) -> None:
-    # The package started the service with no model yet; add the model, as an admin does.
-    root.run(["systemctl", "stop", "llmws"])
+    # The package started the service with no model yet; add one as docs/install.md says.
+    assert unit(root, "StatusText")["StatusText"].startswith("no model")
     shutil.copytree(MODEL, root.root / "var/lib/llmws/models" / MODEL_NAME)
-    root.run(["chown", "-R", "llmws:llmws", f"/var/lib/llmws/models/{MODEL_NAME}"])
-    root.run(["systemctl", "start", "llmws"], timeout=600)
+    root.run(["chown", "-R", "llmws:llmws", "/var/lib/llmws/models"])
+    root.run(["systemctl", "restart", "llmws"], timeout=600)
     # No polling: READY=1 came after the load, so the state is final already.
     assert root.run(["systemctl", "is-active", "llmws"]).stdout.strip() == "active"
     state = unit(root, "StatusText", "SubState")
