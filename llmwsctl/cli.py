@@ -77,16 +77,21 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def show(args: argparse.Namespace, result: Any, render: Callable[[Any], str]) -> int:
+    """Print ``result`` as JSON with --json, else as ``render`` puts it for people."""
+    if wants_json(args):
+        print_json(result)
+    else:
+        print(render(result))
+    return EXIT_OK
+
+
 # -- commands ----------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = call(args, adminproto.STATUS)
-    if wants_json(args):
-        print_json(status)
-        return EXIT_OK
-    print(render_status(status))
-    return EXIT_OK
+    return show(args, status, render_status)
 
 
 def render_status(s: dict[str, Any]) -> str:
@@ -208,11 +213,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             return 130
         finally:
             printer.finish()
-    if wants_json(args):
-        print_json(result)
-    else:
-        print(f"pulled {result['name']} into {result['path']} ({fmt.size(result['size_bytes'])})")
-    return EXIT_OK
+    return show(
+        args, result, lambda r: f"pulled {r['name']} into {r['path']} ({fmt.size(r['size_bytes'])})"
+    )
 
 
 def cmd_pulls(args: argparse.Namespace) -> int:
@@ -252,11 +255,9 @@ def usage_error(command: str, message: str) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     cmd_args: dict[str, Any] = {"model": args.model, "force": args.force}
     result = call(args, adminproto.RM, cmd_args, long_running=args.force)
-    if wants_json(args):
-        print_json(result)
-    else:
-        print(f"removed {result['removed']} ({fmt.size(result.get('size_bytes'))} freed)")
-    return EXIT_OK
+    return show(
+        args, result, lambda r: f"removed {r['removed']} ({fmt.size(r.get('size_bytes'))} freed)"
+    )
 
 
 def cmd_resources(args: argparse.Namespace) -> int:
@@ -364,11 +365,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_session_drop(args: argparse.Namespace) -> int:
     result = call(args, adminproto.SESSION_DROP, {"id": args.id})
-    if wants_json(args):
-        print_json(result)
-    else:
-        print(f"dropped session {result['dropped']}")
-    return EXIT_OK
+    return show(args, result, lambda r: f"dropped session {r['dropped']}")
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
@@ -391,22 +388,17 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 def cmd_token_add(args: argparse.Namespace) -> int:
     result = call(args, adminproto.TOKEN_ADD, {"name": args.name, "admin": args.admin})
-    if wants_json(args):
-        print_json(result)
-        return EXIT_OK
-    kind = "admin token" if result["admin"] else "token"
-    print(f"{kind} {result['name']} ({result['id']}); it is shown this once, keep it safe:")
-    print(result["token"])
-    return EXIT_OK
+
+    def render(r: dict[str, Any]) -> str:
+        kind = "admin token" if r["admin"] else "token"
+        return f"{kind} {r['name']} ({r['id']}); it is shown this once, keep it safe:\n{r['token']}"
+
+    return show(args, result, render)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     result = call(args, adminproto.TOKEN_REVOKE, {"name": args.name})
-    if wants_json(args):
-        print_json(result)
-    else:
-        print(f"revoked token {result['name']} ({result['id']})")
-    return EXIT_OK
+    return show(args, result, lambda r: f"revoked token {r['name']} ({r['id']})")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
