@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,6 +33,8 @@ MODEL_NAME = MODEL.name
 CLIENT = Path(__file__).with_name("ws_client.py")
 VENV_PYTHON = "/usr/lib/llmws/bin/python"
 
+T = TypeVar("T")
+
 
 def why_not_runnable() -> str | None:
     if os.geteuid() != 0:
@@ -44,6 +47,10 @@ def why_not_runnable() -> str | None:
         return str(e)
     if not (MODEL / "config.json").exists():
         return f"no default model at {MODEL} (make model)"
+    build_tools = ("dpkg-buildpackage", "dh", "help2man", "lintian")
+    missing = [t for t in build_tools if not shutil.which(t)]
+    if missing and not os.environ.get("LLMWS_DEB"):
+        return f"make deb needs {', '.join(missing)} (apt-get install debhelper help2man lintian)"
     return None
 
 
@@ -73,7 +80,7 @@ def root() -> Iterator[SystemdRoot]:
             out.write_text(booted.run(["journalctl", "--no-pager", "-b"], check=False).stdout)
 
 
-def wait_for(what: str, check, timeout: float = 300):  # type: ignore[no-untyped-def]
+def wait_for(what: str, check: Callable[[], T], timeout: float = 300) -> T:
     """Poll ``check()`` until it returns something true; bounded in time."""
     deadline = time.monotonic() + timeout
     while not (result := check()):
@@ -101,7 +108,7 @@ def journal_line(root: SystemdRoot, pattern: str, priority: int) -> dict[str, st
     return None
 
 
-def ask(root: SystemdRoot, *args: str) -> dict:  # type: ignore[type-arg]
+def ask(root: SystemdRoot, *args: str) -> dict[str, Any]:
     out = root.run([VENV_PYTHON, "/root/ws_client.py", *args], timeout=600).stdout
     return json.loads(out)
 
