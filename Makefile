@@ -9,7 +9,7 @@ MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
 DEV_CONFIG := etc/llmws/dev.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv model git-lfs run test lint bench deb system-test soak clean
+.PHONY: all venv model test-deps run test lint bench deb deb-package system-test soak clean
 
 all: venv model
 
@@ -29,18 +29,27 @@ model: $(DEFAULT_MODEL)/config.json
 $(DEFAULT_MODEL)/config.json: | $(VENV)/.installed
 	$(BIN)/python -m llmwsd.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
 
-# `llmwsctl pull` of git repositories needs git-lfs: Debian's package, installed as root
-# when missing (otherwise its tests are skipped and say why).
-git-lfs:
-	@git lfs version >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		apt-get install -y -qq git-lfs; } || echo "git-lfs is missing: apt-get install git-lfs"
+# Debian packages some tests need: git-lfs (pulls), and for the package and the
+# systemd system test debootstrap, debhelper, help2man, lintian, python3-venv.
+# Installed when missing and running as root; otherwise those tests say why they skip.
+# (The browser tests install chromium themselves, the same way.)
+TEST_PACKAGES := git-lfs debootstrap debhelper help2man lintian python3-venv
+test-deps:
+	@missing=""; for p in $(TEST_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	else echo "not installed:$$missing (the tests that need them are skipped)"; fi
 
 run: venv model
 	@echo "admin: $(BIN)/llmwsctl --socket var/run/admin.sock status"
 	$(BIN)/llmwsd --config $(DEV_CONFIG)
 
-test: venv model git-lfs
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Everything but the systemd system test, then that one too when running as root.
+test: venv model test-deps
+	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory system-test; \
+	else echo "the systemd system test needs root: skipped (make system-test)"; fi
 
 # The long load test: 64 clients chatting with the real model for 60 s (tests/test_load.py).
 soak: venv model
@@ -57,19 +66,22 @@ lint: venv
 DEB_DIR := build/deb
 DEB_SOURCES := pyproject.toml constraints.txt llmwsd llmwsctl etc share packaging $(wildcard README.md LICENSE)
 
-deb:
+deb: deb-package
+	lintian --fail-on error,warning $(DEB_DIR)/llmws_*.changes
+	@ls -l $(DEB_DIR)/*.deb
+
+# The package without the lintian pass (minutes of CPU), for the system test.
+deb-package:
 	rm -rf $(DEB_DIR)
 	mkdir -p $(DEB_DIR)/llmws
 	cp -r $(DEB_SOURCES) $(DEB_DIR)/llmws/
 	cp -r packaging/debian $(DEB_DIR)/llmws/debian
 	find $(DEB_DIR)/llmws -name __pycache__ -prune -exec rm -rf {} +
 	cd $(DEB_DIR)/llmws && dpkg-buildpackage -us -uc -b
-	lintian --fail-on error,warning $(DEB_DIR)/llmws_*.changes
-	@ls -l $(DEB_DIR)/*.deb
 
 # Boots systemd in a fresh Debian 12 root, installs the package there and drives
 # the service (root only; see tests/system/).
-system-test: deb
+system-test: venv model test-deps deb-package
 	LLMWS_DEB=$$(ls $(DEB_DIR)/llmws_*.deb) $(BIN)/python -m pytest -m system tests/system $(PYTEST_ARGS)
 
 bench: venv model

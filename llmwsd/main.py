@@ -88,6 +88,9 @@ def detach_and_serve(config: Config, log_level: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress bars (model loading, downloads) would reach the journal as binary lines;
+    # llmwsd reports progress in its own log lines and to llmwsctl.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         config = load_config(args.config)
     except ConfigError as e:
