@@ -1,9 +1,9 @@
 """The Debian package on a real systemd: install, start, manage, restart, purge.
 
 Boots a fresh Debian 12 root (systemd_root.py), installs the package built by
-`make deb` (or $LLMWS_DEB) with apt, and drives the service the way an
-administrator does; docs/install.md shows the same commands. The tests run in
-file order on one root, each step building on the one before.
+`make deb-package` (or $LLMWS_DEB) with apt, and drives the service the way an
+administrator does; the README's "Install as a service" shows the same commands.
+The tests run in file order on one root, each step building on the one before.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_security_exposure_is_ok(root: SystemdRoot) -> None:
 
 
 def test_start_returns_once_the_model_is_loaded(root: SystemdRoot) -> None:
-    # The package started the service with no model yet; add one as docs/install.md says.
+    # The package started the service with no model yet; add one as the README says.
     assert unit(root, "StatusText")["StatusText"].startswith("no model")
     shutil.copytree(MODEL, root.root / "var/lib/llmws/models" / MODEL_NAME)
     root.run(["chown", "-R", "llmws:llmws", "/var/lib/llmws/models"])
