@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Reference:
-    """Plain ``model.generate()`` on one prompt, in this process."""
+    """Plain ``model.generate()`` on one prompt, in this process.
+
+    Loaded and warmed up on the main thread, measured on a thread of its own: the
+    way llmwsd loads a model on a worker thread and runs it on its engine thread.
+    It matters to OpenMP: with one team of threads per core, libgomp spins at its
+    barriers and collapses (tenfold slower) when other processes share the cores;
+    with more teams than cores it spins briefly and then sleeps, as in the daemon.
+    """
 
     def __init__(self, dtype: str) -> None:
         import torch
@@ -82,10 +90,15 @@ class Reference:
             return_tensors="pt",
             return_dict=True,
         )
-        self.rate(8)  # warm-up
+        self._generate(8)  # warm-up, here
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="reference")
+        self.rate(8)  # and there
 
     def rate(self, new_tokens: int) -> float:
         """Tokens/s of one generate() call with exactly ``new_tokens`` new tokens."""
+        return self._thread.submit(self._generate, new_tokens).result()
+
+    def _generate(self, new_tokens: int) -> float:
         with self._torch.inference_mode():
             started = time.perf_counter()
             out = self._model.generate(
