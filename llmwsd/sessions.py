@@ -14,6 +14,7 @@ ever drop its oldest events.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -36,6 +37,9 @@ from llmwsd.generation import (
 from llmwsd.session_store import SessionFiles, encode_record
 
 log = logging.getLogger("llmwsd.sessions")
+
+# More events than the session writer can hold unwritten (it writes as soon as it wakes).
+SEQ_GAP_AFTER_CRASH = 1000
 
 # A session's activity is written down at most this often when nothing else is.
 TOUCH_RECORD_INTERVAL = 60.0
@@ -120,10 +124,12 @@ class Session:
             self.dropped_through = self.events[excess - 1]["seq"]
             del self.events[:excess]
 
+    def _index_after(self, seq: int) -> int:
+        """Where the events after ``seq`` start (seqs grow, with a gap after a crash)."""
+        return bisect.bisect_right(self.events, seq, key=lambda event: event["seq"])
+
     def _drop_through(self, seq: int) -> None:
-        if self.events:
-            count = min(max(seq - self.events[0]["seq"] + 1, 0), len(self.events))
-            del self.events[:count]
+        del self.events[: self._index_after(seq)]
 
     def ack(self, seq: int | None) -> int:
         """Drop buffered events up to ``seq`` (all when None); return how many were dropped."""
@@ -137,7 +143,7 @@ class Session:
     def events_after(self, seq: int | None) -> list[dict[str, Any]]:
         if seq is None or not self.events:
             return list(self.events)
-        return self.events[max(seq - self.events[0]["seq"] + 1, 0) :]
+        return self.events[self._index_after(seq) :]
 
     def lost_after(self, seq: int) -> EventsDropped | None:
         """The error for events after ``seq`` that the buffer cap dropped before they were sent."""
@@ -294,6 +300,10 @@ class Session:
     def end_interrupted(self) -> None:
         """After a restart: end the generation that the daemon's stop cut off, keeping its part."""
         if self.running is not None:
+            # A crash can lose the last token records after their events reached the client,
+            # whose last_seq is then ahead of the log: jump past any seq it may have seen, so
+            # the `interrupted` error is never taken for one it already has.
+            self.next_seq += SEQ_GAP_AFTER_CRASH
             error = Interrupted(
                 "the server restarted while generating this answer; the part produced before "
                 "is kept in the conversation"
