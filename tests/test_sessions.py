@@ -33,7 +33,7 @@ from llmwsd.session_store import (
     load_key,
     read_log,
 )
-from llmwsd.sessions import COMPACT_MIN_RECORDS, Session, SessionStore
+from llmwsd.sessions import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
 from tests.conftest import DEFAULT_MODEL, RunningDaemon, answer_text, recv_json, recv_until
 
 # -- the store and its files, without a daemon -----------------------------------------------
@@ -88,7 +88,9 @@ async def test_sessions_replay_to_what_they_were(tmp_path: Path):
     assert restored.running is None
     error = restored.events[-1]
     assert error["type"] == "error" and error["code"] == "interrupted"
-    assert error["request_id"] == "r1" and error["seq"] == restored.events[-2]["seq"] + 1
+    # Its seq jumps past any the crash may have lost after they reached the client.
+    gap = SEQ_GAP_AFTER_CRASH
+    assert error["request_id"] == "r1" and error["seq"] == restored.events[-2]["seq"] + 1 + gap
     assert restored.messages[-1] == {"role": "assistant", "content": "Once upon"}
     generate(restored, "Go on", ["ok"])
     assert restored.events[-1]["request_id"] == "r2"
