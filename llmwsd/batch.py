@@ -81,6 +81,31 @@ def rows_can_join(model_config: Any) -> bool:
     return all(isinstance(layer, SpareRoomLayer) for layer in new_cache(model_config).layers)
 
 
+def prefill_groups(count: int, largest: int) -> list[int]:
+    """Split ``count`` newcomers into prefill groups: powers of two, at most ``largest``.
+
+    Largest first: 7 newcomers with ``largest`` 4 are prefilled as 4, 2 and 1.
+    Powers of two keep the matrix shapes a prefill can have few (see
+    :func:`memory.padded_length`), and smaller groups hand out their first
+    tokens sooner than one pass over all of them would.
+    """
+    groups = []
+    while count:
+        size = min(largest, 1 << (count.bit_length() - 1))
+        groups.append(size)
+        count -= size
+    return groups
+
+
+def joined(first: Batch[Row] | None, second: Batch[Row] | None) -> Batch[Row] | None:
+    """``first`` with ``second``'s rows appended; either may be None."""
+    if first is None:
+        return second
+    if second is not None:
+        first.extend(second)
+    return first
+
+
 class Batch(Generic[Row]):
     """Running requests (``rows``) sharing one left-padded KV cache.
 
@@ -105,12 +130,12 @@ class Batch(Generic[Row]):
     def prefill(
         cls, model: Any, rows: list[Row], prompts: list[list[int]], pad_id: int
     ) -> tuple[Batch[Row], torch.Tensor]:
-        """Run the prompts, left-padded, in one forward pass.
+        """Run the prompts, left-padded to a common, bucketed length, in one forward pass.
 
         Returns the new batch and every row's logits for its first token (float32).
         """
         device = model.device
-        length = max(len(p) for p in prompts)
+        length = memory.padded_length(max(len(p) for p in prompts))
         input_ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor(
             [[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device

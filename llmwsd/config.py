@@ -78,7 +78,7 @@ class MemoryConfig:
     cpu_utilization: float = 0.8  # share of the available RAM that may be used
     reserve_mb: float = 512.0  # kept free on top of the utilization share
     budget_mb: float = 0.0  # a cap on generation memory (KV cache + activations); 0: none
-    probe_tokens: int = 512  # prompt length of the warm-up forward that measures activations
+    probe_tokens: int = 2048  # prompt length of the warm-up forward that measures activations
 
 
 @dataclass(frozen=True)

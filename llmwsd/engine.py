@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd import memory
-from llmwsd.batch import Batch, rows_can_join
+from llmwsd.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.config import Config
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
@@ -204,6 +204,9 @@ class Engine:
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
         self._rows_can_join = rows_can_join(model.config)
+        # On CPU a prefill's cost grows with its rows, so a burst of newcomers is
+        # prefilled a few at a time and the first ones start answering sooner.
+        self._prefill_group_size = max_batch_size if self._device.type == "cuda" else 4
 
         self._wakeup = threading.Condition()
         self._inbox: list[_Generation] = []  # guarded by _wakeup
@@ -241,6 +244,8 @@ class Engine:
             config.engine.attention, device, capability, flash_attn_importable()
         )
         log.info("loading %s on %s (%s, %s attention)", path, device, dtype, attention)
+        if device == "cpu" and not memory.map_large_allocations_apart():
+            log.warning("cannot tune the C allocator (not glibc): memory figures are rougher")
         tokenizer = AutoTokenizer.from_pretrained(path)
         count_tokenizer = AutoTokenizer.from_pretrained(path)
         model: Any = AutoModelForCausalLM.from_pretrained(
@@ -374,18 +379,22 @@ class Engine:
         running = len(self._batch.rows) if self._batch is not None else 0
         room = self.max_batch_size - running if self._rows_can_join or not running else 0
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        fresh = self._prefill(newcomers) if newcomers else None
-        # The newcomers' first tokens go out now, not after the running rows' step.
-        self._flush_events()
         tokens = len(newcomers)
+        fresh: Batch[_Generation] | None = None
+        if self._rows_can_join:
+            groups = prefill_groups(len(newcomers), self._prefill_group_size)
+        else:
+            groups = [len(newcomers)] if newcomers else []  # a wave is prefilled at once
+        for size in groups:
+            group, newcomers = newcomers[:size], newcomers[size:]
+            fresh = joined(fresh, self._prefill(group))
+            # Each group's first tokens go out now, not after the next group's prefill
+            # or the running rows' step.
+            self._flush_events()
         if self._batch is not None:
             tokens += len(self._batch.rows)
             self._decode(self._batch)
-        if fresh is not None:
-            if self._batch is None:
-                self._batch = fresh
-            else:
-                self._batch.extend(fresh)
+        self._batch = joined(self._batch, fresh)
         with self._stats_lock:
             self._steps += 1
             self._last_batch_size = tokens

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from llmwsd.batch import prefill_groups
 from llmwsd.config import Config, EngineConfig, ModelConfig
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.engine import (
@@ -262,6 +263,13 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
 
 
 # -- generation on the real model ----------------------------------------------------
+
+
+def test_a_burst_is_prefilled_in_power_of_two_groups():
+    assert prefill_groups(7, 4) == [4, 2, 1]
+    assert prefill_groups(8, 4) == [4, 4]
+    assert prefill_groups(6, 8) == [4, 2]
+    assert prefill_groups(1, 4) == [1] and prefill_groups(0, 4) == []
 
 
 async def test_paris_greedy_through_load():
