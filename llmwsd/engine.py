@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmwsd import memory
+from llmwsd import kernels, memory
 from llmwsd.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.config import Config
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
@@ -190,10 +190,17 @@ class Engine:
     """Serves generation requests from one model, batching their decoding steps."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, count_tokenizer: Any, info: ModelInfo, max_batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        count_tokenizer: Any,
+        info: ModelInfo,
+        max_batch_size: int,
+        plain_decoding_rows: int = 0,
     ) -> None:
         self.info = info
         self.max_batch_size = max_batch_size
+        self._plain_decoding_rows = plain_decoding_rows  # see llmwsd.kernels
         self._model = model
         self._tokenizer = tokenizer  # used by the engine thread only
         self._count_tokenizer = count_tokenizer  # a second instance: tokenizers are not thread-safe
@@ -254,6 +261,9 @@ class Engine:
         model.to(torch.device(device)).eval()
         max_batch_size = choose_max_batch_size(config.engine.max_batch_size, device)
         estimate = memory.estimate(model, config.memory, device, max_context_of(model.config))
+        plain_rows = kernels.plain_decoding_rows(model, max_batch_size)
+        if plain_rows:
+            log.info("decoding steps of up to %d rows run without oneDNN (faster here)", plain_rows)
         info = ModelInfo(
             name=path.name,
             path=str(path),
@@ -268,7 +278,7 @@ class Engine:
             },
             memory=estimate,
         )
-        return cls(model, tokenizer, count_tokenizer, info, max_batch_size)
+        return cls(model, tokenizer, count_tokenizer, info, max_batch_size, plain_rows)
 
     # -- the event loop's side -----------------------------------------------------
 
@@ -461,7 +471,8 @@ class Engine:
     def _decode(self, batch: Batch[_Generation]) -> None:
         """One token for every running request."""
         try:
-            logits = batch.decode(self._model)
+            with kernels.onednn(len(batch.rows) > self._plain_decoding_rows):
+                logits = batch.decode(self._model)
         except Exception as e:
             # The cache may be half updated: every row of the batch is lost.
             self._batch = None

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from llmwsd import kernels
 from llmwsd.batch import prefill_groups
 from llmwsd.config import Config, EngineConfig, ModelConfig
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
@@ -272,6 +273,14 @@ def test_a_burst_is_prefilled_in_power_of_two_groups():
     assert prefill_groups(1, 4) == [1] and prefill_groups(0, 4) == []
 
 
+def test_the_onednn_switch_is_restored():
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), kernels.onednn(False):
+        assert not torch.backends.mkldnn.enabled
+        raise RuntimeError
+    assert torch.backends.mkldnn.enabled
+
+
 async def test_paris_greedy_through_load():
     engine = await Engine.load(Config(engine=EngineConfig(max_batch_size=2)), MODEL)
     try:
@@ -287,6 +296,11 @@ async def test_paris_greedy_through_load():
         assert run.end.total_tokens > 0 and run.end.ttft_ms > 0 and run.end.tokens_per_s > 0
         stats = engine.stats()
         assert stats["active"] == 0 and stats["queued"] == 0 and stats["steps"] > 0
+        # The same answer whichever kernels decode it (llmwsd.kernels chose at load).
+        chosen = engine._plain_decoding_rows
+        engine._plain_decoding_rows = 0 if chosen else engine.max_batch_size
+        assert (await generate(engine, PARIS)).text == run.text
+        engine._plain_decoding_rows = chosen
 
         # drain: running requests past the timeout are cancelled, new ones refused.
         long_run, _ = submit(engine, "Tell me a long story.", max_new_tokens=500)
