@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import websockets
 
+from llmwsd import adminproto
 from llmwsd.app import Daemon
 from llmwsd.config import parse_config
 from tests.fake_engine import FakeEngine
@@ -80,6 +81,10 @@ class RunningDaemon:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.folder / "run" / adminproto.SOCKET_NAME
 
     def start(self, wait: bool = True, timeout: float = 120) -> RunningDaemon:
         self.proc = subprocess.Popen(
@@ -213,3 +218,9 @@ async def recv_until(
 
 def answer_text(events: list[dict[str, Any]]) -> str:
     return "".join(e["data"] for e in events if e.get("type") == "token")
+
+
+@pytest.fixture
+def sock(served: RunningDaemon) -> Path:
+    """The admin socket of the module's ``served`` daemon."""
+    return served.admin_socket

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import websockets
 
-from llmwsd import adminproto, fetch, modelmanager
+from llmwsd import fetch, modelmanager
 from llmwsd.app import Daemon
 from llmwsd.auth import TokenStore
 from llmwsd.errors import LLMWSError
@@ -322,11 +322,6 @@ def served(
 
 
 @pytest.fixture
-def sock(served: RunningDaemon) -> Path:
-    return served.folder / "run" / adminproto.SOCKET_NAME
-
-
-@pytest.fixture
 def serving_default(served: RunningDaemon, sock: Path) -> Iterator[RunningDaemon]:
     """Each test starts and ends with the default model loaded."""
     yield served
@@ -344,7 +339,7 @@ def idle(tmp_path: Path, git_lfs: None) -> Iterator[RunningDaemon]:
 
 
 def idle_sock(daemon: RunningDaemon) -> Path:
-    return daemon.folder / "run" / adminproto.SOCKET_NAME
+    return daemon.admin_socket
 
 
 # -- pull --------------------------------------------------------------------------------
