@@ -109,6 +109,7 @@ class SessionsConfig:
     max_buffered_events: int = 4096  # unacknowledged events kept per session; oldest dropped
     max_history_messages: int = 200  # user/assistant messages kept; oldest exchange dropped
     max_sessions: int = 256  # beyond it the longest idle session goes; none idle: busy
+    max_per_client: int = 32  # the same, per token (or address when tokens are off)
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ def _validate(config: Config, source: str) -> None:
         ("max_buffered_events", 1),
         ("max_history_messages", 2),
         ("max_sessions", 1),
+        ("max_per_client", 1),
     ):
         if getattr(n, key) < least:
             raise ConfigError(f"{source}: [sessions] {key} must be at least {least}")

@@ -30,6 +30,7 @@ from llmwsd.errors import (
     UnknownType,
     Unsupported,
 )
+from llmwsd.security import client_address
 from llmwsd.sessions import Session
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class JsonConnection:
         self.daemon = daemon
         self.ws = ws
         self.peer = peer
+        self.address = client_address(ws)
         self.identity = identity or Identity()
         self.rate = daemon.server.gate.message_rate()
         self.session: Session | None = None
@@ -141,7 +143,7 @@ class JsonConnection:
             session = None
         resumed = session is not None
         if session is None:
-            session = self.daemon.sessions.create(self.identity.token_id)
+            session = self.daemon.sessions.create(self.identity.token_id, self.address)
             last_seq = None
         previous = session.owner
         session.owner = self

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,13 @@ class RunningGeneration:
             self.cancel()
 
 
+def client_of(token_id: str | None, address: str | None) -> str | None:
+    """Whose session it is, for the per-client cap: its token, else its address."""
+    if token_id is not None:
+        return f"token {token_id}"
+    return f"address {address}" if address is not None else None
+
+
 class Session:
     """One client's conversation, settings and buffered generation events."""
 
@@ -75,10 +82,12 @@ class Session:
         session_id: str,
         settings: GenerationSettings,
         token_id: str | None = None,
+        address: str | None = None,
     ) -> None:
         self.store = store
         self.id = session_id
         self.token_id = token_id  # the access token that made it; only that one may resume it
+        self.address = address  # where it was made from
         self.created_at = time.time()
         self.last_active = self.created_at
         self.system = ""
@@ -320,6 +329,7 @@ class Session:
             "created_at": self.created_at,
             "last_active": self.last_active,
             "token_id": self.token_id,
+            "address": self.address,
             "system": self.system,
             "messages": self.messages,
             "settings": self.settings.to_dict(),
@@ -345,6 +355,7 @@ class Session:
             self.created_at = record["created_at"]
             self.last_active = record["last_active"]
             self.token_id = record.get("token_id")
+            self.address = record.get("address")
             self.system = record["system"]
             self.messages = list(record["messages"])
             self.settings = GenerationSettings().merge(record["settings"])
@@ -474,19 +485,31 @@ class SessionStore:
 
     # -- the sessions -----------------------------------------------------------------
 
-    def create(self, token_id: str | None = None) -> Session:
-        """A new session; at the cap, the longest idle one makes room, or Busy."""
+    def create(self, token_id: str | None = None, address: str | None = None) -> Session:
+        """A new session; at a cap, the longest idle one under it makes room, or Busy.
+
+        The caps: ``max_sessions`` in all, ``max_per_client`` per token (per address
+        when tokens are off), so that one client cannot push out everyone else's.
+        """
         if self.files is not None and self.files.out_of_room():
             log.warning("refusing a new session: %s is full", self.files.folder)
             raise Busy(
                 "the server's state folder is full: no new session can be stored; try again later"
             )
+        client = client_of(token_id, address)
+        if client is not None:
+            own = [s for s in self._sessions.values() if client_of(s.token_id, s.address) == client]
+            if len(own) >= self.config.max_per_client and not self._evict_one(own):
+                raise Busy(
+                    f"this client's {self.config.max_per_client} sessions are all in use "
+                    "(connected or generating); try again later"
+                )
         if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
             raise Busy(
                 f"all {self.config.max_sessions} sessions are in use (connected or generating); "
                 "try again later"
             )
-        session = Session(self, str(uuid.uuid4()), self.default_settings, token_id)
+        session = Session(self, str(uuid.uuid4()), self.default_settings, token_id, address)
         self._sessions[session.id] = session
         self._write_snapshot(session)
         return session
@@ -509,8 +532,9 @@ class SessionStore:
             self.files.remove(session.id)
         return session
 
-    def _evict_one(self) -> bool:
-        idle = [s for s in self._sessions.values() if s.owner is None and s.running is None]
+    def _evict_one(self, among: Iterable[Session] | None = None) -> bool:
+        sessions = self._sessions.values() if among is None else among
+        idle = [s for s in sessions if s.owner is None and s.running is None]
         if not idle:
             return False
         oldest = min(idle, key=lambda s: s.last_active)

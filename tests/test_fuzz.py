@@ -48,7 +48,7 @@ FUZZ_CONFIG: dict[str, dict[str, Any]] = {
     "limits": {"messages_per_second": 1e6, "message_burst": 1_000_000, "max_prompt_chars": 20_000},
     "generation_defaults": {"max_new_tokens": 4},
     # Every fuzzed hello makes a session: keep the seeded one from being evicted as idle.
-    "sessions": {"max_sessions": 4096},
+    "sessions": {"max_sessions": 4096, "max_per_client": 4096},
 }
 
 

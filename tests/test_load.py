@@ -248,6 +248,7 @@ async def test_load_fake_engine_with_tokens(fake_daemon_factory, tmp_path: Path)
     daemon = await fake_daemon_factory(
         api={"tokens_file": str(tmp_path / "tokens.json"), "max_auth_failures": 8},
         limits={"max_connections_per_address": CONNECTIONS + 8},
+        sessions={"max_per_client": 4 * CONNECTIONS},  # 64 clients, one address (and token)
     )
     _, token = daemon.server.gate.auth.access.add("load")
     url = ws_url(daemon)
@@ -288,6 +289,7 @@ async def load_real_daemon(daemon_factory, seconds: float, chat_weights: list[in
         pytest.fail("the default model is missing: run `make model`")
     daemon = daemon_factory(
         limits={"max_connections_per_address": CONNECTIONS + 8},
+        sessions={"max_per_client": 4 * CONNECTIONS},  # 64 clients, one address (and token)
         generation_defaults={"do_sample": False, "max_new_tokens": 8},
     )
     assert daemon.proc is not None

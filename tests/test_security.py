@@ -203,6 +203,39 @@ async def test_connection_limits(fake_daemon_factory):
         await w.close()
 
 
+async def test_one_client_cannot_push_out_other_sessions(fake_daemon_factory, tmp_path: Path):
+    daemon = await fake_daemon_factory(
+        sessions={"max_per_client": 2}, api={"tokens_file": str(tmp_path / "tokens.json")}
+    )
+    url = ws_url(daemon)
+    _, alice = daemon.server.gate.auth.access.add("alice")
+    _, mallory = daemon.server.gate.auth.access.add("mallory")
+    ws, alices = await open_json(url, {"token": alice})
+    await ws.close()
+    made = []
+    for _ in range(3):
+        ws, welcome = await open_json(url, {"token": mallory})
+        made.append(welcome["session_id"])
+        await ws.close()
+        session = daemon.sessions.get(welcome["session_id"])
+        while session is not None and session.owner is not None:  # the daemon saw the close
+            await asyncio.sleep(0.01)
+    kept = {s.id for s in daemon.sessions.list()}
+    # Mallory's third session replaced Mallory's oldest, not Alice's.
+    assert alices["session_id"] in kept and made[0] not in kept and set(made[1:]) <= kept
+
+    # With both of Mallory's sessions connected, a third is refused, and Alice is not.
+    held = [(await open_json(url, {"token": mallory, "session_id": i}))[0] for i in made[1:]]
+    ws, refused = await open_json(url, {"token": mallory})
+    assert refused["type"] == "error" and refused["code"] == "busy", refused
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    assert ws.close_code == 1013
+    ws, welcome = await open_json(url, {"token": alice, "session_id": alices["session_id"]})
+    assert welcome["resumed"] is True
+    for w in [ws, *held]:
+        await w.close()
+
+
 async def test_message_rate_limit(fake_daemon_factory):
     daemon = await fake_daemon_factory(limits={"messages_per_second": 2.0, "message_burst": 3})
     ws, _ = await open_json(ws_url(daemon))
