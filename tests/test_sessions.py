@@ -567,10 +567,14 @@ async def test_a_generation_cut_off_by_kill_9_ends_interrupted(killed_and_restar
     # past any token the crash may have lost after sending it.
     assert_contiguous(events[:-1])
     assert events[-1]["seq"] > events[-2]["seq"] + 1
-    received = facts["received"]
-    assert events[: len(received)] == received  # everything sent before the kill was on disk
+    # Tokens are written to the log just behind the stream, so the kill may have lost the
+    # last one or two that the client had (the seq gap above covers them); what the log
+    # kept is what was sent, the start and the first tokens at least.
+    received, kept = facts["received"], events[:-1]
+    common = min(len(kept), len(received))
+    assert common >= 2 and kept[:common] == received[:common]
     partial = answer_text(events)
-    assert partial.startswith(answer_text(received)) and partial
+    assert partial.startswith(answer_text(received[:common]))
     assert await history(ws) == [
         {"role": "user", "content": facts["prompt"]},
         {"role": "assistant", "content": partial},
