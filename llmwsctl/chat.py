@@ -162,8 +162,14 @@ def stream_answer(client: SyncClient, text: str, system: str, as_json: bool = Fa
     finish = ""
     try:
         while True:
+            # Ctrl-C may come while waiting for an event or while printing one.
             try:
                 event = next(events)
+                if as_json:
+                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                elif event["type"] == "token":
+                    sys.stdout.write(event["data"])
+                    sys.stdout.flush()
             except StopIteration:
                 break
             except KeyboardInterrupt:
@@ -173,11 +179,6 @@ def stream_answer(client: SyncClient, text: str, system: str, as_json: bool = Fa
                 cancelling = True
                 client.cancel()  # the answer ends with finish_reason "cancelled"
                 continue
-            if as_json:
-                print(json.dumps(event, ensure_ascii=False), flush=True)
-            elif event["type"] == "token":
-                sys.stdout.write(event["data"])
-                sys.stdout.flush()
             if event["type"] == "error":
                 raise error_from_message(event)
             if event["type"] == "done":
