@@ -310,10 +310,20 @@ def release_freed_memory() -> None:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:  # elsewhere nothing to do
+        malloc_trim(0)
+
+
+def _glibc_function(name: str) -> Any:
+    """A function of glibc's allocator (``malloc_trim``, ``mallopt``); None elsewhere."""
     libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(libc_name).malloc_trim(0)  # glibc only; elsewhere nothing to do
+    if not libc_name:
+        return None
+    try:
+        return getattr(ctypes.CDLL(libc_name), name)
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 # glibc's mallopt parameter, and the size from which every allocation gets its own mapping.
@@ -333,14 +343,8 @@ def map_large_allocations_apart() -> bool:
     memory estimate holds (93 MB, ±1 %). The cost: fresh pages for every large
     tensor, a long prefill up to ~40 % slower on the development machine.
     """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    try:
-        mallopt = ctypes.CDLL(libc_name).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD))
+    mallopt = _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD))
 
 
 def _status_kib(field: str) -> int:

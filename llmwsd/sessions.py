@@ -103,6 +103,10 @@ class Session:
         self._touch_recorded = 0.0
         self._changed = asyncio.Event()
 
+    @property
+    def client(self) -> str | None:
+        return client_of(self.token_id, self.address)
+
     # -- the event buffer -------------------------------------------------------------
 
     def append_event(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -498,7 +502,7 @@ class SessionStore:
             )
         client = client_of(token_id, address)
         if client is not None:
-            own = [s for s in self._sessions.values() if client_of(s.token_id, s.address) == client]
+            own = [s for s in self._sessions.values() if s.client == client]
             if len(own) >= self.config.max_per_client and not self._evict_one(own):
                 raise Busy(
                     f"this client's {self.config.max_per_client} sessions are all in use "
