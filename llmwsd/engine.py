@@ -260,10 +260,12 @@ class Engine:
         )
         model.to(torch.device(device)).eval()
         max_batch_size = choose_max_batch_size(config.engine.max_batch_size, device)
+        parameters = sum(p.numel() for p in model.parameters())
+        plain_rows = kernels.choose_kernels(
+            model, max_batch_size, memory.available_bytes(device)[0]
+        )
+        # After the layout work, so that the memory it took is not counted as free.
         estimate = memory.estimate(model, config.memory, device, max_context_of(model.config))
-        plain_rows = kernels.plain_decoding_rows(model, max_batch_size)
-        if plain_rows:
-            log.info("decoding steps of up to %d rows run without oneDNN (faster here)", plain_rows)
         info = ModelInfo(
             name=path.name,
             path=str(path),
@@ -274,7 +276,7 @@ class Engine:
             compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
             extra={
                 "max_batch_size": max_batch_size,
-                "parameters": sum(p.numel() for p in model.parameters()),
+                "parameters": parameters,
             },
             memory=estimate,
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd import kernels
 from llmwsd.batch import prefill_groups
@@ -279,6 +279,23 @@ def test_the_onednn_switch_is_restored():
         assert not torch.backends.mkldnn.enabled
         raise RuntimeError
     assert torch.backends.mkldnn.enabled
+
+
+def test_weights_laid_out_for_onednn_give_the_same_logits(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([template_ids(tokenizer, [{"role": "user", "content": PARIS}])])
+    embedding = model.get_input_embeddings().weight
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        # No memory to spare for a second copy: every step runs on the packed weights.
+        assert kernels.choose_kernels(model, max_rows=2, available_bytes=0) == 0
+        after = model(input_ids=ids).logits
+    packed = [m for m in model.modules() if isinstance(m, kernels.PackedLinear)]
+    assert len(packed) == 211  # 30 layers × 7, and the output layer
+    assert all(layer.weight is None for layer in packed)
+    assert model.get_input_embeddings().weight is embedding  # tied to the output layer: kept
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.01)
 
 
 async def test_paris_greedy_through_load():
