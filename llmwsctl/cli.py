@@ -316,6 +316,16 @@ def render_resources(r: dict[str, Any]) -> str:
         if engine.get("kv_usage_ratio") is not None:
             load += f", KV cache {engine['kv_usage_ratio'] * 100:.0f}% used"
         pairs.append(("engine", load))
+        prefixes = engine.get("prefix_cache")
+        if prefixes:
+            pairs.append(
+                (
+                    "prefix cache",
+                    f"{prefixes['entries']} prompts, {fmt.size(prefixes['bytes'], binary=True)} of"
+                    f" {fmt.size(prefixes['max_bytes'], binary=True)}, {prefixes['hits']} reused"
+                    f" ({prefixes['reused_tokens']} tokens not prefilled again)",
+                )
+            )
     else:
         pairs.append(("model", "none loaded"))
     return fmt.fields(pairs)

@@ -128,20 +128,33 @@ class Batch(Generic[Row]):
 
     @classmethod
     def prefill(
-        cls, model: Any, rows: list[Row], prompts: list[list[int]], pad_id: int
+        cls,
+        model: Any,
+        rows: list[Row],
+        prompts: list[list[int]],
+        pad_id: int,
+        prefix_kv: torch.Tensor | None = None,
     ) -> tuple[Batch[Row], torch.Tensor]:
         """Run the prompts, left-padded to a common, bucketed length, in one forward pass.
 
+        ``prefix_kv`` (layers × 2 × rows × heads × tokens × head dim) holds the keys
+        and values of every prompt's first tokens, from the prefix cache: only the
+        rest of each prompt is run, padded on its left, after them.
         Returns the new batch and every row's logits for its first token (float32).
         """
         device = model.device
-        length = memory.padded_length(max(len(p) for p in prompts))
-        input_ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], device=device)
+        reused = 0 if prefix_kv is None else prefix_kv.shape[-2]
+        rests = [p[reused:] for p in prompts]
+        length = memory.padded_length(max(len(r) for r in rests))
+        input_ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rests], device=device)
         attention_mask = torch.tensor(
-            [[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device
+            [[1] * reused + [0] * (length - len(r)) + [1] * len(r) for r in rests], device=device
         )
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, reused:]
         cache = new_cache(model.config)
+        if prefix_kv is not None:
+            for index, (keys, values) in enumerate(prefix_kv):
+                cache.update(keys, values, index)
         output = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -152,6 +165,22 @@ class Batch(Generic[Row]):
         )
         batch = cls(rows, cache, attention_mask, attention_mask.sum(-1))
         return batch, output.logits[:, -1, :].float()
+
+    def row_kv(self, index: int, tokens: int) -> torch.Tensor | None:
+        """A copy of the keys and values of row ``index``'s first ``tokens`` real tokens
+        (layers × 2 × heads × tokens × head dim); None when a layer holds none."""
+        layers = self._layers()
+        if len(layers) != len(self.cache.layers):
+            return None
+        columns = self.attention_mask[index].nonzero().squeeze(-1)[:tokens]
+        first = layers[0].keys[index]
+        heads, _, head_dim = first.shape
+        # Written in place: no second copy of a long prompt's KV on the way.
+        kv = first.new_empty(len(layers), 2, heads, len(columns), head_dim)
+        for layer, (keys, values) in zip(layers, kv, strict=True):
+            torch.index_select(layer.keys[index], 1, columns, out=keys)
+            torch.index_select(layer.values[index], 1, columns, out=values)
+        return kv
 
     def decode(self, model: Any) -> torch.Tensor:
         """Run ``next_tokens`` through the model; return every row's next logits (float32).

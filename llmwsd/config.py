@@ -70,6 +70,7 @@ class GenerationDefaults:
 class EngineConfig:
     max_batch_size: int = 0  # 0: 8 on CPU, 32 on CUDA
     attention: str = "auto"  # auto, sdpa, eager, flash_attention_2
+    prefix_cache_mb: float = 64.0  # keys and values of recent prompts' beginnings; 0: off
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def _validate(config: Config, source: str) -> None:
         )
     if config.engine.max_batch_size < 0:
         raise ConfigError(f"{source}: [engine] max_batch_size must not be negative")
+    if config.engine.prefix_cache_mb < 0:
+        raise ConfigError(f"{source}: [engine] prefix_cache_mb must not be negative")
     m = config.memory
     for key in ("gpu_utilization", "cpu_utilization"):
         if not 0 < getattr(m, key) <= 1:

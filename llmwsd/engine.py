@@ -45,6 +45,7 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
+from llmwsd.prefix_cache import BLOCK, PrefixCache
 from llmwsd.sampling import TokenSampler, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,12 @@ class Engine:
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
         self._rows_can_join = rows_can_join(model.config)
+        # Prefixes are spliced into the shared cache, which needs rows that can join.
+        self._prefix_cache = (
+            PrefixCache(info.memory.prefix_cache_bytes)
+            if info.memory is not None and info.memory.prefix_cache_bytes and self._rows_can_join
+            else None
+        )
         # On CPU a prefill's cost grows with its rows, so a burst of newcomers is
         # prefilled a few at a time and the first ones start answering sooner.
         self._prefill_group_size = max_batch_size if self._device.type == "cuda" else 4
@@ -265,7 +272,13 @@ class Engine:
             model, max_batch_size, memory.available_bytes(device)[0]
         )
         # After the layout work, so that the memory it took is not counted as free.
-        estimate = memory.estimate(model, config.memory, device, max_context_of(model.config))
+        estimate = memory.estimate(
+            model,
+            config.memory,
+            device,
+            max_context_of(model.config),
+            config.engine.prefix_cache_mb if rows_can_join(model.config) else 0.0,
+        )
         info = ModelInfo(
             name=path.name,
             path=str(path),
@@ -323,6 +336,7 @@ class Engine:
             "max_batch_size": self.max_batch_size,
             "tokens_per_s": round(tokens / TOKENS_PER_S_WINDOW, 2),
             "steps": steps,
+            "prefix_cache": self._prefix_cache.stats() if self._prefix_cache else None,
         }
 
     async def drain(self, timeout: float) -> None:
@@ -458,7 +472,9 @@ class Engine:
             generation.admitted_at = now
         try:
             prompts = [g.prompt_ids for g in newcomers]
-            batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id)
+            reused, prefix_kv = self._cached_prefix(prompts)
+            batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id, prefix_kv)
+            self._remember_prompts(batch, reused)
         except Exception as e:
             self._step_failed(newcomers, "prefill", e)
             return None
@@ -469,6 +485,32 @@ class Engine:
         if len(keep) < len(batch.rows):
             batch.keep(keep, trim=self._rows_can_join)
         return batch
+
+    def _cached_prefix(self, prompts: list[list[int]]) -> tuple[int, torch.Tensor | None]:
+        """How many first tokens of every prompt the prefix cache holds, and their KV."""
+        if self._prefix_cache is None:
+            return 0, None
+        found = [self._prefix_cache.longest(prompt) for prompt in prompts]
+        reused = min(tokens for tokens, _ in found)
+        if not reused:
+            return 0, None
+        for _ in prompts:
+            self._prefix_cache.count_reuse(reused)
+        kv = [entry.kv[..., :reused, :] for _, entry in found if entry is not None]
+        return reused, torch.stack(kv, dim=2)
+
+    def _remember_prompts(self, batch: Batch[_Generation], reused: int) -> None:
+        """Keep the new prompts' KV, in whole blocks, for prompts that start the same way."""
+        cache = self._prefix_cache
+        if cache is None or self.info.memory is None:
+            return
+        for index, generation in enumerate(batch.rows):
+            tokens = len(generation.prompt_ids) // BLOCK * BLOCK
+            size = tokens * self.info.memory.layout.bytes_per_token
+            if tokens > reused and size <= cache.max_bytes:
+                kv = batch.row_kv(index, tokens)
+                if kv is not None:
+                    cache.add(generation.prompt_ids[:tokens], kv)
 
     def _decode(self, batch: Batch[_Generation]) -> None:
         """One token for every running request."""

@@ -53,6 +53,7 @@ WINDOWED_LAYERS = {
 CACHELESS_LAYERS = frozenset({"dummy", "mlp", "moe"})
 
 WARMUP_TOKENS = 16
+PREFIX_CACHE_SHARE = 0.125  # of the memory budget, at most, for the prefix cache
 
 # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1.
 CGROUP_V1_UNLIMITED = 2**62
@@ -143,12 +144,14 @@ def cache_room(tokens: int) -> int:
 def padded_length(tokens: int) -> int:
     """The length a prefill of ``tokens`` is left-padded to.
 
-    A multiple of 16, or of an eighth of the length's octave for long prompts
-    (at most an eighth more work). On CPU, oneDNN and MKL keep kernels and
-    buffers for every matrix shape they see, for good: unpadded, each new prompt
-    length would add to the resident memory of a long-running daemon.
+    A multiple of 8, or of an eighth of the length's octave from 128 tokens on
+    (at most an eighth more work). Short rests matter: behind a cached prefix
+    (:mod:`llmwsd.prefix_cache`), a new turn is often a few tokens long. On CPU,
+    oneDNN and MKL keep kernels and buffers for every matrix shape they see, for
+    good: unpadded, each new prompt length would add to the resident memory of a
+    long-running daemon.
     """
-    step = max(16, 1 << max(tokens.bit_length() - 4, 0))
+    step = max(8, 1 << max(tokens.bit_length() - 4, 0))
     return -(-tokens // step) * step
 
 
@@ -168,6 +171,7 @@ class MemoryEstimate:
     budget_bytes: int  # what all running generations may use together
     model_max: int  # the model's own maximum context
     max_context: int = 0
+    prefix_cache_bytes: int = 0  # set aside from the budget for the prefix cache
 
     def prefill_bytes(self, prompt_tokens: int) -> int:
         """Activation bytes of prefilling one prompt (the KV cache not included)."""
@@ -223,6 +227,7 @@ class MemoryEstimate:
             "reserve_gb": round(self.reserve_bytes / GIB, 3),
             "budget_bytes": self.budget_bytes,
             "budget_gb": round(self.budget_bytes / GIB, 3),
+            "prefix_cache_mb": round(self.prefix_cache_bytes / MIB, 1),
         }
 
     def describe(self) -> str:
@@ -235,6 +240,11 @@ class MemoryEstimate:
             f"{self.budget_bytes / GIB:.2f} GiB = {self.available_bytes / GIB:.2f} GiB available "
             f"({self.available_source}) × {self.utilization:g} − "
             f"{self.reserve_bytes / GIB:.2f} GiB reserve"
+            + (
+                f" − {self.prefix_cache_bytes / MIB:.0f} MiB prefix cache"
+                if self.prefix_cache_bytes
+                else ""
+            )
         )
 
 
@@ -441,8 +451,14 @@ def measure_prefill_peak(model: Any, tokens: int) -> int:
 # -- the estimate ------------------------------------------------------------------------
 
 
-def estimate(model: Any, config: MemoryConfig, device: str, model_max: int) -> MemoryEstimate:
-    """Measure what a loaded ``model`` can serve on ``device``; log how it was derived."""
+def estimate(
+    model: Any, config: MemoryConfig, device: str, model_max: int, prefix_cache_mb: float = 0.0
+) -> MemoryEstimate:
+    """Measure what a loaded ``model`` can serve on ``device``; log how it was derived.
+
+    ``prefix_cache_mb`` is set aside from the budget for the prefix cache, at most
+    ``PREFIX_CACHE_SHARE`` of it.
+    """
     dtype_bytes = int(model.dtype.itemsize)
     layout = kv_layout(model.config, dtype_bytes)
     attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
@@ -461,6 +477,7 @@ def estimate(model: Any, config: MemoryConfig, device: str, model_max: int) -> M
     budget = max(int(available * utilization) - reserve, 0)
     if config.budget_mb:
         budget, source = min(budget, int(config.budget_mb * MIB)), f"{source}, [memory] budget_mb"
+    prefix_cache = min(int(prefix_cache_mb * MIB), int(budget * PREFIX_CACHE_SHARE))
     result = MemoryEstimate(
         layout=layout,
         activation_bytes_per_token=activation,
@@ -471,8 +488,9 @@ def estimate(model: Any, config: MemoryConfig, device: str, model_max: int) -> M
         available_source=source,
         utilization=utilization,
         reserve_bytes=reserve,
-        budget_bytes=budget,
+        budget_bytes=budget - prefix_cache,
         model_max=model_max,
+        prefix_cache_bytes=prefix_cache,
     )
     result = replace(result, max_context=result.tokens_that_fit())
     if result.max_context == 0:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from llmwsd import memory
-from llmwsd.config import Config
+from llmwsd.config import Config, EngineConfig
 from llmwsd.engine import Engine
 from llmwsd.generation import (
     Failed,
@@ -27,7 +27,8 @@ NEW_TOKENS = 16
 
 
 async def main(model: Path, prompt_words: int) -> None:
-    engine = await Engine.load(Config(), model)
+    # The per-request figures alone: the prefix cache's memory is set aside apart.
+    engine = await Engine.load(Config(engine=EngineConfig(prefix_cache_mb=0)), model)
     estimate = engine.info.memory
     assert estimate is not None
     text = " ".join(f"word{i % 97}" for i in range(prompt_words))

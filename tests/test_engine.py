@@ -375,6 +375,48 @@ async def test_concurrent_requests_match_running_alone(engine):
         )
 
 
+async def test_prompts_that_start_alike_reuse_the_cached_beginning(engine, tokenizer):
+    """Same answers (float32, exact) as prefilling every prompt whole."""
+    first_turn = [{"role": "user", "content": PARIS}]
+    prompts = ["Who wrote Hamlet?", "Name a color.", "Describe a cat.", PARIS]
+
+    async def ask(messages: list[dict[str, str]]) -> Run:
+        run = Run()
+        engine.submit(GenerationRequest(messages, GREEDY), run.on_event)
+        await asyncio.wait_for(run.done.wait(), 120)
+        return run
+
+    prefix_cache = engine._prefix_cache
+    assert prefix_cache is not None and prefix_cache.max_bytes > 0
+    engine._prefix_cache = None  # read by the engine thread at the next prefill
+    try:
+        whole = [await generate(engine, p) for p in prompts]
+        answer = (await ask(first_turn)).text
+        second_turn = [
+            *first_turn,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And of Germany?"},
+        ]
+        whole_second_turn = (await ask(second_turn)).text
+    finally:
+        engine._prefix_cache = prefix_cache
+
+    await generate(engine, PARIS)  # its beginning is now cached (if it was not before)
+    before = prefix_cache.stats()
+    reused = await asyncio.gather(*(generate(engine, p) for p in prompts))
+    after = prefix_cache.stats()
+    # The chat template's system prompt and more: two blocks of every prompt.
+    assert after["hits"] - before["hits"] == len(prompts)
+    assert after["reused_tokens"] - before["reused_tokens"] >= 32 * len(prompts)
+    assert [r.text for r in reused] == [w.text for w in whole]
+    assert 0 < after["bytes"] <= after["max_bytes"]
+
+    # A session's next turn reuses the first turn's prompt.
+    first_turn_tokens = len(template_ids(tokenizer, first_turn)) // 16 * 16
+    assert (await ask(second_turn)).text == whole_second_turn
+    assert prefix_cache.stats()["reused_tokens"] - after["reused_tokens"] >= first_turn_tokens
+
+
 async def test_newcomer_joins_running_batch(engine):
     order: list[tuple[str, GenerationEvent]] = []
 

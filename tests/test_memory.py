@@ -103,26 +103,26 @@ def estimate_for_tests(budget: int, kv_per_token: int = 2, activation: int = 0) 
 def test_a_batch_costs_its_rows_times_the_longest() -> None:
     estimate = estimate_for_tests(budget=10_000, kv_per_token=10, activation=3)
     # One left-padded cache: the short row is as long as the long one.
-    assert estimate.batch_bytes([(100, 200), (10, 20)]) == 2 * (10 * 200 + 3 * 112)
+    assert estimate.batch_bytes([(100, 200), (10, 20)]) == 2 * (10 * 200 + 3 * 104)
     # The longest context that fits alone: 10 + 3 bytes for each of its padded tokens.
     assert estimate.max_context == 768 == memory.padded_length(768) <= 10_000 // 13
     assert estimate_for_tests(budget=40).max_context == 16  # 2 bytes a token, 16 at least
     # On CUDA the room the cache grows into is allocated at once, and counts.
     on_gpu = dataclasses.replace(estimate, device="cuda")
-    assert on_gpu.batch_bytes([(100, 200)]) == 10 * memory.cache_room(200) + 3 * 112
+    assert on_gpu.batch_bytes([(100, 200)]) == 10 * memory.cache_room(200) + 3 * 104
     assert memory.cache_room(200) == 328 and memory.cache_room(4000) == 5000
 
 
 def test_prompts_are_padded_to_few_lengths() -> None:
-    assert [memory.padded_length(n) for n in (1, 16, 17, 100, 257, 1000, 8191)] == [
-        16, 16, 32, 112, 288, 1024, 8192,
+    assert [memory.padded_length(n) for n in (1, 16, 17, 100, 130, 257, 1000, 8191)] == [
+        8, 16, 24, 104, 144, 288, 1024, 8192,
     ]  # fmt: skip
     lengths = {memory.padded_length(n) for n in range(1, 8193)}
-    assert len(lengths) < 64  # a few kernels' shapes, not thousands
-    assert all(n <= memory.padded_length(n) <= max(n + 15, n * 9 // 8) for n in range(1, 8193))
+    assert len(lengths) <= 64  # a few kernels' shapes, not thousands
+    assert all(n <= memory.padded_length(n) <= max(n + 7, n * 9 // 8) for n in range(1, 8193))
     # Admission counts the padded prefill.
     estimate = estimate_for_tests(budget=10_000, kv_per_token=10, activation=3)
-    assert estimate.batch_bytes([(100, 100)]) == 10 * 112 + 3 * 112
+    assert estimate.batch_bytes([(100, 100)]) == 10 * 104 + 3 * 104
 
 
 def test_cgroup_limits_lower_the_available_memory(tmp_path: Path) -> None:

@@ -1,0 +1,103 @@
+"""The KV cache of recent prompts' beginnings, reused by prompts that start the same way.
+
+Chat prompts share long beginnings: every conversation opens with the chat
+template's system prompt, and each turn of a session repeats the turns before
+it. A prefill is compute-bound on CPU, so the engine keeps the keys and values
+of recent prompts and prefills only what follows the longest beginning a new
+prompt shares with one of them (the way vLLM's prefix caching and SGLang's
+radix cache do, without their paged memory). Lengths are whole blocks of
+``BLOCK`` tokens, so the shapes a prefill meets stay few (see
+:func:`llmwsd.memory.padded_length`). The entries' memory is set aside from the
+memory budget at load; the least recently used entries make room for new ones.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 16
+
+
+@dataclass
+class PrefixEntry:
+    tokens: list[int]
+    kv: torch.Tensor  # layers × 2 (keys, values) × heads × tokens × head dim
+
+    @property
+    def bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+def shared_blocks(a: list[int], b: list[int]) -> int:
+    """How many tokens, in whole blocks, ``a`` and ``b`` begin with in common."""
+    shared = 0
+    while (
+        shared + BLOCK <= min(len(a), len(b))
+        and a[shared : shared + BLOCK] == b[shared : shared + BLOCK]
+    ):
+        shared += BLOCK
+    return shared
+
+
+class PrefixCache:
+    """Recent prompts' keys and values, at most ``max_bytes`` of them (engine thread only)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[int, PrefixEntry] = collections.OrderedDict()
+        self._next_key = 0
+        self.bytes = 0
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest(self, prompt: list[int]) -> tuple[int, PrefixEntry | None]:
+        """The most tokens of ``prompt`` an entry holds (whole blocks, never all of it)."""
+        usable = (len(prompt) - 1) // BLOCK * BLOCK  # the last token is run for its logits
+        best, found, found_key = 0, None, None
+        for key, entry in self._entries.items():
+            shared = min(shared_blocks(entry.tokens, prompt), usable)
+            if shared > best:
+                best, found, found_key = shared, entry, key
+        if found_key is not None:
+            self._entries.move_to_end(found_key)
+        return best, found
+
+    def count_reuse(self, tokens: int) -> None:
+        self.hits += 1
+        self.reused_tokens += tokens
+
+    def add(self, tokens: list[int], kv: torch.Tensor) -> None:
+        """Keep ``kv`` for ``tokens`` (whole blocks); drop entries it makes redundant."""
+        entry = PrefixEntry(tokens, kv)
+        if not tokens or entry.bytes > self.max_bytes:
+            return
+        for key, old in list(self._entries.items()):
+            held = shared_blocks(old.tokens, tokens)
+            if held == len(tokens):
+                self._entries.move_to_end(key)
+                return  # already held
+            if held == len(old.tokens):
+                self._remove(key)  # the new entry holds all of it and more
+        while self.bytes + entry.bytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+        self._entries[self._next_key] = entry
+        self._next_key += 1
+        self.bytes += entry.bytes
+
+    def _remove(self, key: int) -> None:
+        self.bytes -= self._entries.pop(key).bytes
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "reused_tokens": self.reused_tokens,
+        }
