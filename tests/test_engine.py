@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmwsd import engine as engine_module
 from llmwsd import kernels
 from llmwsd.batch import prefill_groups
 from llmwsd.config import Config, EngineConfig, ModelConfig
@@ -539,6 +540,26 @@ def record_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[list[s
 def fixed_length(content: str, tokens: int, request_id: str) -> GenerationRequest:
     settings = dataclasses.replace(GREEDY, max_new_tokens=tokens, min_new_tokens=tokens)
     return GenerationRequest([{"role": "user", "content": content}], settings, request_id)
+
+
+async def test_an_idle_engine_takes_a_burst_in_one_step(engine, monkeypatch):
+    # Generous: the mechanism is under test, not a loaded machine's scheduling.
+    monkeypatch.setattr(engine_module, "BURST_QUIET_S", 0.5)
+    monkeypatch.setattr(engine_module, "BURST_MAX_S", 5.0)
+    arrivals: list[int] = []
+    step = engine._step
+
+    def recorded(arrived: Any) -> None:
+        arrivals.append(len(arrived))
+        step(arrived)
+
+    monkeypatch.setattr(engine, "_step", recorded)
+    runs = [Run() for _ in range(4)]
+    for i, run in enumerate(runs):
+        engine.submit(fixed_length(f"Count to {i + 3}.", 2, f"burst{i}"), run.on_event)
+        await asyncio.sleep(0.01)  # a burst spread over 40 ms, no gap of 0.5 s
+    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 120)
+    assert arrivals[0] == 4, arrivals
 
 
 async def test_a_newcomer_joins_the_step_after_a_slot_frees(engine, monkeypatch):
