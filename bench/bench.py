@@ -20,12 +20,16 @@ The table shows the median of each figure over the repeats; each ratio is the
 median of the ratios within one repeat. Before measuring, both sides are warmed
 up (the daemon's first requests are not counted). Clients connect first and then
 ask together, so time to first token measures the scheduler, not handshakes.
+Every request is a new conversation: its prompt starts with a number never
+asked before, so the daemon's prefix cache can reuse the chat template's system
+prompt, which all new chats share, but nothing of earlier requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -54,9 +58,15 @@ PROMPTS = [
     "Describe a busy market in the morning.",
     "Tell me about the history of tea.",
 ]
+REQUEST_NUMBERS = itertools.count(1)
 ATTENTION = "sdpa"
 # What generate() does by default with this model's generation config.
 SETTINGS = {"do_sample": False, "repetition_penalty": 1.0}
+
+
+def new_conversation(prompt: str) -> str:
+    """``prompt`` as nobody asked it before (see the module's docstring)."""
+    return f"Question {next(REQUEST_NUMBERS)}. {prompt}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,7 +95,7 @@ class Reference:
             DEFAULT_MODEL, dtype=getattr(torch, dtype), attn_implementation=ATTENTION
         ).eval()
         self._inputs: Any = tokenizer.apply_chat_template(
-            [{"role": "user", "content": PROMPTS[0]}],
+            [{"role": "user", "content": new_conversation(PROMPTS[0])}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
@@ -121,7 +131,8 @@ async def connect(url: str) -> websockets.ClientConnection:
 async def ask(ws: websockets.ClientConnection, prompt: str, new_tokens: int) -> dict[str, float]:
     started = time.perf_counter()
     config = {**SETTINGS, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    request = {"type": "inference", "prompt": {"system": "", "user": prompt}, "config": config}
+    user = new_conversation(prompt)
+    request = {"type": "inference", "prompt": {"system": "", "user": user}, "config": config}
     await ws.send(json.dumps(request))
     first = None
     while True:

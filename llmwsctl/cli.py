@@ -551,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resources",
         cmd_resources,
         "CPU, memory and GPU use, once or --watch",
-        "Show the host's CPU and memory, llmwsd's own memory, the GPUs and the engine's "
-        "load. With --watch, refresh in place until Ctrl-C (one JSON line per refresh "
-        "with --json).",
+        "Show the host's CPU and memory, llmwsd's own memory, the GPUs, the engine's "
+        "load and what its prefix cache holds. With --watch, refresh in place until "
+        "Ctrl-C (one JSON line per refresh with --json).",
     )
     resources.add_argument(
         "--watch",

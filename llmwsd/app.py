@@ -397,6 +397,7 @@ class Daemon:
             "sessions": len(self.sessions),
             "max_context": engine.get("max_context", 0),
             "kv_usage_ratio": engine.get("kv_usage_ratio", 0.0),
+            "prefix_cache": engine.get("prefix_cache"),
             "gpus": resources.GPUS.report()[0],
         }
 

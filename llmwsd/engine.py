@@ -45,7 +45,7 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
-from llmwsd.prefix_cache import BLOCK, PrefixCache
+from llmwsd.prefix_cache import PrefixCache
 from llmwsd.sampling import TokenSampler, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ class Engine:
             "max_batch_size": self.max_batch_size,
             "tokens_per_s": round(tokens / TOKENS_PER_S_WINDOW, 2),
             "steps": steps,
-            "prefix_cache": self._prefix_cache.stats() if self._prefix_cache else None,
+            "prefix_cache": self._prefix_cache.stats() if self._prefix_cache is not None else None,
         }
 
     async def drain(self, timeout: float) -> None:
@@ -492,9 +492,9 @@ class Engine:
             generation.admitted_at = now
         try:
             prompts = [g.prompt_ids for g in newcomers]
-            reused, prefix_kv = self._cached_prefix(prompts)
+            prefix_kv = self._cached_prefix(prompts)
             batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id, prefix_kv)
-            self._remember_prompts(batch, reused)
+            self._remember_prompts(batch)
         except Exception as e:
             self._step_failed(newcomers, "prefill", e)
             return None
@@ -506,31 +506,32 @@ class Engine:
             batch.keep(keep, trim=self._rows_can_join)
         return batch
 
-    def _cached_prefix(self, prompts: list[list[int]]) -> tuple[int, torch.Tensor | None]:
-        """How many first tokens of every prompt the prefix cache holds, and their KV."""
+    def _cached_prefix(self, prompts: list[list[int]]) -> torch.Tensor | None:
+        """The KV of the first tokens every prompt shares with a cached one (None: none)."""
         if self._prefix_cache is None:
-            return 0, None
+            return None
         found = [self._prefix_cache.longest(prompt) for prompt in prompts]
         reused = min(tokens for tokens, _ in found)
         if not reused:
-            return 0, None
+            return None
         for _ in prompts:
             self._prefix_cache.count_reuse(reused)
-        kv = [entry.kv[..., :reused, :] for _, entry in found if entry is not None]
-        return reused, torch.stack(kv, dim=2)
+        return torch.stack(
+            [entry.kv[..., :reused, :] for _, entry in found if entry is not None], dim=2
+        )
 
-    def _remember_prompts(self, batch: Batch[_Generation], reused: int) -> None:
-        """Keep the new prompts' KV, in whole blocks, for prompts that start the same way."""
+    def _remember_prompts(self, batch: Batch[_Generation]) -> None:
+        """Keep the new prompts' KV for prompts that start the same way."""
         cache = self._prefix_cache
         if cache is None or self.info.memory is None:
             return
         for index, generation in enumerate(batch.rows):
-            tokens = len(generation.prompt_ids) // BLOCK * BLOCK
-            size = tokens * self.info.memory.layout.bytes_per_token
-            if tokens > reused and size <= cache.max_bytes:
-                kv = batch.row_kv(index, tokens)
+            prompt = generation.prompt_ids
+            size = len(prompt) * self.info.memory.layout.bytes_per_token
+            if size <= cache.max_bytes and not cache.holds(prompt):
+                kv = batch.row_kv(index, len(prompt))
                 if kv is not None:
-                    cache.add(generation.prompt_ids[:tokens], kv)
+                    cache.add(list(prompt), kv)
 
     def _decode(self, batch: Batch[_Generation]) -> None:
         """One token for every running request."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from llmwsd.errors import LLMWSError
@@ -31,7 +31,8 @@ class LiveCollector(Collector):
     """The daemon's state at scrape time.
 
     ``figures()`` returns ``active``, ``queued``, ``sessions``, ``max_context``,
-    ``kv_usage_ratio`` (reserved over budget) and ``gpus`` (resources.GpuMonitor's list).
+    ``kv_usage_ratio`` (reserved over budget), ``prefix_cache`` (the engine's figures, or
+    None) and ``gpus`` (resources.GpuMonitor's list).
     """
 
     def __init__(self, figures: LiveFigures) -> None:
@@ -58,6 +59,18 @@ class LiveCollector(Collector):
             "Memory reserved by running requests (KV cache and activations) over the budget",
             value=f["kv_usage_ratio"],
         )
+        prefixes = f.get("prefix_cache")
+        if prefixes is not None:
+            yield GaugeMetricFamily(
+                "llmws_prefix_cache_bytes",
+                "Keys and values of recent prompts kept for reuse",
+                value=prefixes["bytes"],
+            )
+            yield CounterMetricFamily(
+                "llmws_prefix_cache_reused_tokens",
+                "Prompt tokens taken from the prefix cache instead of prefilled (since load)",
+                value=prefixes["reused_tokens"],
+            )
         used = GaugeMetricFamily(
             "llmws_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"]
         )

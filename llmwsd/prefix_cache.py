@@ -5,10 +5,11 @@ template's system prompt, and each turn of a session repeats the turns before
 it. A prefill is compute-bound on CPU, so the engine keeps the keys and values
 of recent prompts and prefills only what follows the longest beginning a new
 prompt shares with one of them (the way vLLM's prefix caching and SGLang's
-radix cache do, without their paged memory). Lengths are whole blocks of
-``BLOCK`` tokens, so the shapes a prefill meets stay few (see
-:func:`llmwsd.memory.padded_length`). The entries' memory is set aside from the
-memory budget at load; the least recently used entries make room for new ones.
+radix cache do, without their paged memory). What is prefilled is still
+padded to a few lengths (:func:`llmwsd.memory.padded_length`); the length of
+the reused beginning only changes the attention's, which every decoding step
+changes anyway. The entries' memory is set aside from the memory budget at
+load; the least recently used entries make room for new ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 16
+COMPARED_AT_ONCE = 16  # tokens: list slices compare in C, a token at a time in Python
 
 
 @dataclass
@@ -31,14 +32,15 @@ class PrefixEntry:
         return self.kv.numel() * self.kv.element_size()
 
 
-def shared_blocks(a: list[int], b: list[int]) -> int:
-    """How many tokens, in whole blocks, ``a`` and ``b`` begin with in common."""
+def shared_length(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` begin with in common."""
+    end = min(len(a), len(b))
     shared = 0
-    while (
-        shared + BLOCK <= min(len(a), len(b))
-        and a[shared : shared + BLOCK] == b[shared : shared + BLOCK]
-    ):
-        shared += BLOCK
+    step = COMPARED_AT_ONCE
+    while shared + step <= end and a[shared : shared + step] == b[shared : shared + step]:
+        shared += step
+    while shared < end and a[shared] == b[shared]:
+        shared += 1
     return shared
 
 
@@ -57,32 +59,34 @@ class PrefixCache:
         return len(self._entries)
 
     def longest(self, prompt: list[int]) -> tuple[int, PrefixEntry | None]:
-        """The most tokens of ``prompt`` an entry holds (whole blocks, never all of it)."""
-        usable = (len(prompt) - 1) // BLOCK * BLOCK  # the last token is run for its logits
+        """The most first tokens of ``prompt`` an entry holds (never all: the last one is
+        run for its logits), and that entry."""
+        usable = len(prompt) - 1
         best, found, found_key = 0, None, None
         for key, entry in self._entries.items():
-            shared = min(shared_blocks(entry.tokens, prompt), usable)
+            shared = min(shared_length(entry.tokens, prompt), usable)
             if shared > best:
                 best, found, found_key = shared, entry, key
         if found_key is not None:
             self._entries.move_to_end(found_key)
         return best, found
 
+    def holds(self, tokens: list[int]) -> bool:
+        """Whether an entry begins with all of ``tokens``."""
+        return any(shared_length(e.tokens, tokens) == len(tokens) for e in self._entries.values())
+
     def count_reuse(self, tokens: int) -> None:
         self.hits += 1
         self.reused_tokens += tokens
 
     def add(self, tokens: list[int], kv: torch.Tensor) -> None:
-        """Keep ``kv`` for ``tokens`` (whole blocks); drop entries it makes redundant."""
+        """Keep ``kv`` for ``tokens`` (which no entry holds yet, see ``holds``); drop the
+        entries it makes redundant."""
         entry = PrefixEntry(tokens, kv)
         if not tokens or entry.bytes > self.max_bytes:
             return
         for key, old in list(self._entries.items()):
-            held = shared_blocks(old.tokens, tokens)
-            if held == len(tokens):
-                self._entries.move_to_end(key)
-                return  # already held
-            if held == len(old.tokens):
+            if shared_length(old.tokens, tokens) == len(old.tokens):
                 self._remove(key)  # the new entry holds all of it and more
         while self.bytes + entry.bytes > self.max_bytes:
             self._remove(next(iter(self._entries)))

@@ -212,6 +212,8 @@ def test_resources_both_modes(sock: Path) -> None:
     assert re.search(rf"^model +{DEFAULT_MODEL.name} \(", human, re.MULTILINE)
     assert re.search(r"^context +\d+ tokens, KV cache .* per token", human, re.MULTILINE)
     assert "no GPU" in human and "generating" in human
+    assert report["engine"]["prefix_cache"]["max_bytes"] > 0
+    assert re.search(r"^prefix cache +\d+ prompts, .* of 64\.0 MiB", human, re.MULTILINE)
 
 
 def test_resources_watch_refreshes_until_interrupted(sock: Path) -> None:
@@ -683,10 +685,18 @@ def test_resources_rendering_of_gpus_and_engine() -> None:
             "dtype": "bfloat16",
             "max_context": 8192,
             "kv_bytes_per_token": 23040,
+            "prefix_cache": {
+                "entries": 3,
+                "bytes": 3 * 2**20,
+                "max_bytes": 64 * 2**20,
+                "hits": 5,
+                "reused_tokens": 120,
+            },
         },
     }
     text = render_resources(report)
     assert "NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95.0 W, SM 9.0" in text
     assert "8192 tokens, KV cache 23.0 kB per token" in text
+    assert "3 prompts, 3.0 MiB of 64.0 MiB, 5 reused (120 tokens not prefilled again)" in text
     no_gpu = render_resources({"device": "cpu", "host": {}, "gpus": [], "gpu_status": "no GPU"})
     assert "no GPU" in no_gpu and "none loaded" in no_gpu

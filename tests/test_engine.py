@@ -406,14 +406,14 @@ async def test_prompts_that_start_alike_reuse_the_cached_beginning(engine, token
     before = prefix_cache.stats()
     reused = await asyncio.gather(*(generate(engine, p) for p in prompts))
     after = prefix_cache.stats()
-    # The chat template's system prompt and more: two blocks of every prompt.
+    # At least the chat template's system prompt (24 tokens) of every prompt.
     assert after["hits"] - before["hits"] == len(prompts)
-    assert after["reused_tokens"] - before["reused_tokens"] >= 32 * len(prompts)
+    assert after["reused_tokens"] - before["reused_tokens"] >= 24 * len(prompts)
     assert [r.text for r in reused] == [w.text for w in whole]
     assert 0 < after["bytes"] <= after["max_bytes"]
 
     # A session's next turn reuses the first turn's prompt.
-    first_turn_tokens = len(template_ids(tokenizer, first_turn)) // 16 * 16
+    first_turn_tokens = len(template_ids(tokenizer, first_turn))
     assert (await ask(second_turn)).text == whole_second_turn
     assert prefix_cache.stats()["reused_tokens"] - after["reused_tokens"] >= first_turn_tokens
 

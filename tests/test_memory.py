@@ -443,6 +443,27 @@ async def test_real_prompt_over_max_context_gets_both_numbers_before_any_token(
 
 
 @pytest.mark.slow
+async def test_real_prefix_cache_is_set_aside_and_counted(
+    small_budget_daemon: RunningDaemon,
+) -> None:
+    ws, _ = await real_connect(small_budget_daemon)
+    figures = (await engine_figures(ws))["memory"]
+    # An eighth of the 12 MiB budget at most (64 MiB by default), taken from the budget.
+    assert figures["prefix_cache_mb"] == BUDGET_MB / 8
+    assert figures["budget_bytes"] == int(BUDGET_MB * 2**20) - int(BUDGET_MB / 8 * 2**20)
+    before = await asyncio.to_thread(scrape, small_budget_daemon.port)
+    for question in ("Name a river.", "Name a mountain."):
+        await ws.send(json.dumps({"type": "inference", "prompt": {"user": question}}))
+        await recv_until(ws, {"done"})
+    after = await asyncio.to_thread(scrape, small_budget_daemon.port)
+    # The second question reused at least the chat template's system prompt.
+    reused = "llmws_prefix_cache_reused_tokens_total"
+    assert after[reused][()] - before[reused][()] >= 24
+    assert 0 < after["llmws_prefix_cache_bytes"][()] <= BUDGET_MB / 8 * 2**20
+    await ws.close()
+
+
+@pytest.mark.slow
 async def test_real_third_request_waits_for_memory(small_budget_daemon: RunningDaemon) -> None:
     ws, _ = await real_connect(small_budget_daemon)
     engine = await engine_figures(ws)

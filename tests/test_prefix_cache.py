@@ -1,10 +1,10 @@
-"""The prefix cache's bookkeeping: whole blocks, longest match, LRU within its bytes."""
+"""The prefix cache's bookkeeping: the longest shared beginning, LRU within its bytes."""
 
 from __future__ import annotations
 
 import torch
 
-from llmwsd.prefix_cache import BLOCK, PrefixCache, shared_blocks
+from llmwsd.prefix_cache import PrefixCache, shared_length
 
 
 def kv(tokens: int) -> torch.Tensor:
@@ -12,42 +12,44 @@ def kv(tokens: int) -> torch.Tensor:
     return torch.zeros(2, 2, 1, tokens, 4, dtype=torch.float32)
 
 
-ENTRY_BYTES = kv(BLOCK).numel() * 4  # one block's
+TOKEN_BYTES = kv(1).numel() * 4
 
 
-def test_shared_blocks_counts_whole_blocks_only():
+def test_shared_length_counts_tokens_past_whole_slices():
     a = list(range(40))
-    assert shared_blocks(a, a) == 32
-    assert shared_blocks(a, a[:20] + [-1] * 20) == 16
-    assert shared_blocks(a, [-1, *a[1:]]) == 0
-    assert shared_blocks(a, []) == 0
+    assert shared_length(a, a) == 40
+    assert shared_length(a, a[:20] + [-1] * 20) == 20
+    assert shared_length(a, a[:35]) == 35
+    assert shared_length(a, [-1, *a[1:]]) == 0
+    assert shared_length(a, []) == 0
 
 
 def test_the_longest_entry_wins_and_never_the_whole_prompt():
-    cache = PrefixCache(max_bytes=10 * ENTRY_BYTES)
+    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES)
     prompt = list(range(48))
-    cache.add(prompt[:16], kv(16))
+    cache.add(prompt[:10], kv(10))
     cache.add([7] * 32, kv(32))
-    cache.add(prompt[:32] + [5] * 16, kv(48))
+    cache.add(prompt[:30] + [5] * 16, kv(46))
     tokens, entry = cache.longest([*prompt, 1, 2])
-    assert tokens == 32 and entry is not None and entry.tokens[:32] == prompt[:32]
-    # The last token must be run for its logits: a prompt of exactly 32 reuses 16.
-    assert cache.longest(prompt[:32])[0] == 16
+    assert tokens == 30 and entry is not None and entry.tokens[:30] == prompt[:30]
+    # The last token must be run for its logits: a prompt an entry holds whole reuses all
+    # but its last token.
+    assert cache.longest(prompt[:30])[0] == 29
     assert cache.longest([9] * 40) == (0, None)
 
 
 def test_an_entry_that_holds_another_replaces_it():
-    cache = PrefixCache(max_bytes=10 * ENTRY_BYTES)
+    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES)
     prompt = list(range(64))
     cache.add(prompt[:16], kv(16))
-    cache.add(prompt[:48], kv(48))
-    assert len(cache) == 1 and cache.bytes == 3 * ENTRY_BYTES
-    cache.add(prompt[:32], kv(32))  # already held
-    assert len(cache) == 1 and cache.bytes == 3 * ENTRY_BYTES
+    assert cache.holds(prompt[:16]) and cache.holds(prompt[:5]) and not cache.holds(prompt[:17])
+    cache.add(prompt[:40], kv(40))
+    assert len(cache) == 1 and cache.bytes == 40 * TOKEN_BYTES
+    assert cache.holds(prompt[:40])
 
 
 def test_the_least_recently_used_make_room_within_max_bytes():
-    cache = PrefixCache(max_bytes=3 * ENTRY_BYTES)
+    cache = PrefixCache(max_bytes=48 * TOKEN_BYTES)
     first, second, third = ([n] * 16 for n in (1, 2, 3))
     cache.add(first, kv(16))
     cache.add(second, kv(16))
@@ -58,4 +60,4 @@ def test_the_least_recently_used_make_room_within_max_bytes():
     assert cache.longest([*second, 0])[0] == 0  # the least recently used went
     assert cache.longest([*first, 0])[0] == 16
     cache.add([5] * 64, kv(64))  # larger than the whole cache: not kept
-    assert len(cache) == 3 and cache.bytes == 3 * ENTRY_BYTES
+    assert len(cache) == 3 and cache.bytes == 48 * TOKEN_BYTES
