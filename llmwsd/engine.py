@@ -494,10 +494,10 @@ class Engine:
             prompts = [g.prompt_ids for g in newcomers]
             prefix_kv = self._cached_prefix(prompts)
             batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id, prefix_kv)
-            self._remember_prompts(batch)
         except Exception as e:
             self._step_failed(newcomers, "prefill", e)
             return None
+        self._remember_prompts(batch)
         self._advance(batch, logits)
         keep = [i for i, g in enumerate(batch.rows) if not g.done]
         if not keep:
@@ -514,8 +514,7 @@ class Engine:
         reused = min(tokens for tokens, _ in found)
         if not reused:
             return None
-        for _ in prompts:
-            self._prefix_cache.count_reuse(reused)
+        self._prefix_cache.count_reuse(reused, len(prompts))
         return torch.stack(
             [entry.kv[..., :reused, :] for _, entry in found if entry is not None], dim=2
         )
@@ -525,13 +524,17 @@ class Engine:
         cache = self._prefix_cache
         if cache is None or self.info.memory is None:
             return
-        for index, generation in enumerate(batch.rows):
-            prompt = generation.prompt_ids
-            size = len(prompt) * self.info.memory.layout.bytes_per_token
-            if size <= cache.max_bytes and not cache.holds(prompt):
-                kv = batch.row_kv(index, len(prompt))
-                if kv is not None:
-                    cache.add(list(prompt), kv)
+        bytes_per_token = self.info.memory.layout.bytes_per_token
+        try:
+            for index, generation in enumerate(batch.rows):
+                prompt = generation.prompt_ids
+                if len(prompt) * bytes_per_token <= cache.max_bytes and not cache.holds(prompt):
+                    kv = batch.row_kv(index, len(prompt))
+                    if kv is not None:
+                        cache.add(list(prompt), kv)
+        except Exception:
+            # The answers go on; only later prompts miss the reuse.
+            log.warning("cannot keep prompts in the prefix cache", exc_info=True)
 
     def _decode(self, batch: Batch[_Generation]) -> None:
         """One token for every running request."""

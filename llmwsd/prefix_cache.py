@@ -75,9 +75,10 @@ class PrefixCache:
         """Whether an entry begins with all of ``tokens``."""
         return any(shared_length(e.tokens, tokens) == len(tokens) for e in self._entries.values())
 
-    def count_reuse(self, tokens: int) -> None:
-        self.hits += 1
-        self.reused_tokens += tokens
+    def count_reuse(self, tokens: int, prompts: int) -> None:
+        """``prompts`` prompts took their first ``tokens`` tokens from the cache."""
+        self.hits += prompts
+        self.reused_tokens += tokens * prompts
 
     def add(self, tokens: list[int], kv: torch.Tensor) -> None:
         """Keep ``kv`` for ``tokens`` (which no entry holds yet, see ``holds``); drop the

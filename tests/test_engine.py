@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd import engine as engine_module
 from llmwsd import kernels
-from llmwsd.batch import prefill_groups
+from llmwsd.batch import Batch, prefill_groups
 from llmwsd.config import Config, EngineConfig, ModelConfig
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.engine import (
@@ -416,6 +416,16 @@ async def test_prompts_that_start_alike_reuse_the_cached_beginning(engine, token
     first_turn_tokens = len(template_ids(tokenizer, first_turn))
     assert (await ask(second_turn)).text == whole_second_turn
     assert prefix_cache.stats()["reused_tokens"] - after["reused_tokens"] >= first_turn_tokens
+
+
+async def test_a_prompt_the_cache_cannot_keep_is_still_answered(engine, monkeypatch, caplog):
+    def fail(*args: Any) -> None:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(Batch, "row_kv", fail)
+    run = await generate(engine, "Spell the word zebra backwards, please.")
+    assert run.end.finish_reason in ("stop", "length") and run.text
+    assert "cannot keep prompts in the prefix cache" in caplog.text
 
 
 async def test_newcomer_joins_running_batch(engine):
