@@ -368,6 +368,7 @@ class Engine:
             self._wakeup.notify()
         await asyncio.to_thread(self._thread.join)
         self._model = None
+        self._prefix_cache = None  # its keys and values go with the model
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()

@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn import functional
 from transformers import DynamicCache
 
+from llmwsd import memory
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_PROMPT_TOKENS = 16
@@ -114,11 +116,9 @@ def _drop_torch_layout(model: Any) -> None:
 
 def _step_seconds(model: Any, rows: int, use_onednn: bool) -> float:
     """The best of a few decoding steps of ``rows`` rows (after one untimed step)."""
-    device = next(model.parameters()).device
-    vocab = int(model.config.get_text_config().vocab_size)
     with onednn(use_onednn):
         cache = DynamicCache(config=model.config)
-        prompt = torch.randint(0, vocab, (rows, CALIBRATION_PROMPT_TOKENS), device=device)
+        prompt = memory.random_prompts(model, rows, CALIBRATION_PROMPT_TOKENS)
         model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         token = prompt[:, -1:]
         model(input_ids=token, cache=cache, use_cache=True)

@@ -406,6 +406,15 @@ class PeakRSS:
         self.bytes = max(peak - self._before, 0)
 
 
+def random_prompts(model: Any, rows: int, tokens: int) -> Any:
+    """``rows`` prompts of ``tokens`` random token ids on the model's device, to measure with."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = int(model.config.get_text_config().vocab_size)
+    return torch.randint(0, vocab, (rows, tokens), device=device)
+
+
 def measure_prefill_peak(model: Any, tokens: int) -> int:
     """Peak bytes above the baseline of one prefill of ``tokens`` tokens, KV cache included.
 
@@ -415,9 +424,8 @@ def measure_prefill_peak(model: Any, tokens: int) -> int:
     import torch
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    vocab = int(model.config.get_text_config().vocab_size)
-    input_ids = torch.randint(0, vocab, (1, tokens), device=device)
+    input_ids = random_prompts(model, 1, tokens)
+    device = input_ids.device
     attention_mask = torch.ones_like(input_ids)
 
     def prefill() -> Any:
