@@ -473,8 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Command, help: str, description: str, **kw: Any) -> Any:
-        sub = commands.add_parser(name, help=help, description=description, parents=[common], **kw)
+    def add(
+        name: str, func: Command, help: str, description: str, under: Any = commands, **kw: Any
+    ) -> Any:
+        """A sub-command (of ``under``: a command's actions, such as ``sessions drop``)."""
+        sub = under.add_parser(name, help=help, description=description, parents=[common], **kw)
         sub.set_defaults(func=func)
         return sub
 
@@ -573,15 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
         "generation is cancelled).",
     )
     actions = sessions.add_subparsers(dest="action", metavar="ACTION")
-    drop = actions.add_parser(
+    drop = add(
         "drop",
-        help="delete a session and cancel its generation",
-        description="Delete the session ID (see `llmwsctl sessions`) and cancel its "
-        "running generation; its client's next resume starts a new session.",
-        parents=[common],
+        cmd_session_drop,
+        "delete a session and cancel its generation",
+        "Delete the session ID (see `llmwsctl sessions`) and cancel its running "
+        "generation; its client's next resume starts a new session.",
+        under=actions,
     )
     drop.add_argument("id", metavar="ID", help="the session id")
-    drop.set_defaults(func=cmd_session_drop)
     tokens = add(
         "tokens",
         cmd_tokens,
@@ -592,12 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
         "are stored.",
     )
     token_actions = tokens.add_subparsers(dest="action", metavar="ACTION")
-    token_add = token_actions.add_parser(
+    token_add = add(
         "add",
-        help="make a token and print it (once)",
-        description="Make a new token called NAME and print it; llmwsd keeps only a "
-        "salted hash, so it cannot be shown again.",
-        parents=[common],
+        cmd_token_add,
+        "make a token and print it (once)",
+        "Make a new token called NAME and print it; llmwsd keeps only a salted hash, so "
+        "it cannot be shown again.",
+        under=token_actions,
     )
     token_add.add_argument("name", metavar="NAME", help="who or what the token is for")
     token_add.add_argument(
@@ -606,16 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="an admin token: may also manage models over the public port, where "
         "[api] allow_model_management is true",
     )
-    token_add.set_defaults(func=cmd_token_add)
-    token_revoke = token_actions.add_parser(
+    token_revoke = add(
         "revoke",
-        help="withdraw a token",
-        description="Withdraw the token NAME (or its id); clients using it are refused "
-        "from their next connection.",
-        parents=[common],
+        cmd_token_revoke,
+        "withdraw a token",
+        "Withdraw the token NAME (or its id); clients using it are refused from their "
+        "next connection.",
+        under=token_actions,
     )
     token_revoke.add_argument("name", metavar="NAME", help="the token's name or id")
-    token_revoke.set_defaults(func=cmd_token_revoke)
     add(
         "reload",
         cmd_reload,
