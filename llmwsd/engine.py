@@ -217,10 +217,10 @@ class Engine:
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
         self._rows_can_join = rows_can_join(model.config)
-        # Prefixes are spliced into the shared cache, which needs rows that can join.
+        memory_estimate = info.memory
         self._prefix_cache = (
-            PrefixCache(info.memory.prefix_cache_bytes)
-            if info.memory is not None and info.memory.prefix_cache_bytes and self._rows_can_join
+            PrefixCache(memory_estimate.prefix_cache_bytes, memory_estimate.layout.bytes_per_token)
+            if memory_estimate is not None and memory_estimate.prefix_cache_bytes
             else None
         )
         # On CPU a prefill's cost grows with its rows, so a burst of newcomers is
@@ -277,6 +277,7 @@ class Engine:
             model, max_batch_size, memory.available_bytes(device)[0]
         )
         # After the layout work, so that the memory it took is not counted as free.
+        # Cached prefixes are spliced into the shared cache: only where rows can join.
         estimate = memory.estimate(
             model,
             config.memory,
@@ -523,13 +524,12 @@ class Engine:
     def _remember_prompts(self, batch: Batch[_Generation]) -> None:
         """Keep the new prompts' KV for prompts that start the same way."""
         cache = self._prefix_cache
-        if cache is None or self.info.memory is None:
+        if cache is None:
             return
-        bytes_per_token = self.info.memory.layout.bytes_per_token
         try:
             for index, generation in enumerate(batch.rows):
                 prompt = generation.prompt_ids
-                if len(prompt) * bytes_per_token <= cache.max_bytes and not cache.holds(prompt):
+                if cache.wants(prompt):
                     kv = batch.row_kv(index, len(prompt))
                     if kv is not None:
                         cache.add(list(prompt), kv)

@@ -472,10 +472,10 @@ def estimate(
     attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
     quadratic = attention_bytes_per_token_squared(model.config, attention, dtype_bytes)
     probe = max(1, min(config.probe_tokens, model_max))
-    # The first forward allocates once for good (kernels, thread pools, buffers):
-    # a short warm-up keeps that out of the per-token
-    # figure. The probe is then the first of its length, so its memory is fresh from
-    # the system, not reused from the warm-up's, and its peak RSS shows all of it.
+    # The first forward allocates once for good (kernels, thread pools, buffers): a
+    # short warm-up keeps that out of the per-token figure. The probe is then the first
+    # of its length, so its memory is fresh from the system, not reused from the
+    # warm-up's, and its peak RSS shows all of it.
     measure_prefill_peak(model, min(WARMUP_TOKENS, probe))
     peak = measure_prefill_peak(model, probe)
     activation = max(peak - layout.kv_bytes(probe) - quadratic * probe**2, 0) // probe

@@ -45,10 +45,14 @@ def shared_length(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """Recent prompts' keys and values, at most ``max_bytes`` of them (engine thread only)."""
+    """Recent prompts' keys and values, at most ``max_bytes`` of them (engine thread only).
 
-    def __init__(self, max_bytes: int) -> None:
+    ``bytes_per_token``: what one token's keys and values take, for every layer.
+    """
+
+    def __init__(self, max_bytes: int, bytes_per_token: int) -> None:
         self.max_bytes = max_bytes
+        self.bytes_per_token = bytes_per_token
         self._entries: collections.OrderedDict[int, PrefixEntry] = collections.OrderedDict()
         self._next_key = 0
         self.bytes = 0
@@ -75,14 +79,17 @@ class PrefixCache:
         """Whether an entry begins with all of ``tokens``."""
         return any(shared_length(e.tokens, tokens) == len(tokens) for e in self._entries.values())
 
+    def wants(self, prompt: list[int]) -> bool:
+        """Whether ``prompt`` is worth copying in: it fits, and no entry holds it yet."""
+        return len(prompt) * self.bytes_per_token <= self.max_bytes and not self.holds(prompt)
+
     def count_reuse(self, tokens: int, prompts: int) -> None:
         """``prompts`` prompts took their first ``tokens`` tokens from the cache."""
         self.hits += prompts
         self.reused_tokens += tokens * prompts
 
     def add(self, tokens: list[int], kv: torch.Tensor) -> None:
-        """Keep ``kv`` for ``tokens`` (which no entry holds yet, see ``holds``); drop the
-        entries it makes redundant."""
+        """Keep ``kv`` for ``tokens`` (see ``wants``); drop the entries it makes redundant."""
         entry = PrefixEntry(tokens, kv)
         if not tokens or entry.bytes > self.max_bytes:
             return

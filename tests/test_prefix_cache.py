@@ -25,7 +25,7 @@ def test_shared_length_counts_tokens_past_whole_slices():
 
 
 def test_the_longest_entry_wins_and_never_the_whole_prompt():
-    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES)
+    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES, bytes_per_token=TOKEN_BYTES)
     prompt = list(range(48))
     cache.add(prompt[:10], kv(10))
     cache.add([7] * 32, kv(32))
@@ -39,17 +39,19 @@ def test_the_longest_entry_wins_and_never_the_whole_prompt():
 
 
 def test_an_entry_that_holds_another_replaces_it():
-    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES)
+    cache = PrefixCache(max_bytes=1000 * TOKEN_BYTES, bytes_per_token=TOKEN_BYTES)
     prompt = list(range(64))
     cache.add(prompt[:16], kv(16))
     assert cache.holds(prompt[:16]) and cache.holds(prompt[:5]) and not cache.holds(prompt[:17])
+    assert cache.wants(prompt[:17]) and not cache.wants(prompt[:16])
+    assert not cache.wants([9] * 1001)  # larger than the whole cache
     cache.add(prompt[:40], kv(40))
     assert len(cache) == 1 and cache.bytes == 40 * TOKEN_BYTES
     assert cache.holds(prompt[:40])
 
 
 def test_the_least_recently_used_make_room_within_max_bytes():
-    cache = PrefixCache(max_bytes=48 * TOKEN_BYTES)
+    cache = PrefixCache(max_bytes=48 * TOKEN_BYTES, bytes_per_token=TOKEN_BYTES)
     first, second, third = ([n] * 16 for n in (1, 2, 3))
     cache.add(first, kv(16))
     cache.add(second, kv(16))
