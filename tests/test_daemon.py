@@ -240,6 +240,8 @@ def test_check_config_good(tmp_path: Path):
         ("[server\n", "invalid TOML"),
         ('[model]\ndtype = "int3"\n', "dtype must be"),
         ("[generation_defaults]\ndo_sample = 1\n", "key 'do_sample': expected bool"),
+        ("[engine]\nprefix_cache_mb = -1.0\n", "prefix_cache_mb must not be negative"),
+        ("[sessions]\nmax_per_client = 0\n", "max_per_client must be at least 1"),
     ],
 )
 def test_check_config_bad(tmp_path: Path, text: str, expected: str):
