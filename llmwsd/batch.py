@@ -81,20 +81,20 @@ def rows_can_join(model_config: Any) -> bool:
     return all(isinstance(layer, SpareRoomLayer) for layer in new_cache(model_config).layers)
 
 
-def prefill_groups(count: int, largest: int) -> list[int]:
-    """Split ``count`` newcomers into prefill groups: powers of two, at most ``largest``.
+def prefill_groups(count: int, split: bool) -> list[int]:
+    """Split ``count`` newcomers into prefill groups (all at once unless ``split``).
 
-    Largest first: 7 newcomers with ``largest`` 4 are prefilled as 4, 2 and 1.
-    Powers of two keep the matrix shapes a prefill can have few (see
-    :func:`memory.padded_length`), and smaller groups hand out their first
-    tokens sooner than one pass over all of them would.
+    Split, the first group holds just over half of them and the second the rest:
+    8 newcomers are prefilled as 5 and 3. Where a prefill's cost grows with its
+    rows (on CPU), most of a burst then gets its first token after one pass that
+    is not much longer than a pass over half of it, and the rest soon after;
+    one pass over all would keep everyone waiting for the whole, and groups of
+    four would keep the middle client waiting for two passes.
     """
-    groups = []
-    while count:
-        size = min(largest, 1 << (count.bit_length() - 1))
-        groups.append(size)
-        count -= size
-    return groups
+    if not split or count <= 2:
+        return [count] if count else []
+    first = count // 2 + 1
+    return [first, count - first]
 
 
 def joined(first: Batch[Row] | None, second: Batch[Row] | None) -> Batch[Row] | None:

@@ -224,8 +224,8 @@ class Engine:
             else None
         )
         # On CPU a prefill's cost grows with its rows, so a burst of newcomers is
-        # prefilled a few at a time and the first ones start answering sooner.
-        self._prefill_group_size = max_batch_size if self._device.type == "cuda" else 4
+        # prefilled in two groups and most of them start answering sooner.
+        self._split_prefills = self._device.type != "cuda"
 
         self._wakeup = threading.Condition()
         self._inbox: list[_Generation] = []  # guarded by _wakeup
@@ -429,11 +429,9 @@ class Engine:
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         tokens = len(newcomers)
         fresh: Batch[_Generation] | None = None
-        if self._rows_can_join:
-            groups = prefill_groups(len(newcomers), self._prefill_group_size)
-        else:
-            groups = [len(newcomers)] if newcomers else []  # a wave is prefilled at once
-        for size in groups:
+        # Rows that cannot join a running batch come as one wave, prefilled at once.
+        split = self._split_prefills and self._rows_can_join
+        for size in prefill_groups(len(newcomers), split):
             group, newcomers = newcomers[:size], newcomers[size:]
             fresh = joined(fresh, self._prefill(group))
             # Each group's first tokens go out now, not after the next group's prefill

@@ -267,11 +267,12 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
 # -- generation on the real model ----------------------------------------------------
 
 
-def test_a_burst_is_prefilled_in_power_of_two_groups():
-    assert prefill_groups(7, 4) == [4, 2, 1]
-    assert prefill_groups(8, 4) == [4, 4]
-    assert prefill_groups(6, 8) == [4, 2]
-    assert prefill_groups(1, 4) == [1] and prefill_groups(0, 4) == []
+def test_a_burst_is_prefilled_in_two_groups_the_first_just_over_half():
+    assert prefill_groups(8, split=True) == [5, 3]
+    assert prefill_groups(7, split=True) == [4, 3]
+    assert prefill_groups(3, split=True) == [2, 1]
+    assert prefill_groups(2, split=True) == [2] and prefill_groups(1, split=True) == [1]
+    assert prefill_groups(8, split=False) == [8] and prefill_groups(0, split=True) == []
 
 
 def test_the_onednn_switch_is_restored():
