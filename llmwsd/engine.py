@@ -493,7 +493,12 @@ class Engine:
         try:
             prompts = [g.prompt_ids for g in newcomers]
             prefix_kv = self._cached_prefix(prompts)
-            batch, logits = Batch.prefill(self._model, newcomers, prompts, self._pad_id, prefix_kv)
+            reused = 0 if prefix_kv is None else prefix_kv.shape[-2]
+            new_tokens = len(prompts) * max(len(p) - reused for p in prompts)
+            with memory.short_prefill_on_the_heap(new_tokens):
+                batch, logits = Batch.prefill(
+                    self._model, newcomers, prompts, self._pad_id, prefix_kv
+                )
         except Exception as e:
             self._step_failed(newcomers, "prefill", e)
             return None

@@ -30,7 +30,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -339,6 +339,7 @@ def _glibc_function(name: str) -> Any:
 # glibc's mallopt parameter, and the size from which every allocation gets its own mapping.
 M_MMAP_THRESHOLD = -3
 CPU_MMAP_THRESHOLD = 256 * 1024
+_large_allocations_mapped_apart = False  # set by map_large_allocations_apart
 
 
 def map_large_allocations_apart() -> bool:
@@ -353,8 +354,41 @@ def map_large_allocations_apart() -> bool:
     memory estimate holds (93 MB, ±1 %). The cost: fresh pages for every large
     tensor, a long prefill up to ~40 % slower on the development machine.
     """
+    global _large_allocations_mapped_apart
     mallopt = _glibc_function("mallopt")
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD))
+    _large_allocations_mapped_apart = mallopt is not None and bool(
+        mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD)
+    )
+    return _large_allocations_mapped_apart
+
+
+# A prefill of fewer new tokens than this may take tensors of up to SHORT_PREFILL_MMAP_THRESHOLD
+# from the heap (see short_prefill_on_the_heap).
+SHORT_PREFILL_TOKENS = 256
+SHORT_PREFILL_MMAP_THRESHOLD = 1024 * 1024
+
+
+@contextlib.contextmanager
+def short_prefill_on_the_heap(new_tokens: int) -> Iterator[None]:
+    """While a short prefill runs, serve its tensors of up to 1 MiB from glibc's heap.
+
+    Does nothing unless :func:`map_large_allocations_apart` did (CPU engines). Mapped apart, the
+    activations of every layer of a short prefill got fresh pages: eight 24-token
+    prompts were prefilled in ~245 ms instead of ~155 ms here. What such a prefill
+    leaves in the heap is a few MB at most, and long prompts, whose peak the memory
+    estimate predicts, are still mapped apart (the threshold is set back after it).
+    The threshold is the process's: a model loading beside a serving one measures
+    its probe beside the serving one's steps in any case.
+    """
+    if not _large_allocations_mapped_apart or new_tokens >= SHORT_PREFILL_TOKENS:
+        yield
+        return
+    mallopt = _glibc_function("mallopt")
+    mallopt(M_MMAP_THRESHOLD, SHORT_PREFILL_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD)
 
 
 def _status_kib(field: str) -> int:

@@ -148,6 +148,29 @@ def test_cgroup_limits_lower_the_available_memory(tmp_path: Path) -> None:
     assert memory.cgroup_available_bytes(v1, membership) is None
 
 
+def test_a_short_prefill_takes_tensors_up_to_1_mib_from_the_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    thresholds: list[int] = []
+
+    def mallopt(parameter: int, value: int) -> int:
+        assert parameter == memory.M_MMAP_THRESHOLD
+        thresholds.append(value)
+        return 1
+
+    monkeypatch.setattr(memory, "_glibc_function", lambda name: mallopt)
+    monkeypatch.setattr(memory, "_large_allocations_mapped_apart", False)
+    with memory.short_prefill_on_the_heap(8):
+        assert thresholds == []  # the process never had large allocations mapped apart
+    assert memory.map_large_allocations_apart()
+    with memory.short_prefill_on_the_heap(memory.SHORT_PREFILL_TOKENS):
+        assert thresholds == [256 * 1024]  # a long prefill stays mapped apart
+    with pytest.raises(RuntimeError), memory.short_prefill_on_the_heap(100):
+        assert thresholds[-1] == 1024 * 1024
+        raise RuntimeError("the prefill failed")
+    assert thresholds[-1] == 256 * 1024  # set back, even after a failure
+
+
 @pytest.mark.slow
 def test_predicted_peak_is_within_15_percent_of_the_measured_rss() -> None:
     """A fresh process: load (the estimate is measured), then one long prompt."""
