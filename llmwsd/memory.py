@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import re
@@ -325,6 +326,7 @@ def release_freed_memory() -> None:
         malloc_trim(0)
 
 
+@functools.cache  # finding the C library runs ldconfig: ~4 ms, too slow for every prefill
 def _glibc_function(name: str) -> Any:
     """A function of glibc's allocator (``malloc_trim``, ``mallopt``); None elsewhere."""
     libc_name = ctypes.util.find_library("c")
