@@ -268,11 +268,16 @@ def test_resources_panel_with_gpus_and_old_servers(chat: ChatPage) -> None:
         ],
     }
     old_report = {"type": "resources", "device": "cpu", "total_gb": 16.0, "free_gb": 12.0}
+    # Injected and read back in one evaluate: the server's own report, pushed every 2 s, cannot
+    # land in between and redraw the panel with this machine's figures.
+    show_and_read = """(m) => {
+        llmws.connection.onMessage(m);
+        const legends = [...document.querySelectorAll(".chart-legend")].map((e) => e.textContent);
+        return [legends.join(" "), document.querySelector("#resource-facts").textContent];
+    }"""
     chat.open_tab("resources")
     for message in (report, old_report):
-        chat.page.evaluate("(m) => llmws.connection.onMessage(m)", message)
-        legends = " ".join(chat.page.locator(".chart-legend").all_text_contents())
-        facts = str(chat.page.text_content("#resource-facts"))
+        legends, facts = chat.page.evaluate(show_and_read, message)
         if message is report:
             assert "GPU 0" in legends and "GPU 1" in legends, legends
             assert "NVIDIA H100 · 30.5 GB of 79.6 GB · 41 °C" in facts
