@@ -224,8 +224,9 @@ class Engine:
             else None
         )
         # On CPU a prefill's cost grows with its rows, so a burst of newcomers is
-        # prefilled in two groups and most of them start answering sooner.
-        self._split_prefills = self._device.type != "cuda"
+        # prefilled in two groups and most of them start answering sooner. Rows that
+        # cannot join a running batch come as one wave, prefilled at once.
+        self._split_prefills = self._device.type != "cuda" and self._rows_can_join
 
         self._wakeup = threading.Condition()
         self._inbox: list[_Generation] = []  # guarded by _wakeup
@@ -429,9 +430,7 @@ class Engine:
         newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         tokens = len(newcomers)
         fresh: Batch[_Generation] | None = None
-        # Rows that cannot join a running batch come as one wave, prefilled at once.
-        split = self._split_prefills and self._rows_can_join
-        for size in prefill_groups(len(newcomers), split):
+        for size in prefill_groups(len(newcomers), self._split_prefills):
             group, newcomers = newcomers[:size], newcomers[size:]
             fresh = joined(fresh, self._prefill(group))
             # Each group's first tokens go out now, not after the next group's prefill
