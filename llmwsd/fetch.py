@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llmwsd import models
-from llmwsd.errors import BadRequest, DiskFull, InternalError, NotFound
+from llmwsd.errors import BadRequest, DiskFull, InternalError, LLMWSError, NotFound
 
 log = logging.getLogger("llmwsd.pull")
 
@@ -37,7 +38,10 @@ Progress = Callable[[dict[str, Any]], None]
 DISK_MARGIN_BYTES = 16 * 1024 * 1024  # kept free beyond the announced size
 HUGGING_FACE_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_GIT_SCP = re.compile(r"[\w.-]+@[\w.-]+:\S+")  # git@host:org/repo.git
+_GIT_SCP = re.compile(r"\w[\w.-]*@\w[\w.-]*:\S+")  # git@host:org/repo.git
+# A branch, tag, commit or Hugging Face ref (refs/pr/1): never an option to git (no leading
+# '-'), no '..' (a range, and never part of a ref name), nothing git would read as a pattern.
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 # Weight formats other than the one a model folder is served from: never downloaded.
@@ -73,14 +77,18 @@ def parse_source(text: Any, revision: Any = None) -> Source:
     """What ``text`` names: a Hugging Face repo, a git repository, or a local GGUF file."""
     if not isinstance(text, str) or not text.strip() or len(text) > 2048 or "\x00" in text:
         raise BadRequest("the source must be a non-empty string: org/name, a URL or a path")
-    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
-        raise BadRequest("revision must be a non-empty string")
+    if revision is not None:
+        revision = _parse_revision(revision)
     text = text.strip()
+    if text.startswith("-"):
+        raise BadRequest(f"a source never starts with '-': {text[:200]!r}")
     url = urlparse(text)
+    if url.scheme and (url.hostname or "").startswith("-"):
+        raise BadRequest(f"a host name never starts with '-': {text[:200]!r}")
     if url.scheme in ("http", "https") and _is_hugging_face(url.netloc):
         parts = [p for p in url.path.split("/") if p]
         if len(parts) >= 4 and parts[2] == "tree":  # https://huggingface.co/org/name/tree/REV
-            revision = revision or parts[3]
+            revision = revision or _parse_revision(parts[3])
         if len(parts) < 2 or not _REPO_ID.fullmatch(f"{parts[0]}/{parts[1]}"):
             raise BadRequest(f"{text[:200]!r} does not name a Hugging Face model (org/name)")
         return Source("huggingface", f"{parts[0]}/{parts[1]}", revision, parts[1])
@@ -105,6 +113,20 @@ def parse_source(text: Any, revision: Any = None) -> Source:
     )
 
 
+def _parse_revision(revision: Any) -> str:
+    if (
+        not isinstance(revision, str)
+        or not _REVISION.fullmatch(revision)
+        or ".." in revision
+        or revision.endswith(("/", ".lock"))
+    ):
+        raise BadRequest(
+            f"invalid revision {str(revision)[:80]!r}: give a branch, tag or commit "
+            "(letters, digits, '.', '_', '/', '+', '-'; no leading '-', no '..')"
+        )
+    return revision
+
+
 def _is_hugging_face(netloc: str) -> bool:
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "")).netloc
     return netloc in HUGGING_FACE_HOSTS or (bool(endpoint) and netloc == endpoint)
@@ -121,7 +143,8 @@ def needed_files(names: Iterable[str]) -> list[str]:
     Safetensors win over PyTorch ``.bin``; other formats (ONNX, TF, Flax, GGUF
     quantizations, ``original/`` checkpoints in subfolders) are left on the server.
     """
-    top = [n for n in names if "/" not in n and not n.startswith(".")]
+    # A leading '-' names no model file, and could be taken for an option by git-lfs.
+    top = [n for n in names if "/" not in n and not n.startswith((".", "-"))]
     if any(n.endswith(".safetensors") for n in top):
         return sorted(n for n in top if not n.endswith(_OTHER_WEIGHTS))
     if any(n.endswith(".bin") for n in top):
@@ -322,14 +345,56 @@ def run_child(
             pull._child = None
     pull.check_stop()
     if child.returncode != 0:
-        tail = output.read_text(errors="replace").strip().splitlines()[-5:]
-        reason = " / ".join(line.strip() for line in tail) or f"exit status {child.returncode}"
-        failure = (
-            NotFound
-            if "not found" in reason.lower() or "does not exist" in reason.lower()
-            else InternalError
-        )
-        raise failure(f"{' '.join(argv[:3])} failed: {reason}")
+        raise _child_failure(pull, _step_name(argv), child.returncode, output)
+
+
+def _step_name(argv: list[str]) -> str:
+    """What a child process is, for messages: ``git clone``, ``git lfs fetch``, the converter."""
+    if argv[0] == "git":
+        return " ".join(argv[: 3 if argv[1] == "lfs" else 2])
+    return "the GGUF conversion"
+
+
+def _child_failure(pull: Pull, step: str, status: int, output: Path) -> LLMWSError:
+    """The error a failed step ends its pull with: a short message; its output goes to the log.
+
+    The output is never sent on: a client must not be able to make git print
+    files of this host into a reply (and a remote client has no use for git's words).
+    """
+    text = output.read_text(errors="replace").strip()
+    tail = text.splitlines()[-5:]
+    log.warning("pull %s: %s failed (exit status %d): %s", pull.id, step, status, " / ".join(tail))
+    lowered = text.lower()
+    if "no space left on device" in lowered or "disk quota exceeded" in lowered:
+        return disk_full(pull)
+    if any(hint in lowered for hint in _NOT_FOUND_HINTS):
+        return NotFound(f"{step}: the repository or the revision was not found")
+    return InternalError(f"{step} failed (exit status {status}); the daemon's log has its output")
+
+
+# What git, git-lfs and the converter say when the repository, a revision or a file is not there.
+_NOT_FOUND_HINTS = (
+    "not found",
+    "does not exist",
+    "did not match any",
+    "unknown revision",
+    "does not appear to be a git repository",
+    "no such file or directory",
+)
+
+
+def disk_full(pull: Pull) -> DiskFull:
+    free = shutil.disk_usage(pull.folder.parent).free
+    return DiskFull(
+        f"the disk filled up while pulling {pull.name} ({free / 1e6:.1f} MB free in "
+        f"{pull.folder.parent}); free some space (llmwsctl rm, llmwsctl pulls --clean) and "
+        "pull again",
+        free_bytes=free,
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _lfs_pointer(path: Path) -> tuple[str, int] | None:
@@ -365,6 +430,8 @@ def fetch_git(pull: Pull) -> None:
             url = "file://" + url  # shallow clones need a URL
         run_child(pull, ["git", "clone", *shallow, "--", url, str(work)], pull.folder)
         if source.revision is not None:
+            # Never an option: parse_source refused a leading '-' (git 2.39's checkout takes
+            # --end-of-options for a path, so that guard cannot be used here).
             run_child(pull, ["git", "checkout", "--quiet", source.revision], work)
         cloned.touch()
     tracked = (
@@ -403,7 +470,7 @@ def _fetch_lfs_file(pull: Pull, work: Path, name: str, oid: str, size: int) -> N
         counted = now
 
     # fetch, not pull: the object is then moved into place, so it is on disk once, not twice.
-    run_child(pull, ["git", "lfs", "fetch", "origin", "--include", name], work, watch)
+    run_child(pull, ["git", "lfs", "fetch", "origin", f"--include={name}"], work, watch)
     obj = work / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
     if not obj.is_file() or obj.stat().st_size != size:
         raise InternalError(f"git lfs fetch did not bring {name} ({oid[:12]})")

@@ -29,16 +29,18 @@ from typing import Any
 
 from llmwsd import models
 from llmwsd.config import Config
-from llmwsd.errors import BadRequest, Busy, LLMWSError, NotFound
+from llmwsd.errors import BadRequest, Busy, InternalError, LLMWSError, NotFound
 from llmwsd.fetch import (
     Progress,
     Pull,
     PullStopped,
     Source,
+    disk_full,
     fetch_git,
     fetch_huggingface,
     files_size,
     import_gguf,
+    is_disk_full,
     load_record,
     parse_source,
     verify_model,
@@ -185,9 +187,16 @@ class Pulls:
             log.warning("pull %s of %s failed: %s", pull.id, pull.source.location, e.message)
             await self._failed(pull, {"code": e.code, "message": e.message, **e.details})
         except Exception as e:
+            # Only our own words: the exception's text may quote a file of this host.
             log.error("pull %s of %s failed", pull.id, pull.source.location, exc_info=True)
-            message = f"failed: {' '.join(str(e).split())[:300]}"
-            await self._failed(pull, {"code": "internal", "message": message})
+            error = (
+                disk_full(pull)
+                if is_disk_full(e)
+                else InternalError(f"the pull failed ({type(e).__name__}); see the daemon's log")
+            )
+            await self._failed(
+                pull, {"code": error.code, "message": error.message, **error.details}
+            )
         finally:
             reporter.cancel()
             self.running.pop(pull.id, None)

@@ -734,6 +734,170 @@ async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory:
     assert (await pinned.model_manager.switch("second-model"))["remembered"] is False
 
 
+# -- hostile pull arguments ------------------------------------------------------------------
+
+SECRET = "the-first-line-of-a-secret-file-4f1c"
+# Revisions git would take as options (the first read a file of this host into its error).
+OPTION_REVISIONS = [
+    "--pathspec-from-file={secret}",
+    "--orphan=x",
+    "-b",
+    "-bnew",
+    "-",
+    "--end-of-options",
+    "--recurse-submodules",
+    "main..HEAD",
+    "v1 --force",
+    "v1\n",
+]
+
+
+class DumbGit(ThreadingHTTPServer):
+    """Bare repositories over git's dumb HTTP protocol (plain files), on 127.0.0.1."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+@pytest.fixture(scope="module")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DumbGit, Path]]:
+    """The default model's config and tokenizer with a stand-in weights file, tagged v1,
+    as a bare repository over HTTP; and a secret file beside it."""
+    root = tmp_path_factory.mktemp("dumb-git")
+    work = root / "work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    for item in DEFAULT_MODEL.iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, work / item.name)
+    (work / "model.safetensors").write_bytes(b"stand-in weights")
+    git(work, "add", ".")
+    git(work, "commit", "-q", "-m", "model")
+    git(work, "tag", "v1")
+    git(root, "clone", "-q", "--bare", str(work), str(root / "smol.git"))
+    git(root / "smol.git", "update-server-info")
+    secret = root / "secret.key"
+    secret.write_text(SECRET + "\n")
+    server = DumbGit(root)
+    yield server, secret
+    server.shutdown()
+
+
+@pytest.fixture
+def managing(tmp_path: Path, admin_token: tuple[Path, str]) -> Iterator[RunningDaemon]:
+    """A daemon with no model whose admins may manage models on the public port."""
+    (tmp_path / "no-models").mkdir()
+    daemon = RunningDaemon(
+        tmp_path,
+        models={"dirs": [str(tmp_path / "no-models")]},
+        api={"allow_model_management": True, "admin_tokens_file": str(admin_token[0])},
+    )
+    start_and_wait_for_admin(daemon)
+    yield daemon
+    daemon.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("revision", OPTION_REVISIONS)
+async def test_option_like_revisions_never_reach_git(
+    managing: RunningDaemon,
+    admin_token: tuple[Path, str],
+    small_repo: tuple[DumbGit, Path],
+    revision: str,
+) -> None:
+    server, secret = small_repo
+    revision = revision.format(secret=secret)
+    url = f"{managing.url}?token={admin_token[1]}"
+    download = {"type": "download_model", "repo": server.url("smol.git"), "target_dir": "x"}
+    (error,) = await management(url, {**download, "revision": revision}, until=set())
+    assert error["code"] == "bad_request" and "invalid revision" in error["message"], error
+    sock = idle_sock(managing)
+    done = ctl(sock, "pull", server.url("smol.git"), "--name", "x", f"--revision={revision}")
+    assert done.returncode != 0 and "invalid revision" in done.stderr, done.stderr
+    for text in (json.dumps(error), done.stdout, done.stderr, json.dumps(ctl_json(sock, "pulls"))):
+        assert SECRET not in text
+    assert staging(managing) == []
+
+
+async def test_a_failed_git_step_sends_no_git_output(
+    managing: RunningDaemon, admin_token: tuple[Path, str], small_repo: tuple[DumbGit, Path]
+) -> None:
+    server, _ = small_repo
+    url = f"{managing.url}?token={admin_token[1]}"
+    download = {"type": "download_model", "repo": server.url("smol.git"), "target_dir": "x"}
+    events = await management(url, {**download, "revision": "no-such-tag"}, until=set())
+    error = events[-1]
+    assert error["type"] == "error" and error["code"] == "not_found", events
+    assert error["message"] == "git checkout: the repository or the revision was not found"
+    assert "did not match" in managing.log()  # git's own words stay in the daemon's log
+    # A legitimate revision still checks out, and the pull completes.
+    ok = await management(url, {**download, "revision": "v1"}, until={"download_done"})
+    assert ok[-1]["type"] == "download_done", ok
+    assert (downloads(managing) / "x" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "-oProxyCommand=touch$IFS/tmp/pwned@host:repo",
+        "ssh://-oProxyCommand=touch%20pwned/repo",
+        "--upload-pack=touch pwned",
+    ],
+)
+def test_option_like_sources_are_refused(source: str) -> None:
+    with pytest.raises(LLMWSError) as refused:
+        fetch.parse_source(source)
+    assert refused.value.code == "bad_request"
+
+
+def test_option_like_file_names_in_a_repository_are_not_fetched() -> None:
+    names = ["config.json", "model.safetensors", "--exec=x.safetensors", "-c.json"]
+    assert fetch.needed_files(names) == ["config.json", "model.safetensors"]
+
+
+def test_disk_full_during_a_git_clone_is_disk_full(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    # No LFS: the clone itself writes more than the disk holds, before any size is known.
+    repo = tmp_path / "plain"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    shutil.copy(DEFAULT_MODEL / "config.json", repo / "config.json")
+    (repo / "model.safetensors").write_bytes(os.urandom(24 * 1024 * 1024))
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "weights without LFS")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(tiny)])
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    daemon = RunningDaemon(tmp_path, models={"dirs": []}, paths={"state_dir": str(tiny / "state")})
+    try:
+        sock = start_and_wait_for_admin(daemon)
+        done = ctl(sock, "pull", f"file://{repo}", "--name", "too-big")
+        assert done.returncode == 1
+        assert "the disk filled up while pulling too-big" in done.stderr, done.stderr
+        assert "llmwsctl pulls --clean" in done.stderr and "fatal" not in done.stderr
+        failed = ctl_json(sock, "pulls")
+        assert [p["error"]["code"] for p in failed] in ([], ["disk_full"])
+        assert "No space left on device" in daemon.log()
+    finally:
+        daemon.stop(signal.SIGKILL)
+        subprocess.run(["umount", str(tiny)])
+
+
 # -- sources and file choice (no daemon) -----------------------------------------------------
 
 
