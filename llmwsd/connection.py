@@ -94,11 +94,11 @@ class JsonConnection:
         """Welcome first, then the buffered events, then messages until the client leaves."""
         try:
             try:
-                session, resumed, last_seq = self._attach(hello)
+                session, resumed, asked = self._attach(hello)
             except BadRequest as e:
                 # A malformed hello: carry on with a fresh session and say why after the welcome.
                 hello_error, hello = e, {}
-                session, resumed, last_seq = self._attach({})
+                session, resumed, asked = self._attach({})
         except Busy as e:
             # Every session slot is in use: no session to welcome into (1013: try again later).
             await self.send_error(e)
@@ -106,7 +106,13 @@ class JsonConnection:
             return
         self.session = session
         log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")
-        await self.send(self.daemon.welcome(session, resumed))
+        welcome = self.daemon.welcome(session, resumed)
+        # A last_seq past the session's newest event would wait forever for events it
+        # claims to have: stream from the newest one instead, and say so.
+        last_seq = asked if asked is None else min(asked, welcome["last_seq"])
+        if last_seq != asked:
+            welcome["last_seq_clamped"] = asked
+        await self.send(welcome)
         if hello_error is not None:
             await self.send_error(hello_error)
         self._streamer = asyncio.create_task(self._stream(session, last_seq))
@@ -251,8 +257,8 @@ class JsonConnection:
 
     async def on_ack(self, message: dict[str, Any]) -> None:
         seq = protocol.parse_seq(message.get("seq"), "seq")
-        dropped = self.current.ack(seq)
-        await self.send({"type": "ack_received", "seq": seq, "dropped": dropped})
+        through, dropped = self.current.ack(seq)
+        await self.send({"type": "ack_received", "seq": through, "dropped": dropped})
 
     async def on_reset(self, message: dict[str, Any]) -> None:
         self.current.reset()

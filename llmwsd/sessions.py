@@ -144,14 +144,17 @@ class Session:
     def _drop_through(self, seq: int) -> None:
         del self.events[: self._index_after(seq)]
 
-    def ack(self, seq: int | None) -> int:
-        """Drop buffered events up to ``seq`` (all when None); return how many were dropped."""
+    def ack(self, seq: int | None) -> tuple[int, int]:
+        """Drop buffered events up to ``seq`` (all when None, none past the newest).
+
+        Returns the seq acknowledged and how many events were dropped.
+        """
         through = self.next_seq - 1 if seq is None else min(seq, self.next_seq - 1)
         before = len(self.events)
         self._drop_through(through)
         self.acked_through = max(self.acked_through, through)
         self.store.record(self, {"kind": "ack", "seq": through})
-        return before - len(self.events)
+        return through, before - len(self.events)
 
     def events_after(self, seq: int | None) -> list[dict[str, Any]]:
         if seq is None or not self.events:

@@ -35,6 +35,7 @@ from llmwsd.session_store import (
 )
 from llmwsd.sessions import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
 from tests.conftest import DEFAULT_MODEL, RunningDaemon, answer_text, recv_json, recv_until
+from tests.test_protocol import hello
 
 # -- the store and its files, without a daemon -----------------------------------------------
 
@@ -604,3 +605,27 @@ async def test_a_changed_file_is_skipped_with_a_log_line(killed_and_restarted):
     assert status["sessions"] == 2  # the cut-off one and this new one
     await ws.close()
     assert os.path.exists(daemon.folder / "state" / "sessions" / other / "log")
+
+
+async def test_a_last_seq_past_the_end_is_clamped_and_said_in_welcome(fake_daemon):
+    ws, welcome = await hello(fake_daemon)
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "a b c"}}))
+    events = await recv_until(ws, {"done"}, timeout=10)
+    await ws.close()
+    far = 10**15
+    ws, again = await hello(fake_daemon, session_id=welcome["session_id"], last_seq=far)
+    assert again["resumed"] is True and again["last_seq"] == events[-1]["seq"]
+    assert again["last_seq_clamped"] == far
+    # Nothing replayed, and the next answer streams (it used to wait for seq 10**15 + 1).
+    await ws.send(json.dumps({"type": "inference", "prompt": {"user": "d e"}}))
+    after = await recv_until(ws, {"done"}, timeout=10)
+    assert after[0]["type"] == "start" and after[0]["seq"] == events[-1]["seq"] + 1
+    assert answer_text(after) == "echo: d e"
+    # An ack past the end acknowledges the newest event, and says which.
+    await ws.send(json.dumps({"type": "ack", "seq": 2**53 - 1}))
+    ack = await recv_json(ws, timeout=10)
+    assert ack == {"type": "ack_received", "seq": after[-1]["seq"], "dropped": len(events + after)}
+    await ws.close()
+    ws, within = await hello(fake_daemon, session_id=welcome["session_id"], last_seq=1)
+    assert "last_seq_clamped" not in within
+    await ws.close()
