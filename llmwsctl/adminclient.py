@@ -42,11 +42,19 @@ class PermissionDenied(LLMWSError):
 
     def __init__(self, path: str) -> None:
         group = socket_group(path)
-        join = f"join the {group} group" if group else "join the socket's group"
-        super().__init__(
-            f"Permission denied on {path}: {join} (sudo usermod -aG {group or 'GROUP'} "
-            f"$USER, then log in again) or run llmwsctl as root."
-        )
+        if group in (None, "root", "0"):
+            # Joining root's group would hand out far more than the admin socket.
+            advice = (
+                "the daemon runs with group root, so run llmwsctl as root (sudo llmwsctl …); "
+                "to let others in, run llmwsd with a group of its own (the packaged service "
+                "runs as group llmws: sudo groupadd --system llmws) and join that group."
+            )
+        else:
+            advice = (
+                f"join the {group} group (sudo usermod -aG {group} $USER, then log in again) "
+                "or run llmwsctl as root."
+            )
+        super().__init__(f"Permission denied on {path}: {advice}")
         self.path = path
         self.group = group
 

@@ -8,7 +8,6 @@ test must control model loading; everything else goes through the real
 from __future__ import annotations
 
 import asyncio
-import grp
 import io
 import json
 import os
@@ -27,7 +26,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from llmwsctl import adminclient
 from llmwsctl import format as fmt
+from llmwsctl.adminclient import PermissionDenied
 from llmwsd import adminproto
 from llmwsd.app import Daemon
 from llmwsd.generation import EngineLike
@@ -447,9 +448,19 @@ def test_permission_denied_names_the_group(idle_daemon: RunningDaemon) -> None:
         [*drop, LLMWSCTL, "--socket", str(sock), "status"], capture_output=True, text=True
     )
     assert done.returncode == 4, done.stderr
-    group = grp.getgrgid(os.getegid()).gr_name
-    assert f"join the {group} group" in done.stderr
+    assert str(PermissionDenied(str(sock))) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_permission_advice_never_says_to_join_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    for root in ("root", "0", None):
+        monkeypatch.setattr(adminclient, "socket_group", lambda path, group=root: group)
+        advice = str(PermissionDenied("/run/llmws/admin.sock"))
+        assert "run llmwsctl as root" in advice and "group llmws" in advice
+        assert "usermod -aG root" not in advice and "join the root group" not in advice
+    monkeypatch.setattr(adminclient, "socket_group", lambda path: "llmws")
+    advice = str(PermissionDenied("/run/llmws/admin.sock"))
+    assert "join the llmws group (sudo usermod -aG llmws $USER, then log in again)" in advice
 
 
 @pytest.mark.parametrize(
