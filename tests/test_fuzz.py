@@ -710,3 +710,104 @@ async def test_fuzzed_text_mode_first_frames(fuzz_daemon: Daemon, log_lines) -> 
     await asyncio.to_thread(
         run_cases(loop, legacy_frames, 150, lambda first: check_text_mode(fuzz_daemon, first))
     )
+
+
+# -- pull arguments: nothing a client sends becomes an option of git or git-lfs ---------------
+
+# Options git would act on (reading files, running commands); drawn with one or two dashes.
+GIT_OPTIONS = [
+    "pathspec-from-file=/etc/passwd",
+    "orphan=x",
+    "upload-pack=touch pwned",
+    "config=core.sshCommand=touch pwned",
+    "template=/tmp",
+    "exec=x",
+    "end-of-options",
+    "b",
+    "c",
+    "oProxyCommand=touch pwned",
+    "",
+]
+option_like = st.builds(
+    lambda dashes, body: dashes + body,
+    st.sampled_from(["-", "--"]),
+    st.one_of(st.sampled_from(GIT_OPTIONS), st.text(max_size=20)),
+)
+pull_sources = st.one_of(
+    st.sampled_from(["http://127.0.0.1:9/x.git", "https://127.0.0.1:9/x", "file:///tmp", "/tmp"]),
+    option_like,
+    option_like.map(lambda o: f"ssh://{o}/repo"),
+    option_like.map(lambda o: f"{o}@host:repo"),
+    option_like.map(lambda o: f"https://{o}/repo.git"),
+    strings,
+)
+pull_revisions = st.one_of(
+    st.none(), option_like, st.sampled_from(["main", "v1.0", "refs/pr/1", "a" * 40]), strings
+)
+pull_names = st.one_of(st.none(), option_like, st.just("x"), strings)
+# The daemon's own flags; an argument beginning with '-' that is not one came from a client.
+OWN_FLAGS = {"--depth", "--quiet", "--", "--gguf", "-m", "-z"}
+
+
+@fuzz_settings(300)
+@given(source=pull_sources, revision=pull_revisions, name=pull_names)
+def test_fuzzed_pull_arguments_never_become_options(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    source,
+    revision,
+    name,
+) -> None:
+    from llmwsd import fetch
+    from llmwsd.config import parse_config
+    from llmwsd.pull import Pulls
+
+    started: list[list[str]] = []
+
+    class Child:
+        """Every step "succeeds" at once, so that a revision reaches its checkout; git's
+        ls-files then fails (its output is empty), which ends the pull."""
+
+        pid, returncode = 0, 0
+
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            started.append(list(argv))
+            self.returncode = 1 if "ls-files" in argv else 0
+
+        def poll(self) -> int:
+            return self.returncode
+
+        def wait(self, timeout: float | None = None) -> int:
+            return self.returncode
+
+        def communicate(self, *args: Any, **kwargs: Any) -> tuple[bytes, bytes]:
+            return b"", b"no git in this test"
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            pass
+
+    monkeypatch.setattr(fetch.subprocess, "Popen", Child)
+    state = tmp_path_factory.mktemp("pulls")
+    config = parse_config({"paths": {"state_dir": str(state)}, "models": {"dirs": []}})
+
+    async def pull() -> None:
+        pulls = Pulls(lambda: config)
+        pulls.open()
+        try:
+            started_pull = await pulls.start(source, name, revision)
+        except LLMWSError as e:
+            assert e.code in ("bad_request", "not_found"), e
+            return
+        assert started_pull.task is not None
+        await asyncio.gather(started_pull.task, return_exceptions=True)
+        assert started_pull.state == "failed" and started_pull.error is not None
+        assert started_pull.error["code"] == "internal"
+        assert "no git in this test" not in started_pull.error["message"]  # only our words
+
+    asyncio.run(pull())
+    for argv in started:
+        for arg in argv[1:]:
+            assert not arg.startswith("-") or arg in OWN_FLAGS or arg.startswith("--include="), argv
