@@ -197,6 +197,61 @@ async def test_a_changed_log_is_skipped_and_logged(tmp_path: Path, caplog):
     await store.close()
 
 
+async def test_nothing_of_a_session_is_on_disk_in_plaintext(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    session.set_settings(session.settings.merge({"stop": ["STOPWORD-7d1e"], "seed": 424242}))
+    running = session.begin_generation("QUESTION-1f2a about Alice", "SYSTEM-9b3c be brief")
+    session.on_generation_event(running, Started(5, 64))
+    for piece in ("ANSWER-", "5e6f", " Paris"):
+        session.on_generation_event(running, TokenText(piece))
+    session.on_generation_event(running, Finished(3, "stop", 1.0, 10.0))
+    session.ack(2)
+    await store.close()
+    files = [p for p in (tmp_path / "sessions").rglob("*") if p.is_file()]
+    assert [p.name for p in files if p.name != ".lock"] == ["log"]
+    data = b"".join(p.read_bytes() for p in files)
+    secrets = ["QUESTION-1f2a", "SYSTEM-9b3c", "ANSWER-", "5e6f", "STOPWORD-7d1e", "424242"]
+    # The record's keys and kinds, and the session's own id, are not readable either.
+    metadata = ['"kind"', "message", "request_id", "assistant", "settings", "seq", session.id]
+    for text in secrets + metadata:
+        for encoded in {text.encode(), text.encode("utf-16-le"), base64.b64encode(text.encode())}:
+            assert encoded not in data, text
+    assert store.files.key not in data and base64.b64encode(store.files.key) not in data
+
+
+async def test_a_reordered_or_removed_record_is_refused(tmp_path: Path):
+    store = await open_store(tmp_path)
+    session = store.create()
+    generate(session, "hello", ["one", " two", " three"])
+    await store.close()
+    data = (tmp_path / "sessions" / session.id / "log").read_bytes()
+    key = store.files.key
+    starts = frame_offsets(data)
+    frames = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
+    assert len(frames) >= 4 and read_log(data, key, session.id).records
+    header = data[:HEADER_SIZE]
+    swapped = header + b"".join([frames[0], frames[2], frames[1], *frames[3:]])
+    removed = header + b"".join([frames[0], *frames[2:]])
+    duplicated = header + b"".join([frames[0], frames[0], *frames[1:]])
+    for changed in (swapped, removed, duplicated):
+        with pytest.raises(LogCorrupt):
+            read_log(changed, key, session.id)
+    whole = read_log(data, key, session.id).records
+    for at in range(HEADER_SIZE, len(data)):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x40
+        try:
+            contents = read_log(bytes(flipped), key, session.id)
+        except (LogCorrupt, ValueError):
+            continue
+        # Only a flip in the last record's length passes, as a torn tail: never as records.
+        assert contents.torn and contents.records == whole[: len(contents.records)], at
+    # The tail alone (its first records cut) does not authenticate with its new indexes.
+    with pytest.raises(LogCorrupt):
+        read_log(header + b"".join(frames[1:]), key, session.id)
+
+
 async def wait_for(condition: Any, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
