@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import Config
-from llmwsd.errors import ContextTooLong
 from llmwsd.generation import (
     EventCallback,
-    Failed,
     Finished,
     GenerationRequest,
     ModelInfo,
@@ -67,10 +65,8 @@ class FakeEngine:
         return handle
 
     async def _run(self, request: GenerationRequest, on_event: EventCallback, handle: FakeHandle):
+        # No context check here: admission enforces it, and its tests must see that.
         tokens_in = self.count_tokens(request.messages)
-        if tokens_in >= self.info.max_context:
-            on_event(Failed(ContextTooLong(tokens_in, self.info.max_context)))
-            return
         started = time.monotonic()
         on_event(Started(tokens_in, request.settings.max_new_tokens))
         pieces = self.answer(request)[: request.settings.max_new_tokens]

@@ -214,6 +214,35 @@ async def test_a_prompt_over_max_context_is_refused_before_compute(fake_daemon: 
     await ws.close()
 
 
+@pytest.mark.parametrize("on_overflow", ["truncate", "refuse"])
+async def test_the_context_limit_at_its_exact_edge(fake_daemon_factory: Any, on_overflow) -> None:
+    """Admission enforces the limit (the fake engine does not): max_context tokens is one
+    too many, one fewer leaves room for exactly one new token."""
+    daemon = await fake_daemon_factory(limits={"on_overflow": on_overflow})
+    engine = daemon.engine
+    ws = await connect(daemon)
+    await ask(ws, 4096 - 4)  # exactly max_context tokens
+    error = await recv_json(ws, timeout=5)
+    assert error["code"] == "context_too_long" and error["input_length"] == 4096
+    await ask(ws, 4096 - 5, max_new_tokens=1)  # one token of room, asked for one
+    start = (await recv_until(ws, {"start", "error"}, timeout=5))[-1]
+    assert start["type"] == "start" and (start["tokens_in"], start["max_tokens"]) == (4095, 1)
+    assert "max_tokens_requested" not in start
+    await recv_until(ws, {"done"}, timeout=5)
+    await ask(ws, 4096 - 5, max_new_tokens=2)  # one token of room, asked for two
+    answer = (await recv_until(ws, {"start", "error"}, timeout=5))[-1]
+    if on_overflow == "refuse":
+        assert answer["code"] == "context_too_long" and answer["max_new_tokens"] == 2
+    else:
+        assert answer["type"] == "start" and answer["max_tokens"] == 1
+        assert answer["max_tokens_requested"] == 2
+        await recv_until(ws, {"done"}, timeout=5)
+    assert [len(r.messages[-1]["content"].split()) for r in engine.submitted] == [4091] * (
+        1 if on_overflow == "refuse" else 2
+    )
+    await ws.close()
+
+
 async def test_max_new_tokens_is_lowered_to_fit_and_start_says_so(fake_daemon: Daemon) -> None:
     ws = await connect(fake_daemon)
     await ask(ws, 4000, max_new_tokens=2048)

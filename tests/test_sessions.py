@@ -316,14 +316,19 @@ async def test_buffer_cap_drops_the_oldest_and_a_late_resume_hears_of_it(tmp_pat
     generate(session, "count", ["1", "2", "3", "4", "5"])  # seqs 1..7: start, 5 tokens, done
     assert [e["seq"] for e in session.events] == [3, 4, 5, 6, 7]
     stream = session.stream_from(1)
-    lost = await anext(stream)
+    lost = await asyncio.wait_for(anext(stream), 5)
     assert lost["type"] == "error" and lost["code"] == "events_dropped"
     assert (lost["first_seq"], lost["last_seq"]) == (2, 2)
-    assert [(await anext(stream))["seq"] for _ in range(5)] == [3, 4, 5, 6, 7]
-    # A client that acknowledged past the dropped ones misses nothing.
-    session.ack(4)
-    stream = session.stream_from(4)
-    assert (await anext(stream))["seq"] == 5
+    assert [(await asyncio.wait_for(anext(stream), 5))["seq"] for _ in range(5)] == [3, 4, 5, 6, 7]
+    # A client that acknowledged past the dropped ones hears of no loss, from any last_seq.
+    assert session.ack(4) == (4, 2)  # part of the buffer: 3 and 4 go, 5..7 stay
+    assert [e["seq"] for e in session.events] == [5, 6, 7]
+    for last_seq in (None, 1, 2, 4):
+        stream = session.stream_from(last_seq)
+        first = await asyncio.wait_for(anext(stream), 5)
+        assert first["seq"] == 5, (last_seq, first)
+    assert session.ack(6) == (6, 2) and session.ack(3) == (3, 0)  # an older ack drops nothing
+    assert [e["seq"] for e in session.events] == [7]
     await store.close()
 
 
