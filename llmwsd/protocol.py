@@ -58,9 +58,10 @@ def parse_legacy_prompt(text: str) -> dict[str, str]:
     if "<|" not in text:
         return {"system": "", "user": text.strip()}
     parts = {"system": "", "user": ""}
-    for role, body in _LEGACY_SECTION.findall(text):
+    sections = _LEGACY_SECTION.findall(text)
+    for role, body in sections:
         parts[role] = (parts[role] + "\n" + body.strip()).strip()
-    if not parts["user"]:
+    if not sections:
         # Tags we do not know: keep the text without them rather than dropping it.
         parts["user"] = _LEGACY_TAG.sub("", text).strip()
     return parts
