@@ -33,6 +33,8 @@ class ServerConfig:
     web_root: str = ""  # empty: share/web beside the code, or /usr/share/llmws/web
     tls_cert: str = ""  # PEM certificate chain; with tls_key: wss:// and https://
     tls_key: str = ""
+    # Host names answered besides IP addresses, localhost and this machine's; "*": any.
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

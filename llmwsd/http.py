@@ -3,7 +3,8 @@
 websockets hands every request to :func:`HttpRoutes.process_request` first; a
 WebSocket upgrade goes on to the handshake, anything else is answered here.
 Static files are served from a listing made at start, so no request path is
-ever joined to a filesystem path.
+ever joined to a filesystem path. Only GET is answered (405 otherwise), and a
+request websockets cannot parse gets a 400 (:class:`PublicConnection`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ from __future__ import annotations
 import email.utils
 import http
 import json
+import logging
 import mimetypes
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidMessage
 from websockets.http11 import Request, Response
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+
+log = logging.getLogger("llmwsd.http")
+
+_METHOD = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) ")
 
 
 def response(status: int, body: bytes, content_type: str, **headers: str) -> Response:
@@ -42,6 +50,65 @@ def response(status: int, body: bytes, content_type: str, **headers: str) -> Res
 
 def json_response(status: int, data: dict[str, Any]) -> Response:
     return response(status, json.dumps(data).encode(), "application/json")
+
+
+def method_not_allowed() -> Response:
+    body = b"method not allowed: this port answers GET (pages, /healthz, /metrics, WebSocket)\n"
+    return response(405, body, "text/plain; charset=utf-8", Allow="GET")
+
+
+def check_method(request: Request) -> Response | None:
+    """None for GET, the only method served; 405 for any other."""
+    return None if request.method == "GET" else method_not_allowed()
+
+
+class PublicConnection(ServerConnection):
+    """A connection that answers a request websockets cannot parse with 400 (or 405).
+
+    websockets 17 parses the request line and headers in ``ServerProtocol.parse``;
+    on a failure there (a garbled request line, an HTTP version other than 1.0/1.1,
+    a malformed header, a request body) it sets ``handshake_exc`` to an
+    ``InvalidMessage`` and queues only an EOF: ``process_request`` never runs, and the
+    client would see the connection just close. ``send_data`` is where this class
+    sees that EOF before it reaches the socket, so it writes the answer first. A
+    parsed request with another method than GET goes on to ``process_request``,
+    which answers 405 itself (:func:`check_method`).
+    """
+
+    _head = b""  # the first bytes received, to name the method of a request that failed
+    _answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if len(self._head) < 32:
+            self._head += data[: 32 - len(self._head)]
+        super().data_received(data)
+
+    def send_data(self) -> None:
+        failure = self.protocol.handshake_exc
+        if (
+            self.request is None
+            and not self._answered
+            and isinstance(failure, InvalidMessage)
+            # A client that left before a whole request arrived needs no answer.
+            and not isinstance(failure.__cause__, EOFError)
+        ):
+            self._answered = True
+            method = _METHOD.match(self._head)
+            if method is not None and method.group(1) != b"GET":
+                answer = method_not_allowed()
+            else:
+                reason = str(failure.__cause__ or failure)[:200]
+                answer = response(
+                    400, f"bad request: {reason}\n".encode(), "text/plain; charset=utf-8"
+                )
+            log.info(
+                "%s: answered %d to a request that is not HTTP/1.1 GET: %r",
+                self.remote_address[0] if self.remote_address else "?",
+                answer.status_code,
+                self._head,
+            )
+            self.transport.write(answer.serialize())
+        super().send_data()
 
 
 def find_web_root(configured: str) -> Path | None:

@@ -1,13 +1,19 @@
-"""What the public port lets in: TLS, browser origins, connection counts, tokens, message rates.
+"""What the public port lets in: TLS, Host names, browser origins, connections, tokens, rates.
 
-The handshake checks (:meth:`Gatekeeper.check_handshake`) run before any
+The Host check (:meth:`Gatekeeper.check_host`) runs on every request, plain
+HTTP too; the handshake checks (:meth:`Gatekeeper.check_handshake`) run before any
 WebSocket frame is read, and answer with a plain HTTP status a person can
 read; the per-message rate limit runs inside a connection.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import ipaddress
 import logging
+import re
+import socket
 import ssl
 import time
 import weakref
@@ -19,6 +25,7 @@ from websockets.http11 import Request, Response
 
 from llmwsd.auth import Authenticator, Identity
 from llmwsd.config import Config
+from llmwsd.errors import ConfigError
 from llmwsd.http import response
 
 log = logging.getLogger("llmwsd.security")
@@ -41,6 +48,90 @@ def client_address(connection: ServerConnection) -> str:
 
 def _forbidden(status: int, text: str) -> Response:
     return response(status, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+
+# A DNS name as it appears in a Host header (IDNs come punycoded); lower case by then.
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def _ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_name(value: str) -> str | None:
+    """The name in a Host header: lower case, without the port, IPv6 brackets or final dot.
+
+    None when ``value`` is not ``host[:port]`` (an IPv6 address must be in brackets).
+    """
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, port = value[1:].partition("]")
+        if not bracket or not re.fullmatch(r"(:[0-9]*)?", port) or ":" not in name:
+            return None
+        return name if _ip_address(name) else None
+    name, _, port = value.partition(":")
+    if not re.fullmatch(r"[0-9]*", port):
+        return None
+    name = name.removesuffix(".")  # "localhost." is the same name, fully qualified
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's own names (cached: getfqdn may ask DNS, and they do not change)."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    return frozenset(n for n in (host_name(name) for name in names) if n)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostAllowList:
+    """The Host names the public port answers to: its defence against DNS rebinding.
+
+    A page on ``http://evil.example:8765`` whose name the attacker re-points at
+    this machine reaches llmwsd with ``Host: evil.example:8765`` (and a matching
+    ``Origin``), so the Host, not the Origin, is what tells such a request apart.
+    Allowed: any IP address (a browser sends one only when its user typed it, never
+    after a DNS lookup), ``localhost``, this machine's names, the name ``[server]
+    host`` binds and the names in ``[server] allowed_hosts``; ``"*"`` there allows
+    any. Names match exactly, ignoring case, the port and a final dot.
+    """
+
+    names: frozenset[str]
+    any_host: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> HostAllowList:
+        names = {"localhost", *machine_names()}
+        bound = host_name(config.server.host)
+        if bound and not _ip_address(bound):
+            names.add(bound)
+        any_host = False
+        for i, entry in enumerate(config.server.allowed_hosts):
+            if entry.strip() == "*":
+                any_host = True
+                continue
+            if _ip_address(entry.strip().strip("[]")):
+                continue  # every address is allowed anyway
+            name = host_name(entry)
+            if name is None:
+                raise ConfigError(
+                    f"{config.source or '<defaults>'}: [server] allowed_hosts[{i}]: "
+                    f'{entry!r} is not a host name (a name such as llm.example.org, or "*")'
+                )
+            names.add(name)
+        return cls(frozenset(names), any_host)
+
+    def allows(self, name: str) -> bool:
+        return self.any_host or name in self.names or _ip_address(name)
+
+    def describe(self) -> str:
+        if self.any_host:
+            return 'any Host name ([server] allowed_hosts has "*")'
+        return "IP addresses and the Host names " + ", ".join(sorted(self.names))
 
 
 class MessageRate:
@@ -68,9 +159,37 @@ class Gatekeeper:
         self.auth = Authenticator(
             config.api.tokens_file, config.api.admin_tokens_file, config.api.max_auth_failures
         )
+        self.hosts = HostAllowList.from_config(config)  # [server] applies at start only
+        log.info("the public port answers to %s", self.hosts.describe())
         self.open_by_address: Counter[str] = Counter()
         self._handshake_tokens: weakref.WeakKeyDictionary[ServerConnection, str] = (
             weakref.WeakKeyDictionary()
+        )
+
+    # -- every request -----------------------------------------------------------------
+
+    def check_host(self, connection: ServerConnection, request: Request) -> Response | None:
+        """None when the request's Host is one llmwsd answers to; a 400 or 421 otherwise."""
+        values = request.headers.get_all("Host")
+        if not values and request.protocol == "HTTP/1.0":
+            return None  # HTTP/1.0 has no Host; browsers always send one
+        name = host_name(values[0]) if len(values) == 1 else None
+        if name is not None and self.hosts.allows(name):
+            return None
+        address = client_address(connection)
+        if name is None:
+            log.info(
+                "%s: refused a request with Host headers %r", address, [v[:200] for v in values[:3]]
+            )
+            return _forbidden(400, "bad request: HTTP/1.1 needs one Host header, host[:port]")
+        log.warning(
+            "%s: refused a request for Host %r: not in [server] allowed_hosts "
+            "(a DNS rebinding attempt, or a name to add there)",
+            address,
+            values[0][:200],
+        )
+        return _forbidden(
+            421, f"llmwsd does not answer to the name {name!r}: add it to [server] allowed_hosts"
         )
 
     # -- the handshake ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from llmwsd import protocol
 from llmwsd.connection import JsonConnection
 from llmwsd.errors import LLMWSError, Unauthorized
 from llmwsd.generation import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
-from llmwsd.http import HttpRoutes, find_web_root
+from llmwsd.http import HttpRoutes, PublicConnection, check_method, find_web_root
 from llmwsd.security import Gatekeeper, build_ssl_context
 
 if TYPE_CHECKING:
@@ -57,6 +57,10 @@ class PublicServer:
             self.ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        # Every request, WebSocket or not: a Host this daemon answers to, then GET only.
+        refusal = self.gate.check_host(connection, request) or check_method(request)
+        if refusal is not None:
+            return refusal
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return self.gate.check_handshake(connection, request)
         return self.routes.process_request(connection, request)
@@ -68,6 +72,7 @@ class PublicServer:
             self.config.port,
             ssl=self.ssl_context,
             process_request=self.process_request,
+            create_connection=PublicConnection,  # 400/405 for requests websockets cannot parse
             max_size=self.config.max_message_size,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout or None,

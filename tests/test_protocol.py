@@ -12,6 +12,37 @@ import websockets
 from llmwsd.app import Daemon
 from tests.conftest import answer_text, recv_json, recv_until, ws_url
 
+WS_UPGRADE = (
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+async def http_exchange(
+    port: int, data: bytes, timeout: float = 5
+) -> tuple[int | None, dict[str, str], bytes]:
+    """Send raw bytes to 127.0.0.1:port; the answer's status, headers and body.
+
+    (None, {}, b"") when the server closed without answering. Reads up to the end of
+    the headers and Content-Length bytes of body, so a 101 does not wait for a close.
+    """
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    try:
+        writer.write(data)
+        await writer.drain()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        except asyncio.IncompleteReadError as e:
+            assert e.partial == b"", e.partial
+            return None, {}, b""
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        length = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), timeout)
+        return int(status_line.split()[1]), headers, body
+    finally:
+        writer.close()
+
 
 async def hello(daemon: Daemon, **fields):
     ws = await websockets.connect(ws_url(daemon), max_size=None)
@@ -226,6 +257,66 @@ async def test_http_routes(fake_daemon):
             assert status == 404, path
 
     await check()
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        "POST / HTTP/1.1",
+        "POST /healthz HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2",
+        "PUT /metrics HTTP/1.1",
+        "DELETE / HTTP/1.1",
+        "HEAD / HTTP/1.1",
+        "OPTIONS * HTTP/1.1",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked",
+        f"POST / HTTP/1.1\r\n{WS_UPGRADE}".removesuffix("\r\n"),
+    ],
+)
+async def test_other_methods_than_get_get_405(fake_daemon, request_head):
+    port = fake_daemon.server.port
+    request = f"{request_head}\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    if "Content-Length: 2" in request_head:
+        request += "{}"
+    status, headers, body = await http_exchange(port, request.encode())
+    assert status == 405, (status, body)
+    assert headers["allow"] == "GET"
+    assert b"method not allowed" in body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc",
+    ],
+)
+async def test_malformed_requests_get_400(fake_daemon, request_bytes):
+    status, headers, body = await http_exchange(fake_daemon.server.port, request_bytes)
+    assert status == 400, (status, body)
+    assert body.startswith(b"bad request") and headers["connection"] == "close"
+    # And the daemon answers the next request as usual.
+    status, _, _ = await http_exchange(
+        fake_daemon.server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    )
+    assert status == 200
+
+
+async def test_a_client_that_leaves_mid_request_gets_no_answer(fake_daemon):
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake_daemon.server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    status, _, _ = await http_exchange(
+        fake_daemon.server.port, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    assert status == 405
 
 
 async def test_resume_welcome_names_the_last_seq(fake_daemon):

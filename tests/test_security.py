@@ -7,6 +7,7 @@ import datetime
 import hmac
 import ipaddress
 import json
+import socket
 import ssl
 import stat
 import subprocess
@@ -23,7 +24,10 @@ from cryptography.x509.oid import NameOID
 from websockets.exceptions import InvalidStatus
 
 from llmwsd import auth
+from llmwsd.errors import ConfigError
+from llmwsd.security import host_name
 from tests.conftest import answer_text, recv_json, recv_until, ws_url
+from tests.test_protocol import WS_UPGRADE, http_exchange
 
 
 async def open_json(url: str, hello: dict | None = None, **kwargs):
@@ -187,6 +191,145 @@ async def test_origin_check(fake_daemon_factory):
         ws, welcome = await open_json(url, origin=origin)
         assert welcome["type"] == "welcome"
         await ws.close()
+
+
+async def ask(port: int, host: str | None, path: str = "/", upgrade: bool = False):
+    """A GET with this Host (and, for a WebSocket upgrade, the matching Origin)."""
+    lines = [f"GET {path} HTTP/1.1"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    if upgrade:
+        lines.append(f"Origin: http://{host}")
+    text = "\r\n".join(lines) + "\r\n" + (WS_UPGRADE if upgrade else "") + "\r\n"
+    return await http_exchange(port, text.encode())
+
+
+async def test_dns_rebinding_is_refused(fake_daemon, caplog):
+    """A page on evil.com whose name now points here: its Host and Origin match."""
+    port = fake_daemon.server.port
+    for path, upgrade in (("/", True), ("/", False), ("/healthz", False), ("/metrics", False)):
+        caplog.clear()
+        status, _, body = await ask(port, f"evil.com:{port}", path, upgrade)
+        assert status == 421, (path, upgrade, status, body)
+        assert b"[server] allowed_hosts" in body and b"evil.com" in body
+        refusals = [r for r in caplog.records if "allowed_hosts" in r.getMessage()]
+        assert len(refusals) == 1 and "evil.com" in refusals[0].getMessage()
+    # The same with a real client: evil.com "resolves" to 127.0.0.1.
+    with pytest.raises(InvalidStatus) as e:
+        await websockets.connect(
+            f"ws://evil.com:{port}/",
+            host="127.0.0.1",
+            port=port,
+            origin=f"http://evil.com:{port}",
+            open_timeout=5,
+        )
+    assert e.value.response.status_code == 421
+
+
+async def test_host_allow_list(fake_daemon_factory):
+    daemon = await fake_daemon_factory(server={"allowed_hosts": ["LLM.example.org", "[::2]"]})
+    port = daemon.server.port
+    me = socket.gethostname()
+    allowed = [
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"localhost:{port}",
+        f"LOCALHOST:{port}",
+        f"localhost.:{port}",
+        f"[::1]:{port}",
+        "[::1]",
+        f"192.0.2.7:{port}",  # any address: a browser sends one only when it was typed
+        f"[2001:db8::7]:{port}",
+        f"{me}:{port}",
+        f"{me.upper()}:{port}",
+        f"{socket.getfqdn()}:{port}",
+        f"llm.example.org:{port}",
+        "Llm.Example.Org.",
+    ]
+    for host in allowed:
+        for path, upgrade in (("/", True), ("/healthz", False), ("/", False)):
+            status, _, body = await ask(port, host, path, upgrade)
+            assert status == (101 if upgrade else 200), (host, path, status, body)
+    refused = [
+        f"localhost.evil.com:{port}",
+        f"127.0.0.1.evil.com:{port}",
+        f"evil.com:{port}",
+        f"llm.example.org.evil.com:{port}",
+        f"example.org:{port}",
+        f"xlocalhost:{port}",
+        f"{me}.evil.com:{port}",
+        f"evil-{me}:{port}",
+    ]
+    for host in refused:
+        for path, upgrade in (("/", True), ("/healthz", False)):
+            status, _, body = await ask(port, host, path, upgrade)
+            assert status == 421, (host, path, status, body)
+    # Not host[:port] at all: a bad request, whatever the name.
+    malformed = [
+        f"localhost:{port}@evil.com",
+        f"evil.com/localhost:{port}",
+        f"localhost:{port}:1",
+        "::1",
+        f"[::1]x:{port}",
+        "[localhost]",
+        f"localhost:{port} evil.com",
+        "",
+        "local host",
+    ]
+    for host in malformed:
+        for path, upgrade in (("/", True), ("/healthz", False)):
+            status, _, body = await ask(port, host, path, upgrade)
+            assert status == 400, (host, path, status, body)
+
+
+async def test_host_header_is_required_once(fake_daemon):
+    port = fake_daemon.server.port
+    for path, upgrade in (("/", True), ("/healthz", False)):
+        status, _, body = await ask(port, None, path, upgrade)
+        assert status == 400 and b"Host" in body, (path, status, body)
+    both = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.com\r\n\r\n"
+    status, _, _ = await http_exchange(port, both.encode())
+    assert status == 400
+    # HTTP/1.0 has no Host header; no browser speaks it.
+    status, _, _ = await http_exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert status == 200
+
+
+async def test_allowed_hosts_star_allows_any_name(fake_daemon_factory):
+    daemon = await fake_daemon_factory(server={"allowed_hosts": ["*"]})
+    port = daemon.server.port
+    for host in (f"evil.com:{port}", "anything.example"):
+        status, _, _ = await ask(port, host, "/healthz")
+        assert status == 200
+        status, _, _ = await ask(port, host, "/", upgrade=True)
+        assert status == 101
+
+
+@pytest.mark.parametrize("entry", ["", "http://llm.example.org", "a b", "*.example.org", "x/y"])
+async def test_bad_allowed_hosts_entries_stop_the_start(fake_daemon_factory, entry):
+    with pytest.raises(ConfigError) as e:
+        await fake_daemon_factory(server={"allowed_hosts": ["ok.example", entry]})
+    assert "allowed_hosts[1]" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        ("LocalHost:8765", "localhost"),
+        ("localhost.", "localhost"),
+        ("[::1]:80", "::1"),
+        ("[::FFFF:127.0.0.1]", "::ffff:127.0.0.1"),
+        ("127.0.0.1:", "127.0.0.1"),
+        ("localhost..", None),
+        (".localhost", None),
+        ("::1", None),
+        ("[::1", None),
+        ("[evil.com]", None),
+        ("localhost:８０", None),  # fullwidth digits are not a port
+    ],
+)
+def test_host_name(value, name):
+    assert host_name(value) == name
 
 
 async def test_connection_limits(fake_daemon_factory):
