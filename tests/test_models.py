@@ -36,7 +36,8 @@ from tests.fake_engine import FakeEngine
 from tests.test_admin import add_fake_model, ctl, ctl_json, link_model, start_and_wait_for_admin
 
 PROMPT = "What is the capital of France?"
-BAD_NAMES = ["../x", "/etc", ".hidden", "a/b"]
+# "a..b" and "x.." pass the name pattern: only the separate ".." check refuses them.
+BAD_NAMES = ["../x", "/etc", ".hidden", "a/b", "a..b", "x.."]
 GIT_ENV = {
     **os.environ,
     "GIT_AUTHOR_NAME": "test",
