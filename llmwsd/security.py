@@ -212,10 +212,13 @@ class Gatekeeper:
         return None
 
     def origin_allowed(self, origin: str, host: str) -> bool:
-        if origin in self.config.api.allowed_origins or "*" in self.config.api.allowed_origins:
+        """A listed origin (whole, never a prefix), or the page's own: scheme, host and port."""
+        allowed = self.config.api.allowed_origins
+        if "*" in allowed or origin.lower() in (o.lower() for o in allowed):
             return True
-        # Same origin as the page: the Origin's host:port is the Host the browser asked for.
-        return urlsplit(origin).netloc.lower() == host.lower() != ""
+        # Same origin as the page: this port's scheme, and the Host the browser asked for.
+        scheme = "https" if self.config.server.tls_cert else "http"
+        return origin.lower() == f"{scheme}://{host.lower()}" and host != ""
 
     def opened(self, connection: ServerConnection) -> None:
         self.open_by_address[client_address(connection)] += 1
