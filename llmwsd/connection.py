@@ -327,7 +327,7 @@ class JsonConnection:
         elif kind == "download_model":
             pull = await manager.pulls.start(
                 message.get("repo"),
-                message.get("target_dir") or None,
+                message.get("target_dir"),  # absent: the source's name; anything else is checked
                 message.get("revision"),
                 host_access=False,  # a remote client must not reach this host's files or keys
             )

@@ -65,16 +65,14 @@ class Source:
     revision: str | None
     default_name: str
 
-    @property
-    def host_access(self) -> bool:
-        """Whether pulling it reads this host's files or uses its ssh keys."""
-        if self.kind != "git":
-            return self.kind == "gguf"
-        return not self.location.startswith(("https://", "http://", "git://"))
 
+def parse_source(text: Any, revision: Any = None, host_access: bool = True) -> Source:
+    """What ``text`` names: a Hugging Face repo, a git repository, or a local GGUF file.
 
-def parse_source(text: Any, revision: Any = None) -> Source:
-    """What ``text`` names: a Hugging Face repo, a git repository, or a local GGUF file."""
+    Without ``host_access`` (a remote client), a source that reads this host's files or
+    uses its ssh keys is refused before anything about the host is looked at, so that
+    the answer never says whether a path exists.
+    """
     if not isinstance(text, str) or not text.strip() or len(text) > 2048 or "\x00" in text:
         raise BadRequest("the source must be a non-empty string: org/name, a URL or a path")
     if revision is not None:
@@ -93,6 +91,10 @@ def parse_source(text: Any, revision: Any = None) -> Source:
             raise BadRequest(f"{text[:200]!r} does not name a Hugging Face model (org/name)")
         return Source("huggingface", f"{parts[0]}/{parts[1]}", revision, parts[1])
     path = Path(url.path if url.scheme == "file" else text)
+    if not host_access and (
+        url.scheme in ("file", "ssh") or path.is_absolute() or _GIT_SCP.fullmatch(text)
+    ):
+        raise BadRequest("local paths, file:// and ssh sources can only be pulled with llmwsctl")
     if path.suffix == ".gguf" and url.scheme in ("", "file"):
         if not path.is_absolute():
             raise BadRequest(f"give the GGUF file as an absolute path: {text[:200]!r}")

@@ -91,11 +91,7 @@ class Pulls:
         """Check the request, then run the pull in the background; the caller may follow it."""
         if name is not None:
             models.validate_model_name(name)
-        source = parse_source(text, revision)
-        if source.host_access and not host_access:
-            raise BadRequest(
-                "local paths, file:// and ssh sources can only be pulled with llmwsctl"
-            )
+        source = parse_source(text, revision, host_access)
         if name is None:
             try:
                 name = models.validate_model_name(source.default_name)
