@@ -9,7 +9,7 @@ MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
 DEV_CONFIG := etc/llmws/dev.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv model test-deps run test lint bench deb deb-package system-test soak clean
+.PHONY: all venv model test-deps run test lint bench hostile deb deb-package system-test soak clean
 
 all: venv model
 
@@ -86,6 +86,12 @@ system-test: venv model test-deps deb-package
 
 bench: venv model
 	$(BIN)/python bench/bench.py
+
+# Hostile clients against a real llmwsd: bad input, takeovers, slowloris, pings, load,
+# kill -9 (bench/hostile.py; docs/security.md has the figures). HOSTILE_ARGS=--quick: ~1 min.
+HOSTILE_ARGS ?=
+hostile: venv model
+	$(BIN)/python bench/hostile.py $(HOSTILE_ARGS)
 
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
