@@ -26,6 +26,8 @@ from llmwsd.errors import ConfigError, LLMWSError, NoModel
 from llmwsd.generation import (
     EngineLike,
     EventCallback,
+    Failed,
+    Finished,
     GenerationEvent,
     GenerationRequest,
     GenerationSettings,
@@ -287,7 +289,8 @@ class Daemon:
             )
             running.dropped_turns = dropped
             request = GenerationRequest(messages, settings, running.request_id)
-            ticket = await self.submit(request, on_event, on_queued, tokens)
+            who = f"session {session.id} {running.request_id}"
+            ticket = await self.submit(request, on_event, on_queued, tokens, who)
         except BaseException:
             session.abandon_generation(running)
             raise
@@ -310,6 +313,7 @@ class Daemon:
         on_event: EventCallback,
         on_queued: QueuedCallback | None = None,
         prompt_tokens: int | None = None,
+        who: str = "a request",
     ) -> Ticket:
         """Admit ``request`` (now, or after the memory queue) and run it on the engine.
 
@@ -334,14 +338,17 @@ class Daemon:
                 )
                 request = dataclasses.replace(request, settings=settings)
             observe = self.metrics.track()
+            outcome = log_outcome(who, prompt_tokens)
 
             def deliver(event: GenerationEvent) -> None:
                 observe(event)
+                outcome(event)
                 on_event(event)
 
             return admission.submit(request, prompt_tokens, deliver, on_queued or (lambda _: None))
         except LLMWSError as e:
             self.metrics.refused(e)
+            log.info("%s: refused (%s)", who, e.code)
             raise
 
     # -- reports ---------------------------------------------------------------------
@@ -448,6 +455,26 @@ class Daemon:
         entries = await asyncio.to_thread(models.scan, self.config.model_dirs)
         loaded = Path(self.engine.info.path) if self.engine is not None else None
         return [entry.to_dict(loaded) for entry in entries]
+
+
+def log_outcome(who: str, tokens_in: int) -> Callable[[GenerationEvent], None]:
+    """One log line when a request ends: its size, speed and outcome, never its text."""
+
+    def observe(event: GenerationEvent) -> None:
+        if isinstance(event, Finished):
+            log.info(
+                "%s: %s, %d tokens in, %d out, %.1f tokens/s, first token after %.0f ms",
+                who,
+                event.finish_reason,
+                tokens_in,
+                event.total_tokens,
+                event.tokens_per_s,
+                event.ttft_ms,
+            )
+        elif isinstance(event, Failed):
+            log.info("%s: ended with %s, %d tokens in", who, event.error.code, tokens_in)
+
+    return observe
 
 
 def fit_context(

@@ -165,7 +165,9 @@ class PublicServer:
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         request = GenerationRequest(messages, self.daemon.default_settings)
         try:
-            handle = await self.daemon.submit(request, events.put_nowait)
+            handle = await self.daemon.submit(
+                request, events.put_nowait, who=f"{peer}: text-mode request"
+            )
         except LLMWSError as e:  # refused before any compute: context_too_long, busy
             await ws.send(f"error: {e.message}")
             await ws.close(1000)

@@ -1,0 +1,42 @@
+"""One log line per request (the README's promise): its size, speed and outcome, never its text."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import websockets
+
+from llmwsd.app import Daemon
+from tests.conftest import recv_json, recv_until, ws_url
+
+
+async def test_every_request_ends_with_one_log_line_without_its_text(
+    fake_daemon: Daemon, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmwsd")
+    secret = "the-words-of-the-prompt-3c9a"
+    async with websockets.connect(ws_url(fake_daemon)) as ws:
+        await ws.send("{}")
+        session_id = (await recv_json(ws, timeout=5))["session_id"]
+        await ws.send(json.dumps({"type": "inference", "prompt": {"user": f"{secret} two"}}))
+        done = (await recv_until(ws, {"done"}, timeout=5))[-1]
+        too_long = " ".join(["word"] * 5000)
+        await ws.send(json.dumps({"type": "inference", "prompt": {"user": too_long}}))
+        assert (await recv_json(ws, timeout=5))["code"] == "context_too_long"
+    async with websockets.connect(ws_url(fake_daemon)) as ws:
+        await ws.send(f"<|user|>{secret}<|end|>")
+        frames = [frame async for frame in ws]
+    assert "".join(frames) == f"echo: {secret}"
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmwsd"]
+    ended = [line for line in lines if ": stop, " in line]
+    assert ended[0].startswith(f"session {session_id} r1: stop, 6 tokens in, 3 out, ")
+    assert "tokens/s, first token after" in ended[0]
+    assert done["total_tokens"] == 3
+    assert (
+        ended[1].startswith("127.0.0.1:")
+        and ": text-mode request: stop, 5 tokens in, 2 out" in (ended[1])
+    )
+    assert len(ended) == 2
+    assert f"session {session_id} r2: refused (context_too_long)" in lines
+    assert not any(secret in r.getMessage() for r in caplog.records)
