@@ -116,7 +116,7 @@ class Daemon:
         await self.load_initial_model()
         self.notifier.ready(self.status_line())
         self._status_task = asyncio.create_task(self._refresh_status())
-        log.info("ready: %s", self.status_line())
+        log.info("ready: %s; the web page is at %s", self.status_line(), self.server.page_url)
 
     async def run(self) -> None:
         """Serve until a stop signal, then shut down cleanly."""

@@ -2,7 +2,7 @@
 
 NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) and needs the
 driver's libnvidia-ml. Without either there is no GPU to report, which is an
-answer ("no GPU: …"), never an exception. The engine's own figures are added
+answer ("no NVIDIA GPU"), never an exception. The engine's own figures are added
 by the daemon (:meth:`llmwsd.app.Daemon.resources`).
 """
 
@@ -55,30 +55,31 @@ class GpuMonitor:
                 try:
                     nvml = self._load_nvml()
                 except ImportError:
-                    self._unavailable = "no GPU (the nvidia-ml-py package is not installed)"
+                    self._unavailable = "no NVIDIA GPU (the nvidia-ml-py package is not installed)"
+                    log.info("%s", self._unavailable)
                 else:
                     try:
                         nvml.nvmlInit()
                     except Exception as e:  # NVMLError_LibraryNotFound, _DriverNotLoaded, …
-                        self._unavailable = f"no GPU (NVML: {e})"
+                        # A CPU-only host, as a rule: NVML's words are for the log, not the page.
+                        self._unavailable = "no NVIDIA GPU"
+                        log.info("no NVIDIA GPU: NVML did not start (%s)", e)
                     else:
                         self._nvml = nvml
-                if self._unavailable:
-                    log.info("%s", self._unavailable)
             return self._nvml
 
     def report(self) -> tuple[list[dict[str, Any]], str]:
-        """Every GPU's figures, and a one-line summary ("no GPU (…)" without NVIDIA)."""
+        """Every GPU's figures, and a one-line summary ("no NVIDIA GPU" without one)."""
         nvml = self._init()
         if nvml is None:
-            return [], self._unavailable or "no GPU"
+            return [], self._unavailable or "no NVIDIA GPU"
         try:
             gpus = [self._gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
         except Exception as e:  # a GPU fallen off the bus, a driver reloaded
             log.warning("NVML query failed", exc_info=True)
             return [], f"GPU figures unavailable (NVML: {e})"
         if not gpus:
-            return [], "no GPU (NVML sees none)"
+            return [], "no NVIDIA GPU (NVML sees none)"
         return gpus, f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}"
 
     @staticmethod

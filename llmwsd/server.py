@@ -81,6 +81,16 @@ class PublicServer:
         )
 
     @property
+    def page_url(self) -> str:
+        """The web page's address as a browser on this machine would open it."""
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"  # every address: this machine's own is one of them
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}/"
+
+    @property
     def port(self) -> int:
         assert self.server is not None
         return int(next(iter(self.server.sockets)).getsockname()[1])

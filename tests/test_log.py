@@ -1,4 +1,4 @@
-"""One log line per request (the README's promise): its size, speed and outcome, never its text."""
+"""What the log tells an operator: where the page is, and one line per request without its text."""
 
 from __future__ import annotations
 
@@ -40,3 +40,14 @@ async def test_every_request_ends_with_one_log_line_without_its_text(
     assert len(ended) == 2
     assert f"session {session_id} r2: refused (context_too_long)" in lines
     assert not any(secret in r.getMessage() for r in caplog.records)
+
+
+async def test_ready_says_where_the_page_is(fake_daemon_factory, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="llmwsd")
+    daemon = await fake_daemon_factory()
+    port = daemon.server.port
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmwsd"]
+    ready = [line for line in lines if line.startswith("ready: ")]
+    assert ready == [
+        f"ready: serving fake-model on cpu, 0 sessions; the web page is at http://127.0.0.1:{port}/"
+    ]
