@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import signal
 import time
@@ -97,13 +98,15 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
 
     async def start(self) -> None:
-        """Everything up to READY=1: folders, sockets, the model."""
+        """Everything up to READY=1: the port, folders, the admin socket, sessions, the model."""
+        # The port first, before anything is written: a busy one stops here, leaving no trace.
+        await self.bind_port()
         self.prepare_folders()
         self.model_manager.pulls.open()
-        # The admin socket first: a second daemon on this runtime folder stops here.
+        # Then the admin socket: a second daemon on this runtime folder stops here.
         await self.admin.start()
         await self.sessions.open()  # before clients come, so that they can resume
-        await self.server.start()
+        await self.server.start_serving()
         log.info(
             "listening on %s://%s:%d (state %s, runtime %s)",
             self.server.scheme,
@@ -118,6 +121,21 @@ class Daemon:
         self._status_task = asyncio.create_task(self._refresh_status())
         log.info("ready: %s; the web page is at %s", self.status_line(), self.server.page_url)
 
+    async def bind_port(self) -> None:
+        try:
+            await self.server.bind()
+        except OSError as e:
+            server = self.config.server
+            where = f"{server.host}:{server.port}"
+            if e.errno == errno.EADDRINUSE:
+                reason = f"port {server.port} is in use on {server.host} (another llmwsd?)"
+            else:
+                reason = f"cannot listen on {where} ({e.strerror or e})"
+            raise ConfigError(
+                f"{reason}: choose another with [server] port (or host) in "
+                f"{self.config.source or 'the configuration'}"
+            ) from None
+
     async def run(self) -> None:
         """Serve until a stop signal, then shut down cleanly."""
         loop = asyncio.get_running_loop()
@@ -129,7 +147,12 @@ class Daemon:
             stop = asyncio.create_task(self._stop_requested.wait())
             await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
             if startup.done():
-                startup.result()  # start-up errors propagate
+                try:
+                    startup.result()
+                except (OSError, LLMWSError) as e:
+                    # Said first, so that the log's last words ("stopped") come after it.
+                    log.error("cannot start: %s", e.message if isinstance(e, LLMWSError) else e)
+                    raise StartFailed(str(e)) from e
                 await stop
             else:
                 startup.cancel()
@@ -455,6 +478,10 @@ class Daemon:
         entries = await asyncio.to_thread(models.scan, self.config.model_dirs)
         loaded = Path(self.engine.info.path) if self.engine is not None else None
         return [entry.to_dict(loaded) for entry in entries]
+
+
+class StartFailed(Exception):
+    """The daemon could not start; the reason (its ``__cause__``) is logged already."""
 
 
 def log_outcome(who: str, tokens_in: int) -> Callable[[GenerationEvent], None]:

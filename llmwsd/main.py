@@ -58,17 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: Config, log_level: str) -> int:
-    from llmwsd.app import Daemon
+    from llmwsd.app import Daemon, StartFailed
 
     setup_logging(config.log_dir, getattr(logging, log_level.upper()))
     try:
         asyncio.run(Daemon(config).run())
-    except OSError as e:
-        logging.getLogger("llmwsd").error("cannot start: %s", e)
-        return 1
-    except ConfigError as e:  # found only at start, such as an unusable session key
-        logging.getLogger("llmwsd").error("cannot start: %s", e.message)
-        return EXIT_CONFIG
+    except StartFailed as e:  # logged by the daemon already, before its shutdown's lines
+        # What the configuration can fix (a busy port, an unusable key) exits as a bad file.
+        return EXIT_CONFIG if isinstance(e.__cause__, ConfigError) else 1
     return 0
 
 

@@ -65,7 +65,8 @@ class PublicServer:
             return self.gate.check_handshake(connection, request)
         return self.routes.process_request(connection, request)
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Take the port, accepting nobody yet (:meth:`start_serving` opens the door)."""
         self.server = await serve(
             self.handle,
             self.config.host,
@@ -78,7 +79,12 @@ class PublicServer:
             ping_timeout=self.config.ping_timeout or None,
             open_timeout=self.config.hello_timeout or None,
             logger=logging.getLogger("websockets.server"),
+            start_serving=False,
         )
+
+    async def start_serving(self) -> None:
+        assert self.server is not None
+        await self.server.start_serving()
 
     @property
     def page_url(self) -> str:

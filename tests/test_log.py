@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 
 import websockets
 
 from llmwsd.app import Daemon
-from tests.conftest import recv_json, recv_until, ws_url
+from tests.conftest import RunningDaemon, recv_json, recv_until, ws_url
 
 
 async def test_every_request_ends_with_one_log_line_without_its_text(
@@ -51,3 +52,26 @@ async def test_ready_says_where_the_page_is(fake_daemon_factory, caplog) -> None
     assert ready == [
         f"ready: serving fake-model on cpu, 0 sessions; the web page is at http://127.0.0.1:{port}/"
     ]
+
+
+def test_a_busy_port_is_one_line_and_leaves_nothing_on_disk(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = RunningDaemon(tmp_path, server={"host": "127.0.0.1", "port": port})
+        daemon.start(wait=False)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(60) == 2
+    lines = [line for line in daemon.log().splitlines() if line.strip()]
+    errors = [line for line in lines if "ERROR" in line or line.startswith("<3>")]
+    assert len(errors) == 1, lines
+    assert errors[0].endswith(
+        f"cannot start: port {port} is in use on 127.0.0.1 (another llmwsd?): choose another "
+        f"with [server] port (or host) in {daemon.config_path}"
+    )
+    assert "Traceback" not in daemon.log()
+    # The reason comes before the shutdown's last words.
+    stopped = [i for i, line in enumerate(lines) if line.endswith("stopped")]
+    assert stopped and stopped[-1] > lines.index(errors[0])
+    assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists()
