@@ -7,6 +7,12 @@ the rest per row on a few candidates, because a per-row pass over 49k logits
 costs as much as a good part of a decoding step on a small CPU. The order is
 that of transformers' ``generate()``: repetition penalty, minimum length,
 temperature, top-k, top-p.
+
+Every setting the ranges of llmwsd.generation accept samples a valid token: the
+settings are float64 and the logits float32, where 1e-300 is 0.0, so a divisor
+(temperature, repetition penalty) is at least the smallest normal float32, logits
+are clamped to finite values and shifted so that the best one is 0 before the
+temperature divides them, and top-p always keeps the best candidate.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import secrets
 import torch
 
 from llmwsd.generation import GenerationSettings
+
+_FLOAT32 = torch.finfo(torch.float32)
 
 
 def is_greedy(settings: GenerationSettings) -> bool:
@@ -59,9 +67,11 @@ class TokenSampler:
     def adjust(self, logits: torch.Tensor, generated: int) -> None:
         """Apply the repetition penalty and the minimum length to one row, in place."""
         if self._penalized and self._seen_ids.numel():
-            penalty = self.settings.repetition_penalty
+            # A penalty under float32's smallest normal would be 0: x / 0 is inf or NaN.
+            penalty = max(self.settings.repetition_penalty, _FLOAT32.tiny)
             seen = logits[self._seen_ids]
-            logits[self._seen_ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+            raised = (seen / penalty).clamp_(max=_FLOAT32.max)  # finite, not +inf
+            logits[self._seen_ids] = torch.where(seen < 0, seen * penalty, raised)
         if generated < self.settings.min_new_tokens and self._end_tokens.numel():
             logits[self._end_tokens] = float("-inf")
 
@@ -74,21 +84,38 @@ class TokenSampler:
 
     def sample(self, values: torch.Tensor, indices: torch.Tensor | None = None) -> int:
         """Draw from candidates ``values`` (sorted, descending; ids ``indices``) or all logits."""
-        temperature, top_p = self.settings.temperature, self.settings.top_p
+        top_p = self.settings.top_p
         if indices is None and top_p < 1.0:
             values, indices = torch.sort(values, descending=True)
+        probs = self._probabilities(values)
         if indices is None:
             # All of the vocabulary: the exponential race draws like multinomial, much faster.
-            probs = torch.softmax(values / temperature, dim=-1)
             race = torch.empty_like(probs).exponential_(generator=self._generator)
             return int((probs / race).argmax())
-        probs = torch.softmax(values / temperature, dim=-1)
         if top_p < 1.0:
-            # Keep the smallest prefix whose probability reaches top_p (at least one token).
+            # Keep the smallest prefix whose probability reaches top_p, and always the
+            # first (best) candidate: a top_p of 1e-300 is 0.0 in float32.
             before = torch.cumsum(probs, dim=-1) - probs
-            probs = probs.masked_fill(before >= top_p, 0.0)
+            drop = before >= top_p
+            drop[0] = False
+            probs = probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(probs, 1, generator=self._generator)
         return int(indices[choice])
+
+    def _probabilities(self, values: torch.Tensor) -> torch.Tensor:
+        """softmax(values / temperature), finite for every temperature in (0, 100].
+
+        ±inf become ±the largest finite float, so that the best value can be
+        subtracted without NaN; what remains is <= 0 with a 0, which no temperature
+        (at least float32's smallest normal) turns into inf or NaN. A -inf candidate
+        keeps probability 0 unless every candidate is -inf (then they are equal);
+        a NaN logit stays NaN.
+        """
+        temperature = max(self.settings.temperature, _FLOAT32.tiny)
+        scaled = values.clamp(-_FLOAT32.max, _FLOAT32.max)
+        scaled -= scaled.max()
+        scaled /= temperature
+        return torch.softmax(scaled, dim=-1)
 
 
 def choose_tokens(
