@@ -1,35 +1,63 @@
 """The daemon's typed configuration, read once from TOML before any socket is bound.
 
 Each section of ``llmws.toml`` is a frozen dataclass below; a key that is not a
-field, or a value of the wrong type, is a :class:`ConfigError` naming the file
-and the key. Adding a setting means adding a field with its default here and a
+field, a value of the wrong type, a NaN or infinite float, or a number outside
+its range is a :class:`ConfigError` naming the file and the key. Every numeric
+field declares its range beside its default (:func:`bounded`, :func:`within`);
+[generation_defaults] uses the ranges a client is held to (llmwsd.generation).
+Adding a setting means adding a field with its default (and range) here and a
 commented line in ``etc/llmws/llmws.toml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llmwsd.errors import ConfigError
+from llmwsd.generation import SETTING_RANGES, Range
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmws/llmws.toml")
+
+T = TypeVar("T", int, float)
+
+DAY = 86400  # seconds
+WEEK = 7 * DAY
+MAX_MIB = 16 * 1024 * 1024  # 16 TiB, in MiB
+MAX_COUNT = 100_000  # connections, sessions, queued requests and the like
+
+
+def within(default: T, limits: Range) -> T:
+    """A numeric field's default and its range, checked when a file sets it."""
+    return field(default=default, metadata={"range": limits})
+
+
+def bounded(default: T, lo: float, hi: float, *, lo_open: bool = False) -> T:
+    """A numeric field from ``lo`` to ``hi`` (``lo`` itself refused when ``lo_open``)."""
+    return within(default, Range(lo, hi, lo_open))
+
+
+def setting(key: str, default: T) -> T:
+    """A [generation_defaults] field: the range a client's ``config`` is held to."""
+    return within(default, SETTING_RANGES[key])
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
-    port: int = 8765
-    max_message_size: int = 1024 * 1024  # bytes; a larger frame closes with 1009
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    hello_timeout: float = 10.0  # seconds to wait for the first frame
-    drain_timeout: float = 10.0  # seconds running generations get on shutdown
+    port: int = bounded(8765, 0, 65535)
+    # bytes; a larger frame closes with 1009
+    max_message_size: int = bounded(1024 * 1024, 1024, 64 * 1024 * 1024)
+    ping_interval: float = bounded(20.0, 0, DAY)  # 0: no pings
+    ping_timeout: float = bounded(20.0, 0, DAY)
+    hello_timeout: float = bounded(10.0, 0, DAY)  # seconds to wait for the first frame
+    drain_timeout: float = bounded(10.0, 0, DAY)  # seconds generations get on shutdown
     web_root: str = ""  # empty: share/web beside the code, or /usr/share/llmws/web
     tls_cert: str = ""  # PEM certificate chain; with tls_key: wss:// and https://
     tls_key: str = ""
@@ -54,46 +82,54 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ModelsConfig:
     dirs: list[str] = field(default_factory=list)
-    max_parallel_pulls: int = 2  # pulls beyond this wait their turn (read at start)
+    max_parallel_pulls: int = bounded(2, 1, 64)  # pulls beyond this wait their turn (read at start)
     hf_token: str = ""  # for gated or private Hugging Face repos; HF_TOKEN wins when set
 
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    max_new_tokens: int = 2048
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    repetition_penalty: float = 1.1
+    max_new_tokens: int = setting("max_new_tokens", 2048)
+    temperature: float = setting("temperature", 0.7)
+    top_p: float = setting("top_p", 0.95)
+    top_k: int = setting("top_k", 50)
+    repetition_penalty: float = setting("repetition_penalty", 1.1)
     do_sample: bool = True
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 0  # 0: 8 on CPU, 32 on CUDA
+    max_batch_size: int = bounded(0, 0, 1024)  # 0: 8 on CPU, 32 on CUDA
     attention: str = "auto"  # auto, sdpa, eager, flash_attention_2
-    prefix_cache_mb: float = 64.0  # keys and values of recent prompts' beginnings; 0: off
+    # keys and values of recent prompts' beginnings; 0: off
+    prefix_cache_mb: float = bounded(64.0, 0, MAX_MIB)
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    gpu_utilization: float = 0.9  # share of the GPU memory free after loading that may be used
-    cpu_utilization: float = 0.8  # share of the available RAM that may be used
-    reserve_mb: float = 512.0  # kept free on top of the utilization share
-    budget_mb: float = 0.0  # a cap on generation memory (KV cache + activations); 0: none
-    probe_tokens: int = 2048  # prompt length of the warm-up forward that measures activations
+    # share of the GPU memory free after loading that may be used
+    gpu_utilization: float = bounded(0.9, 0, 1, lo_open=True)
+    cpu_utilization: float = bounded(0.8, 0, 1, lo_open=True)  # of the available RAM
+    reserve_mb: float = bounded(512.0, 0, MAX_MIB)  # kept free on top of the utilization share
+    # a cap on generation memory (KV cache + activations); 0: none
+    budget_mb: float = bounded(0.0, 0, MAX_MIB)
+    # prompt length of the warm-up forward that measures activations
+    probe_tokens: int = bounded(2048, 1, 1 << 20)
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_queue: int = 64  # requests waiting for memory; one more is refused with busy
+    # requests waiting for memory; one more is refused with busy
+    max_queue: int = bounded(64, 0, MAX_COUNT)
     on_overflow: str = "truncate"  # prompt + max_new_tokens over max_context: truncate or refuse
-    max_connections: int = 256  # open WebSocket connections in total
-    max_connections_per_address: int = 32
-    messages_per_second: float = 20.0  # per connection, sustained; bursts up to message_burst
-    message_burst: int = 40
-    max_prompt_chars: int = 100_000  # characters of one prompt (system + user)
-    idle_timeout: float = 3600.0  # seconds a connection may send nothing while nothing runs
+    max_connections: int = bounded(256, 1, MAX_COUNT)  # open WebSocket connections in total
+    max_connections_per_address: int = bounded(32, 1, MAX_COUNT)
+    # per connection, sustained; bursts up to message_burst
+    messages_per_second: float = bounded(20.0, 0, 1_000_000, lo_open=True)
+    message_burst: int = bounded(40, 1, 1_000_000)
+    # characters of one prompt (system + user); no message carries more than 64 Mi
+    max_prompt_chars: int = bounded(100_000, 1, 64 * 1024 * 1024)
+    # seconds a connection may send nothing while nothing runs; 0: no limit
+    idle_timeout: float = bounded(3600.0, 0, WEEK)
 
 
 @dataclass(frozen=True)
@@ -102,17 +138,24 @@ class ApiConfig:
     admin_tokens_file: str = ""  # tokens that may also manage models, where that is allowed
     allow_model_management: bool = False  # switch/download/delete over the public port
     allowed_origins: list[str] = field(default_factory=list)  # besides the page's own origin
-    max_auth_failures: int = 10  # failed token attempts per address per minute
+    # failed token attempts per address per minute; 0: no lockout
+    max_auth_failures: int = bounded(10, 0, MAX_COUNT)
 
 
 @dataclass(frozen=True)
 class SessionsConfig:
-    idle_ttl: float = 86400.0  # seconds with no client and no generation before a session expires
-    sweep_interval: float = 60.0  # seconds between sweeps for expired sessions
-    max_buffered_events: int = 4096  # unacknowledged events kept per session; oldest dropped
-    max_history_messages: int = 200  # user/assistant messages kept; oldest exchange dropped
-    max_sessions: int = 256  # beyond it the longest idle session goes; none idle: busy
-    max_per_client: int = 32  # the same, per token (or address when tokens are off)
+    # seconds with no client and no generation before a session expires
+    idle_ttl: float = bounded(86400.0, 0, 30 * DAY, lo_open=True)
+    # seconds between sweeps for expired sessions
+    sweep_interval: float = bounded(60.0, 0, DAY, lo_open=True)
+    # unacknowledged events kept per session; oldest dropped
+    max_buffered_events: int = bounded(4096, 1, 1_000_000)
+    # user/assistant messages kept; oldest exchange dropped
+    max_history_messages: int = bounded(200, 2, MAX_COUNT)
+    # beyond it the longest idle session goes; none idle: busy
+    max_sessions: int = bounded(256, 1, MAX_COUNT)
+    # the same, per token (or address when tokens are off)
+    max_per_client: int = bounded(32, 1, MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -168,7 +211,9 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
         return value
     # TOML integers are fine where a float is expected; bools are never numbers here.
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
     if isinstance(value, bool) and expected is not bool:
         raise ConfigError(f"{where}: expected {expected.__name__}, got a boolean")
     if not isinstance(value, expected):
@@ -178,7 +223,7 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     values = {}
     for key, value in data.items():
         if key not in known:
@@ -191,6 +236,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             label = f"{where}: key {key!r}"
             values[key] = _check_value(value, expected, label)
+            limits: Range | None = known[key].metadata.get("range")
+            if limits is not None and values[key] not in limits:
+                raise ConfigError(f"{label} must be {limits}, got {value!r}")
     return cls(**values)
 
 
@@ -220,15 +268,8 @@ def load_config(path: str | Path) -> Config:
 
 
 def _validate(config: Config, source: str) -> None:
-    """Range checks that types alone cannot express."""
+    """Checks that a type and a range (see _build) cannot express."""
     s = config.server
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"{source}: [server] port must be 0..65535, got {s.port}")
-    if s.max_message_size < 1024:
-        raise ConfigError(f"{source}: [server] max_message_size must be at least 1024 bytes")
-    for key in ("hello_timeout", "drain_timeout", "ping_interval", "ping_timeout"):
-        if getattr(s, key) < 0:
-            raise ConfigError(f"{source}: [server] {key} must not be negative")
     if config.model.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"{source}: [model] dtype must be auto, bfloat16, float16 or float32, "
@@ -238,49 +279,7 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: [engine] attention must be auto, sdpa, eager or flash_attention_2"
         )
-    if config.engine.max_batch_size < 0:
-        raise ConfigError(f"{source}: [engine] max_batch_size must not be negative")
-    if config.engine.prefix_cache_mb < 0:
-        raise ConfigError(f"{source}: [engine] prefix_cache_mb must not be negative")
-    m = config.memory
-    for key in ("gpu_utilization", "cpu_utilization"):
-        if not 0 < getattr(m, key) <= 1:
-            raise ConfigError(f"{source}: [memory] {key} must be greater than 0 and at most 1")
-    if m.reserve_mb < 0 or m.budget_mb < 0:
-        raise ConfigError(f"{source}: [memory] reserve_mb and budget_mb must not be negative")
-    if m.probe_tokens < 1:
-        raise ConfigError(f"{source}: [memory] probe_tokens must be at least 1")
-    if config.models.max_parallel_pulls < 1:
-        raise ConfigError(f"{source}: [models] max_parallel_pulls must be at least 1")
-    if config.limits.max_queue < 0:
-        raise ConfigError(f"{source}: [limits] max_queue must not be negative")
     if config.limits.on_overflow not in ("truncate", "refuse"):
         raise ConfigError(f"{source}: [limits] on_overflow must be truncate or refuse")
-    for key in (
-        "max_connections",
-        "max_connections_per_address",
-        "message_burst",
-        "max_prompt_chars",
-    ):
-        if getattr(config.limits, key) < 1:
-            raise ConfigError(f"{source}: [limits] {key} must be at least 1")
-    if config.limits.messages_per_second <= 0 or config.limits.idle_timeout < 0:
-        raise ConfigError(
-            f"{source}: [limits] messages_per_second must be positive, idle_timeout not negative"
-        )
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError(f"{source}: [server] tls_cert and tls_key go together")
-    g = config.generation_defaults
-    if g.max_new_tokens < 1:
-        raise ConfigError(f"{source}: [generation_defaults] max_new_tokens must be at least 1")
-    n = config.sessions
-    if n.idle_ttl <= 0 or n.sweep_interval <= 0:
-        raise ConfigError(f"{source}: [sessions] idle_ttl and sweep_interval must be positive")
-    for key, least in (
-        ("max_buffered_events", 1),
-        ("max_history_messages", 2),
-        ("max_sessions", 1),
-        ("max_per_client", 1),
-    ):
-        if getattr(n, key) < least:
-            raise ConfigError(f"{source}: [sessions] {key} must be at least {least}")

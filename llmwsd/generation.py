@@ -23,6 +23,41 @@ MAX_STOP_LENGTH = 256
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo`` to ``hi``, ``lo`` itself refused if ``lo_open``.
+
+    Used for a client's settings here and for every numeric key of the
+    configuration (llmwsd.config); NaN is in no range.
+    """
+
+    lo: int | float
+    hi: int | float
+    lo_open: bool = False
+
+    def __contains__(self, value: int | float) -> bool:
+        above = self.lo < value if self.lo_open else self.lo <= value
+        return above and value <= self.hi
+
+    def __str__(self) -> str:
+        if self.lo_open:
+            return f"greater than {self.lo} and at most {self.hi}"
+        return f"between {self.lo} and {self.hi}"
+
+
+# The one table of what a client may ask for; [generation_defaults] is held to it too.
+SETTING_RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(1, 1_000_000),
+    "min_new_tokens": Range(0, 1_000_000),
+    "temperature": Range(0, 100),  # 0: greedy
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(0, 1_000_000),  # 0: off
+    "repetition_penalty": Range(0, 10, lo_open=True),  # 1: off
+    "seed": Range(0, 2**63 - 1),
+}
+INTEGER_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "top_k", "seed"})
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """Per-request sampling settings; ``merge`` validates what a client sends."""
 
@@ -68,47 +103,19 @@ def _number(key: str, value: Any, *, integer: bool = False) -> float:
 
 
 def _validate_setting(key: str, value: Any) -> Any:
-    if key == "max_new_tokens":
-        n = int(_number(key, value, integer=True))
-        if not 1 <= n <= 1_000_000:
-            raise BadRequest("max_new_tokens must be between 1 and 1000000")
-        return n
-    if key == "min_new_tokens":
-        n = int(_number(key, value, integer=True))
-        if not 0 <= n <= 1_000_000:
-            raise BadRequest("min_new_tokens must be between 0 and 1000000")
-        return n
-    if key == "temperature":
-        t = float(_number(key, value))
-        if not 0 <= t <= 100:
-            raise BadRequest("temperature must be between 0 and 100")
-        return t
-    if key == "top_p":
-        p = float(_number(key, value))
-        if not 0 < p <= 1:
-            raise BadRequest("top_p must be greater than 0 and at most 1")
-        return p
-    if key == "top_k":
-        k = int(_number(key, value, integer=True))
-        if not 0 <= k <= 1_000_000:
-            raise BadRequest("top_k must be between 0 (off) and 1000000")
-        return k
-    if key == "repetition_penalty":
-        r = float(_number(key, value))
-        if not 0 < r <= 10:
-            raise BadRequest("repetition_penalty must be greater than 0 and at most 10")
-        return r
+    limits = SETTING_RANGES.get(key)
+    if limits is not None:
+        if key == "seed" and value is None:
+            return None
+        integer = key in INTEGER_SETTINGS
+        n = _number(key, value, integer=integer)
+        if n not in limits:
+            raise BadRequest(f"{key} must be {limits}")
+        return int(n) if integer else float(n)
     if key == "do_sample":
         if not isinstance(value, bool):
             raise BadRequest("do_sample must be true or false")
         return value
-    if key == "seed":
-        if value is None:
-            return None
-        s = int(_number(key, value, integer=True))
-        if not 0 <= s < 2**63:
-            raise BadRequest("seed must be between 0 and 2**63-1")
-        return s
     if key == "stop":
         if isinstance(value, str):
             value = [value]

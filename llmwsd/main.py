@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars (model loading, downloads) would reach the journal as binary lines;
     # llmwsd reports progress in its own log lines and to llmwsctl.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from llmwsd.security import HostAllowList
+
     try:
         config = load_config(args.config)
+        HostAllowList.from_config(config)  # its entries are checked here, like every key
     except ConfigError as e:
         print(f"llmwsd: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
