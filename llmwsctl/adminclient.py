@@ -33,7 +33,10 @@ class NotRunning(LLMWSError):
 
     def __init__(self, path: str, stale: bool = False) -> None:
         where = "stale socket" if stale else "no socket"
-        super().__init__(f"llmwsd is not running ({where} at {path})")
+        super().__init__(
+            f"llmwsd is not running ({where} at {path}); for a daemon with another "
+            f"runtime_dir, give its socket: --socket PATH or {adminproto.SOCKET_ENV}=PATH"
+        )
         self.path = path
 
 
@@ -77,8 +80,21 @@ def socket_group(path: str) -> str | None:
     return None
 
 
+# Where `make run` (etc/llmws/dev.toml's runtime_dir) puts the socket, seen from the checkout.
+DEV_SOCKET = f"var/run/{adminproto.SOCKET_NAME}"
+
+
 def default_socket_path() -> str:
-    return os.environ.get(adminproto.SOCKET_ENV) or adminproto.DEFAULT_SOCKET
+    """$LLMWS_ADMIN_SOCKET, else the system daemon's socket, else a development daemon's.
+
+    The development daemon's (``make run``, in the current folder) is used only when
+    the system one is not there, so an installed service always wins.
+    """
+    if os.environ.get(adminproto.SOCKET_ENV):
+        return os.environ[adminproto.SOCKET_ENV]
+    if not os.path.exists(adminproto.DEFAULT_SOCKET) and os.path.exists(DEV_SOCKET):
+        return DEV_SOCKET
+    return adminproto.DEFAULT_SOCKET
 
 
 class AdminClient:

@@ -15,7 +15,13 @@ from typing import Any
 
 from llmwsctl import chat
 from llmwsctl import format as fmt
-from llmwsctl.adminclient import AdminClient, NotRunning, PermissionDenied, default_socket_path
+from llmwsctl.adminclient import (
+    DEV_SOCKET,
+    AdminClient,
+    NotRunning,
+    PermissionDenied,
+    default_socket_path,
+)
 from llmwsd import __version__, adminproto
 from llmwsd.errors import LLMWSError
 
@@ -455,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help=f"llmwsd's admin socket (default: ${adminproto.SOCKET_ENV} or "
-        f"{adminproto.DEFAULT_SOCKET})",
+        help=f"llmwsd's admin socket (default: ${adminproto.SOCKET_ENV}, else "
+        f"{adminproto.DEFAULT_SOCKET}, else {DEV_SOCKET} of a `make run` daemon when run "
+        "from its checkout)",
     )
     common.add_argument(
         "--json",
