@@ -3,7 +3,7 @@
 Debian's ``chromium`` is used (never Playwright's own download: the test
 machines may only reach the Debian mirror). When it is missing, it is installed
 with apt-get where the tests run as root; elsewhere the tests are skipped with
-the reason.
+the reason (and fail in CI, which must run them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.conftest import skip_or_fail
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
@@ -35,7 +35,7 @@ def ensure_chromium() -> Path:
     if CHROMIUM.exists():
         return CHROMIUM
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM} is missing and cannot be installed here (apt-get as root)")
+        skip_or_fail(f"{CHROMIUM} is missing and cannot be installed here (apt-get as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
     for command in (install, ["apt-get", "update", "-q"], install):
@@ -44,7 +44,7 @@ def ensure_chromium() -> Path:
             break
     if not CHROMIUM.exists():
         output = (result.stdout + result.stderr).decode(errors="replace")[-2000:]
-        pytest.skip(f"installing Debian's chromium failed:\n{output}")
+        skip_or_fail(f"installing Debian's chromium failed:\n{output}")
     return CHROMIUM
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,9 +13,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 import websockets
@@ -27,6 +28,75 @@ from tests.fake_engine import FakeEngine
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 LLMWSD = [sys.executable, "-m", "llmwsd.main"]
+
+# How long a test waits on the server before it fails, saying what it waited for. The fake
+# engine answers in milliseconds: anything it does not send within FAST seconds is a bug
+# (a broken resume, a lost event), not a slow machine. The real model on a slow, shared
+# machine gets REAL seconds for an answer.
+FAST = 10.0
+REAL = 240.0
+
+T = TypeVar("T")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip for a missing prerequisite (root, tmpfs, git-lfs, chromium...), except in CI.
+
+    CI runs as root with everything installed (``make test-deps``): a test that cannot run
+    there is a broken setup, and must fail rather than disappear into the skip count.
+    """
+    __tracebackhide__ = True  # reported at the caller's line, which says what is missing
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run this test)")
+    pytest.skip(reason)
+
+
+def _describe(received: list[dict[str, Any]]) -> str:
+    if not received:
+        return "nothing"
+    shown = [json.dumps(m)[:200] for m in received[-5:]]
+    earlier = f"{len(received) - 5} earlier messages, then " if len(received) > 5 else ""
+    return earlier + ", ".join(shown)
+
+
+@contextlib.asynccontextmanager
+async def deadline(timeout: float, what: str) -> AsyncIterator[None]:
+    """Run the block for at most ``timeout`` s; past it, fail saying what was awaited."""
+    limit = asyncio.timeout(timeout)
+    try:
+        async with limit:
+            yield
+    except TimeoutError:
+        if not limit.expired():
+            raise  # the block's own TimeoutError
+        raise AssertionError(f"no {what} within {timeout:g} s") from None
+
+
+async def within(awaitable: Awaitable[T], timeout: float, what: str) -> T:
+    """Await ``awaitable`` for at most ``timeout`` s; past it, fail saying what was awaited."""
+    async with deadline(timeout, what):
+        return await awaitable
+
+
+async def collect(items: AsyncIterable[T], timeout: float, what: str) -> list[T]:
+    """Everything ``items`` yields until it ends, within ``timeout`` s."""
+
+    async def gather() -> list[T]:
+        return [item async for item in items]
+
+    return await within(gather(), timeout, what)
+
+
+async def eventually(
+    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll ``condition`` until it returns something true (returned); fail after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 def free_port() -> int:
@@ -126,7 +196,10 @@ class RunningDaemon:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"llmwsd {self.proc.pid} outlived SIGKILL by 30 s") from None
 
 
 @pytest.fixture(scope="session")
@@ -197,23 +270,32 @@ def ws_url(daemon: Daemon) -> str:
     return f"ws://127.0.0.1:{daemon.server.port}/"
 
 
-async def recv_json(ws: websockets.ClientConnection, timeout: float = 30) -> dict[str, Any]:
-    message = await asyncio.wait_for(ws.recv(), timeout)
-    return json.loads(message)
+async def recv_json(
+    ws: websockets.ClientConnection, timeout: float = FAST, what: str = "message"
+) -> dict[str, Any]:
+    """The next message; fails after ``timeout`` s naming ``what`` it waited for."""
+    return json.loads(await within(ws.recv(), timeout, what))
 
 
 async def recv_until(
-    ws: websockets.ClientConnection, kinds: set[str], timeout: float = 60
+    ws: websockets.ClientConnection, kinds: set[str], timeout: float = FAST
 ) -> list[dict[str, Any]]:
-    """Receive messages until one whose type is in ``kinds``; return them all."""
-    received = []
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        remaining = deadline - asyncio.get_running_loop().time()
-        message = await recv_json(ws, max(remaining, 0.01))
-        received.append(message)
-        if message.get("type") in kinds:
-            return received
+    """Receive messages until one whose type is in ``kinds``; return them all.
+
+    Fails after ``timeout`` s in all, saying what was awaited and what came instead.
+    """
+    received: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                received.append(json.loads(await ws.recv()))
+                if received[-1].get("type") in kinds:
+                    return received
+    except TimeoutError:
+        wanted = " or ".join(sorted(kinds))
+        raise AssertionError(
+            f"no {wanted} within {timeout:g} s; got {_describe(received)}"
+        ) from None
 
 
 def answer_text(events: list[dict[str, Any]]) -> str:

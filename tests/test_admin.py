@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.sync.client import connect as ws_connect
 
 from llmwsctl import adminclient
@@ -32,7 +32,7 @@ from llmwsctl.adminclient import PermissionDenied
 from llmwsd import adminproto
 from llmwsd.app import Daemon
 from llmwsd.generation import EngineLike
-from tests.conftest import DEFAULT_MODEL, ROOT, RunningDaemon
+from tests.conftest import DEFAULT_MODEL, REAL, ROOT, RunningDaemon, skip_or_fail, within
 from tests.fake_engine import FakeEngine
 
 LLMWSCTL = str(ROOT / ".venv" / "bin" / "llmwsctl")
@@ -88,9 +88,15 @@ def ask_legacy(daemon: RunningDaemon, prompt: str = PROMPT) -> str:
     pieces = []
     with ws_connect(daemon.url, open_timeout=10) as ws:
         ws.send(prompt)
-        for frame in ws:
-            pieces.append(str(frame))
-    return "".join(pieces)
+        try:
+            while True:
+                pieces.append(str(ws.recv(REAL)))
+        except ConnectionClosedOK:
+            return "".join(pieces)
+        except TimeoutError:
+            raise AssertionError(
+                f"no text frame or close within {REAL:g} s; got {''.join(pieces)!r}"
+            ) from None
 
 
 class RawAdmin:
@@ -110,7 +116,7 @@ class RawAdmin:
         await self.writer.drain()
 
     async def read(self, timeout: float = 30) -> dict[str, Any]:
-        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        line = await within(self.reader.readline(), timeout, "admin socket answer line")
         assert line.endswith(b"\n"), f"connection closed: {line!r}"
         return adminproto.decode(line)
 
@@ -212,7 +218,7 @@ def test_resources_both_modes(sock: Path) -> None:
     assert "cores" in human and re.search(RAM_USED, human)
     assert re.search(rf"^model +{DEFAULT_MODEL.name} \(", human, re.MULTILINE)
     assert re.search(r"^context +\d+ tokens, KV cache .* per token", human, re.MULTILINE)
-    assert "no GPU" in human and "generating" in human
+    assert "no NVIDIA GPU" in human and "generating" in human
     assert report["engine"]["prefix_cache"]["max_bytes"] > 0
     assert re.search(r"^prefix cache +\d+ prompts, .* of 64\.0 MiB", human, re.MULTILINE)
 
@@ -257,6 +263,8 @@ def test_sessions_list_and_drop(served: RunningDaemon, sock: Path) -> None:
         sessions = {s["id"]: s for s in ctl_json(sock, "sessions")}
         assert sessions[session_id]["connected"] is True
         assert {"age_s", "idle_s", "messages", "buffered_events"} <= set(sessions[session_id])
+        # New, and its hello was a ping: nothing said, nothing buffered.
+        assert (sessions[session_id]["messages"], sessions[session_id]["buffered_events"]) == (0, 0)
         human = ctl(sock, "sessions").stdout.splitlines()
         assert human[0].split()[:3] == ["ID", "AGE", "IDLE"]
         assert any(line.startswith(session_id) and "yes" in line for line in human)
@@ -422,11 +430,33 @@ def test_stale_socket_is_replaced(idle_daemon: RunningDaemon) -> None:
     assert not sock.exists()  # removed on a clean exit
 
 
+@pytest.mark.skipif(
+    os.path.exists(adminproto.DEFAULT_SOCKET), reason="a system llmwsd runs here: it wins"
+)
+def test_a_development_daemon_is_found_from_its_checkout(
+    idle_daemon: RunningDaemon, tmp_path: Path
+) -> None:
+    """`make run` puts its socket in var/run/: llmwsctl run from the checkout finds it."""
+    start_and_wait_for_admin(idle_daemon)
+    checkout = tmp_path / "checkout"
+    (checkout / "var").mkdir(parents=True)
+    (checkout / "var" / "run").symlink_to(idle_daemon.admin_socket.parent)
+    env = {k: v for k, v in os.environ.items() if k != adminproto.SOCKET_ENV}
+    done = subprocess.run(
+        [LLMWSCTL, "--json", "status"], capture_output=True, text=True, env=env, cwd=checkout
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model_state"] == "none"
+
+
 def test_no_daemon(tmp_path: Path) -> None:
     missing = tmp_path / "admin.sock"
     done = ctl(missing, "status")
     assert done.returncode == 3
-    assert done.stderr.strip() == f"llmwsd is not running (no socket at {missing})"
+    assert done.stderr.strip() == (
+        f"llmwsd is not running (no socket at {missing}); for a daemon with another "
+        "runtime_dir, give its socket: --socket PATH or LLMWS_ADMIN_SOCKET=PATH"
+    )
     # The default comes from LLMWS_ADMIN_SOCKET.
     env = {**os.environ, adminproto.SOCKET_ENV: str(missing)}
     by_env = subprocess.run([LLMWSCTL, "models"], capture_output=True, text=True, env=env)
@@ -436,10 +466,9 @@ def test_no_daemon(tmp_path: Path) -> None:
     assert version.returncode == 0 and "not running" in version.stdout
 
 
-@pytest.mark.skipif(
-    os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root needs setpriv here"
-)
 def test_permission_denied_names_the_group(idle_daemon: RunningDaemon) -> None:
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        skip_or_fail("root needs setpriv (util-linux) to drop its file capabilities here")
     sock = start_and_wait_for_admin(idle_daemon)
     os.chmod(sock, 0o060)  # the owner has no rights now, like a user outside the group
     # Root ignores file modes unless it drops these capabilities.
@@ -709,5 +738,7 @@ def test_resources_rendering_of_gpus_and_engine() -> None:
     assert "NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95.0 W, SM 9.0" in text
     assert "8192 tokens, KV cache 23.0 kB per token" in text
     assert "3 prompts, 3.0 MiB of 64.0 MiB, 5 reused (120 tokens not prefilled again)" in text
-    no_gpu = render_resources({"device": "cpu", "host": {}, "gpus": [], "gpu_status": "no GPU"})
-    assert "no GPU" in no_gpu and "none loaded" in no_gpu
+    no_gpu = render_resources(
+        {"device": "cpu", "host": {}, "gpus": [], "gpu_status": "no NVIDIA GPU"}
+    )
+    assert "no NVIDIA GPU" in no_gpu and "none loaded" in no_gpu

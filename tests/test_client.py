@@ -30,7 +30,17 @@ from llmwsd.errors import (
     LLMWSError,
     Unauthorized,
 )
-from tests.conftest import ROOT, RunningDaemon, ws_url
+from tests.conftest import (
+    FAST,
+    REAL,
+    ROOT,
+    RunningDaemon,
+    collect,
+    deadline,
+    eventually,
+    within,
+    ws_url,
+)
 
 GREEDY = {"do_sample": False, "max_new_tokens": 48}
 LONG_QUESTION = "Write a long story about a dragon who learns to cook."
@@ -87,15 +97,30 @@ class CuttableProxy:
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
 
-async def stream_with_cut(client: Client, prompt: str, cut, after: int = 3, **settings) -> str:
-    """Stream an answer, calling ``cut()`` (sync or async) once ``after`` pieces arrived."""
+async def stream_with_cut(
+    client: Client, prompt: str, cut, after: int = 3, timeout: float = FAST, **settings
+) -> str:
+    """Stream an answer, calling ``cut()`` (sync or async) once ``after`` pieces arrived.
+
+    The whole answer, resumes included, must come within ``timeout`` s.
+    """
     pieces = []
-    async for piece in client.stream(prompt, **settings):
-        pieces.append(piece)
-        if len(pieces) == after:
-            result = cut()
-            if asyncio.iscoroutine(result):
-                await result
+    limit = asyncio.timeout(timeout)
+    try:
+        async with limit:
+            async for piece in client.stream(prompt, **settings):
+                pieces.append(piece)
+                if len(pieces) == after:
+                    result = cut()
+                    if asyncio.iscoroutine(result):
+                        await result
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        raise AssertionError(
+            f"the answer to {prompt[:40]!r} did not end within {timeout:g} s of streaming "
+            f"(cut after {after} pieces; got {len(pieces)}: {''.join(pieces)[-80:]!r})"
+        ) from None
     return "".join(pieces)
 
 
@@ -110,54 +135,65 @@ async def fake_client(fake_daemon: Daemon) -> AsyncIterator[Client]:
 
 async def test_api_round_trip(fake_client: Client):
     client = fake_client
-    assert client.session_id and client.welcome["model"] == "fake-model"
-    assert await client.inference("hello there", system="Be brief") == "echo: hello there"
+    assert len(client.session_id or "") == 36 and client.welcome["model"] == "fake-model"
+    answer = await within(client.inference("hello there", system="Be brief"), FAST, "answer")
+    assert answer == "echo: hello there"
     assert client.last_done and client.last_done["finish_reason"] == "stop"
-    assert [p async for p in client.stream("two words")] == ["echo:", " two", " words"]
-    history = await client.history()
-    assert history[0] == {"role": "system", "content": "Be brief"}
-    assert [m["role"] for m in history[1:]] == ["user", "assistant"] * 2
-    config = await client.set_config(temperature=0.5, max_new_tokens=2)
-    assert config["temperature"] == 0.5
-    assert await client.inference("one two three") == "echo: one"
-    await client.reset()
-    assert await client.history() == []
-    resources = await client.get_resources()
-    assert {"device", "free_gb", "total_gb"} <= resources.keys()
-    assert [m["name"] for m in await client.list_models()] == ["fake-model"]
+    pieces = await collect(client.stream("two words"), FAST, "streamed answer")
+    assert pieces == ["echo:", " two", " words"]
+    assert await within(client.history(), FAST, "history") == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "echo: hello there"},
+        {"role": "user", "content": "two words"},
+        {"role": "assistant", "content": "echo: two words"},
+    ]
+    config = await within(client.set_config(temperature=0.5, max_new_tokens=2), FAST, "config")
+    assert (config["temperature"], config["max_new_tokens"]) == (0.5, 2)
+    assert await within(client.inference("one two three"), FAST, "answer") == "echo: one"
+    await within(client.reset(), FAST, "reset_done")
+    assert await within(client.history(), FAST, "history") == []
+    resources = await within(client.get_resources(), FAST, "resources")
+    assert resources["device"] == "cpu" and 0 < resources["free_gb"] <= resources["total_gb"]
+    models = await within(client.list_models(), FAST, "models_list")
+    assert [m["name"] for m in models] == ["fake-model"]
 
 
 async def test_server_errors_are_typed_exceptions(fake_client: Client):
     with pytest.raises(Forbidden) as forbidden:
-        await fake_client.switch_model("models/other")
+        await within(fake_client.switch_model("models/other"), FAST, "refusal")
     assert isinstance(forbidden.value, LLMWSError) and forbidden.value.code == "forbidden"
     with pytest.raises(Forbidden):
-        await fake_client.download_model("org/name", "name")
+        await within(fake_client.download_model("org/name", "name"), FAST, "refusal")
     with pytest.raises(ContextTooLong) as too_long:
-        await fake_client.inference("word " * 5000)
-    assert too_long.value.max_context == 4096 and too_long.value.input_length > 4096
+        await within(fake_client.inference("word " * 5000), FAST, "refusal")
+    # The fake engine counts words + 4.
+    assert (too_long.value.max_context, too_long.value.input_length) == (4096, 5004)
     # The connection and the session are fine afterwards.
-    assert await fake_client.inference("still here") == "echo: still here"
+    assert await within(fake_client.inference("still here"), FAST, "answer") == "echo: still here"
 
 
 async def test_cancel_ends_the_answer(fake_daemon: Daemon, fake_client: Client):
     fake_daemon.engine.token_delay = 0.05
+    words = "a b c d e f g h i j k l m n o p"
     pieces = []
-    async for piece in fake_client.stream("a b c d e f g h i j k l m n o p"):
-        pieces.append(piece)
-        if len(pieces) == 2:
-            assert await fake_client.cancel() is True
+    async with deadline(FAST, "end of the cancelled answer"):
+        async for piece in fake_client.stream(words):
+            pieces.append(piece)
+            if len(pieces) == 2:
+                assert await fake_client.cancel() is True
     assert fake_client.last_done and fake_client.last_done["finish_reason"] == "cancelled"
-    assert 2 <= len(pieces) < 17
+    # A piece or two may be on its way when the cancel lands: a beginning of the answer.
+    assert 2 <= len(pieces) < 17 and ("echo: " + words).startswith("".join(pieces)), pieces
 
 
 async def test_one_answer_at_a_time(fake_daemon: Daemon, fake_client: Client):
     fake_daemon.engine.token_delay = 0.05
     first = fake_client.stream("a b c d")
-    assert await anext(first) == "echo:"
+    assert await within(anext(first), FAST, "first piece") == "echo:"
     with pytest.raises(Busy):
-        await fake_client.inference("second")
-    assert [p async for p in first] == [" a", " b", " c", " d"]
+        await within(fake_client.inference("second"), FAST, "busy refusal")
+    assert await collect(first, FAST, "rest of the first answer") == [" a", " b", " c", " d"]
 
 
 async def test_resume_after_the_network_drops(fake_daemon: Daemon):
@@ -174,33 +210,64 @@ async def test_resume_after_the_network_drops(fake_daemon: Daemon):
         # Again, later in the answer; the session has the whole conversation.
         text = await stream_with_cut(client, words, proxy.cut, after=20)
         assert text == "echo: " + words
-        assert len(await client.history()) == 4
+        history = await within(client.history(), FAST, "history")
+        turn = [{"role": "user", "content": words}, {"role": "assistant", "content": text}]
+        assert history == turn * 2
 
 
 async def test_drop_right_after_sending_the_question(fake_daemon: Daemon, monkeypatch):
-    """The server may or may not have got the question: either way, exactly one answer."""
+    """The server may or may not have got the question: either way, exactly one answer.
+
+    Each question's connection is cut at a known point: before the server could read it
+    (the proxy runs on this event loop and has not run since the send), once the server
+    began answering it, and once it had answered it whole. The client resends it only in
+    the first case, where it learns from the resumed session that no answer started.
+    """
+    engine = fake_daemon.engine
+
+    def server_has(question: str, kind: str) -> bool:
+        """The session's buffer holds the ``kind`` event of the answer to ``question``."""
+        session = fake_daemon.sessions.get(client.session_id)
+        ids = {r.request_id for r in engine.submitted if r.messages[-1]["content"] == question}
+        return any(e["type"] == kind and e["request_id"] in ids for e in session.events)
+
+    cut_when = {
+        "question 0": None,  # at once
+        "question 1": "start",
+        "question 2": "done",
+    }
     async with (
         CuttableProxy(fake_daemon.server.port) as proxy,
         Client(proxy.url, resume_timeout=10) as client,
     ):
         send = client._send
         sent: list[str] = []
-        delays = [0, 0.05, 0.2]  # the cut lands before or after the server reads the question
 
         async def send_then_cut(message):
             await send(message)
             if message["type"] == "inference":
-                sent.append(message["prompt"]["user"])
-                if sent.count(message["prompt"]["user"]) == 1:
-                    await asyncio.sleep(delays[len(set(sent)) - 1])
+                question = message["prompt"]["user"]
+                sent.append(question)
+                if sent.count(question) == 1:
+                    if (kind := cut_when[question]) is not None:
+                        await eventually(
+                            lambda: server_has(question, kind), FAST, f"{kind} of {question!r}"
+                        )
                     proxy.cut()
 
         monkeypatch.setattr(client, "_send", send_then_cut)
         for attempt in range(3):
-            assert await client.inference(f"question {attempt}") == f"echo: question {attempt}"
-        # Resent only when the server had not got it (which one happens is up to timing).
-        assert all(sent.count(f"question {i}") in (1, 2) for i in range(3))
-        users = [m["content"] for m in await client.history() if m["role"] == "user"]
+            answer = await within(client.inference(f"question {attempt}"), FAST, "answer")
+            assert answer == f"echo: question {attempt}"
+        # Resent only when the server had not got it.
+        assert sent == ["question 0", "question 0", "question 1", "question 2"]
+        assert [r.messages[-1]["content"] for r in engine.submitted] == [
+            "question 0",
+            "question 1",
+            "question 2",
+        ]
+        history = await within(client.history(), FAST, "history")
+        users = [m["content"] for m in history if m["role"] == "user"]
         assert users == ["question 0", "question 1", "question 2"]
 
 
@@ -212,7 +279,13 @@ async def test_an_answer_with_dropped_events_fails(fake_daemon_factory):
     async def outage() -> None:
         proxy.refusing = True
         proxy.cut()
-        await asyncio.sleep(1)  # the answer goes on into the capped buffer
+        # The answer goes on to its end into the capped buffer, which drops unsent events.
+        session = daemon.sessions.get(client.session_id)
+        await eventually(
+            lambda: session.running is None and session.dropped_through > 0,
+            FAST,
+            "the answer's end, with events dropped by the cap",
+        )
         proxy.refusing = False
 
     async with (
@@ -221,7 +294,7 @@ async def test_an_answer_with_dropped_events_fails(fake_daemon_factory):
     ):
         with pytest.raises(EventsDropped):
             await stream_with_cut(client, words, outage)
-        assert await client.inference("still fine") == "echo: still fine"
+        assert await within(client.inference("still fine"), FAST, "answer") == "echo: still fine"
 
 
 async def test_gives_up_after_resume_timeout(fake_daemon: Daemon):
@@ -232,7 +305,8 @@ async def test_gives_up_after_resume_timeout(fake_daemon: Daemon):
             await stream_with_cut(client, "a b c d e f g h i j", fake_daemon.shutdown)
         started = loop.time()
         with pytest.raises(ConnectionLost):
-            await client.history()  # one more try, then the same clear error
+            # One more try, then the same clear error.
+            await within(client.history(), 30, "ConnectionLost")
         assert loop.time() - started < 30
 
 
@@ -243,12 +317,15 @@ async def test_unreachable_server_is_connection_lost():
 
 async def test_new_client_resumes_the_session(fake_daemon: Daemon):
     async with Client(ws_url(fake_daemon)) as first:
-        await first.inference("my name is Alice")
+        await within(first.inference("my name is Alice"), FAST, "answer")
         session_id = first.session_id
     second = Client(ws_url(fake_daemon))
-    welcome = await second.connect(session_id=session_id)
-    assert welcome["resumed"] and second.session_id == session_id
-    assert (await second.history())[0]["content"] == "my name is Alice"
+    welcome = await within(second.connect(session_id=session_id), FAST, "welcome")
+    assert welcome["resumed"] is True and second.session_id == session_id
+    assert await within(second.history(), FAST, "history") == [
+        {"role": "user", "content": "my name is Alice"},
+        {"role": "assistant", "content": "echo: my name is Alice"},
+    ]
     await second.disconnect()
 
 
@@ -258,12 +335,16 @@ async def test_token_and_idle_close(fake_daemon_factory, tmp_path):
     )
     _, token = daemon.server.gate.auth.access.add("alice")
     with pytest.raises(Unauthorized):
-        await Client(ws_url(daemon)).connect()
+        await within(Client(ws_url(daemon)).connect(), FAST, "refusal")
     async with Client(ws_url(daemon), token=token) as client:
-        await client.inference("first")
-        await asyncio.sleep(1.5)  # the server closes the idle connection
-        assert await client.inference("second") == "echo: second"
-        assert len(await client.history()) == 4  # the same session
+        await within(client.inference("first"), FAST, "answer")
+        session = daemon.sessions.get(client.session_id)
+        await eventually(
+            lambda: session.owner is None, FAST, "the server to close the idle connection"
+        )
+        assert await within(client.inference("second"), FAST, "answer") == "echo: second"
+        history = await within(client.history(), FAST, "history")
+        assert [m["content"] for m in history] == ["first", "echo: first", "second", "echo: second"]
 
 
 async def test_model_management_where_allowed(fake_daemon_factory, tmp_path):
@@ -276,11 +357,12 @@ async def test_model_management_where_allowed(fake_daemon_factory, tmp_path):
     )
     _, admin = daemon.server.gate.auth.admin.add("admin")
     async with Client(ws_url(daemon), token=admin) as client:
-        assert [m["name"] for m in await client.list_models()] == ["fake-model"]
-        reply = await client.switch_model("fake-model")
-        assert reply["type"] == "model_switched"
+        models = await within(client.list_models(), FAST, "models_list")
+        assert [m["name"] for m in models] == ["fake-model"]
+        reply = await within(client.switch_model("fake-model"), FAST, "model_switched")
+        assert reply["type"] == "model_switched" and reply["model"] == "fake-model"
         with pytest.raises(BadRequest):
-            await client.delete_model("../fake-model")
+            await within(client.delete_model("../fake-model"), FAST, "refusal")
 
 
 # -- the real model ----------------------------------------------------------------------
@@ -298,12 +380,13 @@ async def test_brief_basic_chat(brief_env: RunningDaemon):
     from llmwsctl.client import LLMWSEnhancedClient
 
     # The brief's "Python API" and "Basic Chat" examples, with only the import changed.
-    client = LLMWSEnhancedClient()
-    await client.connect()
-    response = await client.inference(prompt="What is the capital of France?", system="")
-    await client.get_resources()
-    await client.inference("What is quantum computing?")
-    await client.disconnect()
+    async with deadline(2 * REAL, "the brief's basic chat (two answers)"):
+        client = LLMWSEnhancedClient()
+        await client.connect()
+        response = await client.inference(prompt="What is the capital of France?", system="")
+        await client.get_resources()
+        await client.inference("What is quantum computing?")
+        await client.disconnect()
     assert "Paris" in response
 
 
@@ -311,22 +394,23 @@ async def test_brief_basic_chat(brief_env: RunningDaemon):
 async def test_brief_multi_turn_with_session(brief_env: RunningDaemon):
     from llmwsctl.client import LLMWSEnhancedClient
 
-    # Session 1
-    client = LLMWSEnhancedClient()
-    await client.connect()
-    session_id = client.session_id
-    await client.inference("My name is Alice")
-    # Network disconnects...
-    await client.disconnect()
+    async with deadline(2 * REAL, "the brief's multi-turn session (two answers)"):
+        # Session 1
+        client = LLMWSEnhancedClient()
+        await client.connect()
+        session_id = client.session_id
+        await client.inference("My name is Alice")
+        # Network disconnects...
+        await client.disconnect()
 
-    # Session 2 - Resume
-    client = LLMWSEnhancedClient()
-    await client.connect(session_id=session_id)
-    response = await client.inference("What's my name?")
-    # Response: "Your name is Alice" -- from a larger model: the 135M test model does not
-    # recall it, so check that the conversation it answered from was the whole one.
-    history = await client.history()
-    await client.disconnect()
+        # Session 2 - Resume
+        client = LLMWSEnhancedClient()
+        await client.connect(session_id=session_id)
+        response = await client.inference("What's my name?")
+        # Response: "Your name is Alice" -- from a larger model: the 135M test model does not
+        # recall it, so check that the conversation it answered from was the whole one.
+        history = await client.history()
+        await client.disconnect()
     assert client.session_id == session_id
     assert [m["content"] for m in history if m["role"] == "user"] == [
         "My name is Alice",
@@ -339,15 +423,18 @@ async def test_brief_multi_turn_with_session(brief_env: RunningDaemon):
 async def test_brief_model_management_is_forbidden_by_default(brief_env: RunningDaemon):
     from llmwsctl.client import LLMWSEnhancedClient
 
-    client = LLMWSEnhancedClient()
-    await client.connect()
-    models = await client.list_models()
-    assert "SmolLM2-135M-Instruct" in [m["name"] for m in models]
-    with pytest.raises(Forbidden):
-        await client.switch_model("models/Qwen2.5-VL-7B")
-    with pytest.raises(Forbidden):
-        await client.download_model("https://huggingface.co/Qwen/Qwen2.5-VL-7B", "Qwen2.5-VL-7B")
-    await client.disconnect()
+    async with deadline(60, "the answers to list, switch and download"):
+        client = LLMWSEnhancedClient()
+        await client.connect()
+        models = await client.list_models()
+        assert [m["name"] for m in models] == ["SmolLM2-135M-Instruct"]
+        with pytest.raises(Forbidden):
+            await client.switch_model("models/Qwen2.5-VL-7B")
+        with pytest.raises(Forbidden):
+            await client.download_model(
+                "https://huggingface.co/Qwen/Qwen2.5-VL-7B", "Qwen2.5-VL-7B"
+            )
+        await client.disconnect()
 
 
 @pytest.mark.slow
@@ -355,11 +442,11 @@ async def test_resume_through_a_dropped_connection_is_seamless(real_daemon: Runn
     async with Client(real_daemon.url) as client:
         # Asked once before, so that every run reuses the same cached prefix: in bf16 a
         # prompt prefilled whole may round differently (see docs/performance.md).
-        await client.inference(LONG_QUESTION, **GREEDY)
-        await client.reset()
-        expected = await client.inference(LONG_QUESTION, **GREEDY)
+        await within(client.inference(LONG_QUESTION, **GREEDY), REAL, "first answer")
+        await within(client.reset(), 30, "reset_done")
+        expected = await within(client.inference(LONG_QUESTION, **GREEDY), REAL, "answer")
     async with CuttableProxy(real_daemon.port) as proxy, Client(proxy.url) as client:
-        text = await stream_with_cut(client, LONG_QUESTION, proxy.cut, **GREEDY)
+        text = await stream_with_cut(client, LONG_QUESTION, proxy.cut, timeout=REAL, **GREEDY)
     assert len(expected) > 50
     assert text == expected
 
@@ -369,10 +456,11 @@ async def test_resume_through_a_dropped_connection_is_seamless(real_daemon: Runn
 async def test_resume_across_a_daemon_restart(daemon_factory, sig: signal.Signals):
     daemon: RunningDaemon = daemon_factory(generation_defaults=GREEDY)
     async with Client(daemon.url) as client:
-        await client.inference(LONG_QUESTION)  # the same cached prefix for both runs (above)
-        await client.reset()
-        expected = await client.inference(LONG_QUESTION)
-        await client.reset()
+        # The same cached prefix for both runs (above).
+        await within(client.inference(LONG_QUESTION), REAL, "first answer")
+        await within(client.reset(), 30, "reset_done")
+        expected = await within(client.inference(LONG_QUESTION), REAL, "answer")
+        await within(client.reset(), 30, "reset_done")
 
         def restart() -> None:
             daemon.stop(sig)  # SIGTERM: llmwsd finishes the running answer before it exits
@@ -380,10 +468,12 @@ async def test_resume_across_a_daemon_restart(daemon_factory, sig: signal.Signal
 
         pieces: list[str] = []
         try:
-            async for piece in client.stream(LONG_QUESTION):
-                pieces.append(piece)
-                if len(pieces) == 3:
-                    await asyncio.to_thread(restart)
+            # The restart loads the model again (the client resumes within 60 s).
+            async with deadline(2 * REAL, "the answer streamed across the restart"):
+                async for piece in client.stream(LONG_QUESTION):
+                    pieces.append(piece)
+                    if len(pieces) == 3:
+                        await asyncio.to_thread(restart)
         except SessionLost as e:
             pytest.fail(f"the session did not survive the restart ({sig!r}): {e}")
         except Interrupted:

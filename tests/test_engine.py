@@ -40,16 +40,21 @@ from llmwsd.generation import (
     TokenText,
 )
 from llmwsd.sampling import TokenSampler, choose_tokens
+from tests.conftest import REAL, eventually, skip_or_fail, within
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
 PARIS = "What is the capital of France?"
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=16)
 
-pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="run `make model` first")
+
+def require_model() -> None:
+    if not MODEL.is_dir():
+        skip_or_fail(f"no default model at {MODEL}: run `make model` first")
 
 
 @pytest.fixture(scope="module")
 def engine():
+    require_model()
     config = Config(model=ModelConfig(dtype="float32"))
     engine = Engine._load(config, MODEL)  # synchronously: the engine outlives each test's loop
     yield engine
@@ -58,6 +63,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    require_model()
     return AutoTokenizer.from_pretrained(MODEL)
 
 
@@ -107,9 +113,13 @@ def submit(engine: Engine, content: str, settings: GenerationSettings = GREEDY, 
     return run, handle
 
 
+async def wait_done(*runs: Run, what: str = "end of the answer") -> None:
+    await within(asyncio.gather(*(r.done.wait() for r in runs)), REAL, what)
+
+
 async def generate(engine: Engine, content: str, **changes: Any) -> Run:
     run, _ = submit(engine, content, **changes)
-    await asyncio.wait_for(run.done.wait(), 120)
+    await wait_done(run, what=f"end of the answer to {content[:40]!r}")
     run.check_shape()
     return run
 
@@ -301,6 +311,7 @@ def test_weights_laid_out_for_onednn_give_the_same_logits(tokenizer):
 
 
 async def test_paris_greedy_through_load():
+    require_model()
     engine = await Engine.load(Config(engine=EngineConfig(max_batch_size=2)), MODEL)
     try:
         assert engine.info.name == "SmolLM2-135M-Instruct"
@@ -324,7 +335,7 @@ async def test_paris_greedy_through_load():
         # drain: running requests past the timeout are cancelled, new ones refused.
         long_run, _ = submit(engine, "Tell me a long story.", max_new_tokens=500)
         await engine.drain(0.3)
-        await asyncio.wait_for(long_run.done.wait(), 10)
+        await within(long_run.done.wait(), 10, "the long answer cancelled by the drain")
         assert long_run.end.finish_reason == "cancelled"
         refused = await generate(engine, PARIS)
         assert isinstance(refused.end, Failed) and isinstance(refused.end.error, Busy)
@@ -385,7 +396,7 @@ async def test_prompts_that_start_alike_reuse_the_cached_beginning(engine, token
     async def ask(messages: list[dict[str, str]]) -> Run:
         run = Run()
         engine.submit(GenerationRequest(messages, GREEDY), run.on_event)
-        await asyncio.wait_for(run.done.wait(), 120)
+        await wait_done(run)
         return run
 
     prefix_cache = engine._prefix_cache
@@ -446,12 +457,15 @@ async def test_newcomer_joins_running_batch(engine):
         request = GenerationRequest([{"role": "user", "content": f"Count to {i + 20}."}], settings)
         engine.submit(request, tracked(f"long{i}", run))
         runs.append(run)
-    while sum(isinstance(e, TokenText) for e in runs[0].events) < 5:
-        await asyncio.sleep(0.02)
+    await eventually(
+        lambda: sum(isinstance(e, TokenText) for e in runs[0].events) >= 5,
+        REAL,
+        "5 tokens of the first long answer",
+    )
     late = Run()
     late_request = GenerationRequest([{"role": "user", "content": PARIS}], GREEDY)
     engine.submit(late_request, tracked("late", late))
-    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in [*runs, late])), 120)
+    await wait_done(*runs, late, what="end of the four answers")
     first_late_token = next(
         i for i, (n, e) in enumerate(order) if n == "late" and isinstance(e, TokenText)
     )
@@ -465,14 +479,22 @@ async def test_newcomer_joins_running_batch(engine):
 async def test_cancel_frees_the_slot(engine, monkeypatch):
     monkeypatch.setattr(engine, "max_batch_size", 1)
     long_run, long_handle = submit(engine, "Tell me a long story.", max_new_tokens=300)
-    while not any(isinstance(e, TokenText) for e in long_run.events):
-        await asyncio.sleep(0.02)
+    await eventually(
+        lambda: any(isinstance(e, TokenText) for e in long_run.events),
+        REAL,
+        "the long answer's first token",
+    )
     waiting, _ = submit(engine, PARIS)
-    await asyncio.sleep(0.3)
+    # Two steps later the engine has taken it from its inbox, and kept it waiting.
+    steps = engine.stats()["steps"]
+    await eventually(
+        lambda: engine.stats()["steps"] >= steps + 2, REAL, "two more steps of the long answer"
+    )
     assert engine.stats()["queued"] == 1 and engine.stats()["active"] == 1
+    assert not engine._inbox and len(engine._waiting) == 1  # seen, and kept waiting
     assert not any(isinstance(e, TokenText) for e in waiting.events)
     long_handle.cancel()
-    await asyncio.wait_for(waiting.done.wait(), 60)
+    await wait_done(waiting, what="the waiting answer, once the slot is free")
     assert long_run.end.finish_reason == "cancelled" and long_run.end.total_tokens < 300
     assert "Paris" in waiting.text
 
@@ -569,7 +591,7 @@ async def test_an_idle_engine_takes_a_burst_in_one_step(engine, monkeypatch):
     for i, run in enumerate(runs):
         engine.submit(fixed_length(f"Count to {i + 3}.", 2, f"burst{i}"), run.on_event)
         await asyncio.sleep(0.01)  # a burst spread over 40 ms, no gap of 0.5 s
-    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs)), 120)
+    await wait_done(*runs, what="end of the burst's answers")
     assert arrivals[0] == 4, arrivals
 
 
@@ -579,10 +601,11 @@ async def test_a_newcomer_joins_the_step_after_a_slot_frees(engine, monkeypatch)
     runs = {name: Run() for name in ("long", "short", "newcomer")}
     engine.submit(fixed_length("Tell me a story.", 30, "long"), runs["long"].on_event)
     engine.submit(fixed_length("Count to ten.", 6, "short"), runs["short"].on_event)
-    while not steps or len(steps[-1]) < 2:
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: steps and len(steps[-1]) == 2, REAL, "a step with both rows", interval=0.01
+    )
     engine.submit(fixed_length(PARIS, 4, "newcomer"), runs["newcomer"].on_event)
-    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 120)
+    await wait_done(*runs.values(), what="end of the three answers")
 
     assert all(len(rows) <= 2 for rows in steps)
     # The short one leaves at the end of the step after which it was last seen; the newcomer
@@ -612,7 +635,7 @@ async def test_a_long_request_does_not_starve_short_ones(engine, monkeypatch):
         runs[name] = Run()
         tokens = 40 if name == "long" else 4
         engine.submit(fixed_length(f"Say something, {name}.", tokens, name), track(name))
-    await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in runs.values())), 120)
+    await wait_done(*runs.values(), what="end of the five answers")
 
     # The short ones take turns in the free slot while the long one keeps going.
     assert order == ["short1", "short2", "short3", "short4", "long"]

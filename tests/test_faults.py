@@ -24,13 +24,18 @@ from websockets.frames import Frame, Opcode
 
 from llmwsd.app import Daemon
 from llmwsd.config import parse_config
+from llmwsd.session_store import load_key, read_log
 from tests.conftest import (
     DEFAULT_MODEL,
+    FAST,
+    REAL,
     ROOT,
     RunningDaemon,
     answer_text,
+    eventually,
     recv_json,
     recv_until,
+    skip_or_fail,
     ws_url,
 )
 from tests.fake_engine import FakeEngine
@@ -40,24 +45,41 @@ GREEDY = {"do_sample": False}
 
 
 async def connect(url: str, **hello: Any) -> tuple[Any, dict[str, Any]]:
-    ws = await websockets.connect(url, max_size=None)
+    ws = await websockets.connect(url, max_size=None, open_timeout=30)
     await ws.send(json.dumps(hello))
-    first = await recv_json(ws)
+    first = await recv_json(ws, 30, "welcome or refusal")
     return ws, first
 
 
-async def ask(ws: Any, user: str, **config: Any) -> list[dict[str, Any]]:
+async def ask(ws: Any, user: str, timeout: float = REAL, **config: Any) -> list[dict[str, Any]]:
     prompt = {"user": user}
     await ws.send(json.dumps({"type": "inference", "prompt": prompt, "config": config}))
-    return await recv_until(ws, {"done", "error"}, timeout=240)
+    return await recv_until(ws, {"done", "error"}, timeout=timeout)
 
 
 async def request(ws: Any, kind: str) -> dict[str, Any]:
     """Send a direct request; its answer (generation events in between are skipped)."""
     await ws.send(json.dumps({"type": kind}))
-    while "seq" in (answer := await recv_json(ws)) and answer["type"] != "ack_received":
+    what = f"answer to {kind}"
+    while "seq" in (answer := await recv_json(ws, 30, what)) and answer["type"] != "ack_received":
         pass
     return answer
+
+
+def logged_seq(daemon: RunningDaemon, session_id: str) -> int:
+    """The newest event seq in a session's log on disk: what a kill -9 cannot take back."""
+    path = daemon.folder / "state" / "sessions" / session_id / "log"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    seqs = [0]
+    for record in read_log(data, load_key(daemon.folder / "state"), session_id).records:
+        if record["kind"] == "event":
+            seqs.append(record["event"].get("seq", 0))
+        elif record["kind"] == "snapshot":
+            seqs += [event.get("seq", 0) for event in record["events"]]
+    return max(seqs)
 
 
 def assert_contiguous(events: list[dict[str, Any]], after: int) -> None:
@@ -105,10 +127,16 @@ async def test_kill_9_during_several_generations(daemon_factory) -> None:
         prompt = {"user": f"Write a long story about dragon number {i}."}
         await client["ws"].send(json.dumps({"type": "inference", "prompt": prompt}))
     for client in clients:
-        events = await recv_until(client["ws"], {"token"}, timeout=120)
-        events += await recv_until(client["ws"], {"token"}, timeout=120)
+        events = await recv_until(client["ws"], {"token"}, timeout=REAL)
+        events += await recv_until(client["ws"], {"token"}, timeout=REAL)
         client["last_seq"] = events[-1]["seq"]
-    await asyncio.sleep(0.3)  # the tokens received are written out by now
+    # Tokens are written to the log just behind the stream: kill once those received are.
+    await eventually(
+        lambda: all(logged_seq(daemon, c["id"]) >= c["last_seq"] for c in clients),
+        30,
+        "the tokens received written to each session's log",
+        interval=0.05,
+    )
     daemon.stop(signal.SIGKILL)
     for client in clients:
         await client["ws"].close()
@@ -119,7 +147,7 @@ async def test_kill_9_during_several_generations(daemon_factory) -> None:
             daemon.url, session_id=client["id"], last_seq=client["last_seq"]
         )
         assert welcome["resumed"] is True
-        rest = await recv_until(ws, {"done", "error"}, timeout=60)
+        rest = await recv_until(ws, {"done", "error"}, timeout=60)  # replayed from the log
         # The rest of the answer without a gap; `interrupted` after the restart's seq jump.
         assert_contiguous(rest[:-1], client["last_seq"])
         assert rest[-1]["seq"] > max([client["last_seq"], *(e["seq"] for e in rest[:-1])])
@@ -144,7 +172,7 @@ async def test_kill_9_during_several_generations(daemon_factory) -> None:
 def small_state_folder(tmp_path: Path):
     """A 4 MiB tmpfs as the in-process daemon's state folder (root only)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs as the state folder needs root")
+        skip_or_fail("mounting a small tmpfs as the state folder needs root")
     folder = tmp_path / "state"
     folder.mkdir()
     mounted = subprocess.run(
@@ -153,7 +181,7 @@ def small_state_folder(tmp_path: Path):
         text=True,
     )
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield folder
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
@@ -175,29 +203,30 @@ async def test_a_full_state_folder(small_state_folder: Path, fake_daemon_factory
     daemon = await fake_daemon_factory()
     url = ws_url(daemon)
     alice, welcome = await connect(url)
-    assert (await ask(alice, "before the disk filled"))[-1]["type"] == "done"
+    assert (await ask(alice, "before the disk filled", FAST))[-1]["type"] == "done"
     filler = fill(small_state_folder)
 
     # New sessions are refused, with a reason, and the connection closes with 1013.
     bob, first = await connect(url)
     assert first["type"] == "error" and first["code"] == "busy", first
-    assert "full" in first["message"] or "space" in first["message"], first
+    full = "the server's state folder is full: no new session can be stored; try again later"
+    assert first["message"] == full
     await asyncio.wait_for(bob.wait_closed(), 10)
-    assert bob.close_code == 1013 and bob.close_reason
+    assert (bob.close_code, bob.close_reason) == (1013, full[:120])
     # The daemon keeps serving: the connected session chats on (in memory), HTTP answers.
     assert (await request(alice, "ping"))["type"] == "pong"
-    done = await ask(alice, "while the disk is full")
+    done = await ask(alice, "while the disk is full", FAST)
     assert answer_text(done) == "echo: while the disk is full"
     health = f"http://127.0.0.1:{daemon.server.port}/healthz"
     # In a thread: the daemon answers on this very event loop.
     with await asyncio.to_thread(urllib.request.urlopen, health, timeout=10) as r:
-        assert r.status == 200
+        assert (r.status, json.load(r)) == (200, {"status": "ok", "model": "fake-model"})
 
     # Room again: new sessions work, and what alice said while full reaches the disk.
     filler.unlink()
     carol, welcome_carol = await connect(url)
     assert welcome_carol["type"] == "welcome"
-    assert (await ask(alice, "after the disk was freed"))[-1]["type"] == "done"
+    assert (await ask(alice, "after the disk was freed", FAST))[-1]["type"] == "done"
     expected = (await request(alice, "history"))["messages"]
     for ws in (alice, carol):
         await ws.close()
@@ -230,7 +259,11 @@ async def test_the_model_folder_disappears_while_loaded(daemon_factory, tmp_path
     assert (await request(ws, "list_models"))["models"] == []
     assert (await request(ws, "recheck_model"))["models"] == []
     status = await request(ws, "get_status")
-    assert status["type"] == "status"
+    assert (status["type"], status["model"], status["model_state"]) == (
+        "status",
+        "vanishing",
+        "ready",
+    )
     daemon.proc.send_signal(signal.SIGHUP)
     assert (await request(ws, "ping"))["type"] == "pong"
     assert ctl(daemon, "status").returncode == 0
@@ -249,7 +282,8 @@ async def test_the_admin_socket_is_recreated_on_reload(daemon_factory) -> None:
     assert ctl(daemon, "status").returncode == 0
 
     sock.unlink()
-    assert ctl(daemon, "status").returncode != 0
+    gone = ctl(daemon, "status")
+    assert gone.returncode == 3 and str(sock) in gone.stderr, gone.stderr  # "not running"
     daemon.proc.send_signal(signal.SIGHUP)
     await wait_until(sock.is_socket, 10, "the admin socket is back")
     status = ctl(daemon, "status")

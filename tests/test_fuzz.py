@@ -35,7 +35,7 @@ from llmwsd.app import Daemon
 from llmwsd.errors import LLMWSError
 from llmwsd.protocol import CLIENT_TYPES, GENERATION_TYPES
 from llmwsd.sessions import Session
-from tests.conftest import ws_url
+from tests.conftest import FAST, within, ws_url
 
 # Cases print as their (cut) repr; hypothesis warns about the long strings all the same.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -393,7 +393,7 @@ class FuzzClient:
 
     async def recv(self) -> dict[str, Any]:
         """The next message; generation events must come in seq order, none missing."""
-        message = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+        message = json.loads(await within(self.ws.recv(), FAST, "message from the server"))
         assert message.get("code") != "internal", message
         if is_event(message):
             assert message["seq"] == self.last_seq + 1, (self.last_seq, message)
@@ -629,7 +629,7 @@ async def check_hello(daemon: Daemon, known: str, hello: dict[str, Any], valid: 
             await asyncio.wait_for(ws.wait_closed(), 10)
             assert ws.close_code == code
             return
-        first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        first = json.loads(await within(ws.recv(), FAST, "welcome or refusal"))
         parsed = decoded(Frame(text))  # a hello the server cannot read presents no token
         if valid and (parsed is None or parsed.get("token") != valid):
             assert first["code"] == "unauthorized", first
@@ -638,7 +638,7 @@ async def check_hello(daemon: Daemon, known: str, hello: dict[str, Any], valid: 
             return
         assert first["type"] == "welcome", first
         await ws.send('{"type":"ping"}')
-        while (answer := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "pong":
+        while (answer := json.loads(await within(ws.recv(), FAST, "pong")))["type"] != "pong":
             assert answer.get("code") != "internal", answer
         if first["resumed"]:
             assert first["session_id"] == known
@@ -646,7 +646,7 @@ async def check_hello(daemon: Daemon, known: str, hello: dict[str, Any], valid: 
         if session is not None and session.running is not None:
             await ws.send('{"type":"cancel"}')
             while session.running is not None:
-                await asyncio.wait_for(ws.recv(), 30)
+                await within(ws.recv(), FAST, "end of the cancelled answer")
 
 
 async def test_fuzzed_hellos(fuzz_daemon: Daemon, log_lines) -> None:

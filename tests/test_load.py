@@ -26,7 +26,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from llmwsd.protocol import GENERATION_TYPES
-from tests.conftest import DEFAULT_MODEL, ws_url
+from tests.conftest import DEFAULT_MODEL, FAST, eventually, recv_json, within, ws_url
 
 CONNECTIONS = 64
 SOAK = os.environ.get("LLMWS_SOAK") == "1"
@@ -121,7 +121,8 @@ class LoadClient:
 
     async def recv(self, timeout: float = 120) -> dict[str, Any]:
         """The next message; a generation event must be the seq after the last one."""
-        message = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        what = f"message on session {self.session_id}"
+        message = json.loads(await within(self.ws.recv(), timeout, what))
         assert message.get("code") != "internal", message
         if message["type"] in GENERATION_TYPES and "seq" in message:
             assert message["seq"] == self.last_seq + 1, (self.session_id, self.last_seq, message)
@@ -254,8 +255,9 @@ async def test_load_fake_engine_with_tokens(fake_daemon_factory, tmp_path: Path)
     url = ws_url(daemon)
     # Warm up (first connection, first generation), then take the baseline.
     await run_load(url, 1, [1], seed=1, token=token)
-    while daemon.server.gate.open_by_address:
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: not daemon.server.gate.open_by_address, FAST, "the warm-up's connections closed"
+    )
     pid = os.getpid()
     fds, tasks = open_fds(pid), len(asyncio.all_tasks())
 
@@ -263,9 +265,9 @@ async def test_load_fake_engine_with_tokens(fake_daemon_factory, tmp_path: Path)
     assert tally.chats >= CONNECTIONS and tally.reconnects >= CONNECTIONS, tally
     # A few wrong tokens among them: refused with 1008, and the others go on.
     for _ in range(3):
-        async with websockets.connect(url) as ws:
+        async with websockets.connect(url, open_timeout=FAST) as ws:
             await ws.send(json.dumps({"token": token + "x"}))
-            assert json.loads(await ws.recv())["code"] == "unauthorized"
+            assert (await recv_json(ws, what="refusal"))["code"] == "unauthorized"
             await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1008
     await run_load(url, 1, [1], seed=3, token=token)

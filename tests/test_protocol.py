@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from llmwsd.app import Daemon
-from tests.conftest import answer_text, recv_json, recv_until, ws_url
+from tests.conftest import FAST, ROOT, answer_text, collect, recv_json, recv_until, ws_url
 
 WS_UPGRADE = (
     "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -45,10 +45,10 @@ async def http_exchange(
 
 
 async def hello(daemon: Daemon, **fields):
-    ws = await websockets.connect(ws_url(daemon), max_size=None)
+    ws = await websockets.connect(ws_url(daemon), max_size=None, open_timeout=FAST)
     await ws.send(json.dumps(fields))
-    welcome = await recv_json(ws)
-    assert welcome["type"] == "welcome"
+    welcome = await recv_json(ws, what="welcome")
+    assert welcome["type"] == "welcome", welcome
     return ws, welcome
 
 
@@ -59,8 +59,9 @@ async def test_welcome_shape(fake_daemon: Daemon):
     assert welcome["last_seq"] == 0
     assert welcome["model"] == "fake-model"
     assert welcome["capabilities"]["max_context"] == 4096
-    for key in ("device", "total_gb", "free_gb"):
-        assert key in welcome["resources"]
+    resources = welcome["resources"]
+    assert resources["device"] == "cpu"
+    assert 0 < resources["free_gb"] <= resources["total_gb"], resources
     await ws.close()
 
 
@@ -145,21 +146,26 @@ async def test_config_history_reset_status(fake_daemon):
     ws, _ = await hello(fake_daemon)
     await ws.send(json.dumps({"type": "config", "data": {"temperature": 0.2, "stop": ["x"]}}))
     ack = await recv_json(ws)
-    assert ack["type"] == "config_ack" and ack["config"]["temperature"] == 0.2
+    assert ack["type"] == "config_ack"
+    assert (ack["config"]["temperature"], ack["config"]["stop"]) == (0.2, ["x"])
     await ws.send(json.dumps({"type": "inference", "prompt": {"system": "be brief", "user": "a"}}))
     await recv_until(ws, {"done"})
     await ws.send(json.dumps({"type": "history"}))
     history = await recv_json(ws)
-    assert [m["role"] for m in history["messages"]] == ["system", "user", "assistant"]
+    assert history["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "echo: a"},
+    ]
     await ws.send(json.dumps({"type": "reset"}))
     assert (await recv_json(ws))["type"] == "reset_done"
     await ws.send(json.dumps({"type": "history"}))
     assert (await recv_json(ws))["messages"] == []
     await ws.send(json.dumps({"type": "get_status"}))
     status = await recv_json(ws)
-    assert (
-        status["type"] == "status" and status["sessions"] >= 1 and status["model"] == "fake-model"
-    )
+    assert status["type"] == "status" and status["model"] == "fake-model"
+    assert status["sessions"] == 1  # this test's own: the daemon is new
+    assert (status["queue"], status["active"]) == (0, 0)
     await ws.close()
 
 
@@ -182,7 +188,8 @@ async def test_second_inference_while_running_is_busy(fake_daemon):
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": "again"}}))
     events = await recv_until(ws, {"done"})
     errors = [e for e in events if e["type"] == "error"]
-    assert errors and errors[0]["code"] == "busy"
+    assert [e["code"] for e in errors] == ["busy"], events
+    assert answer_text(events) == "echo: one two three four"
     await ws.close()
 
 
@@ -190,13 +197,15 @@ async def test_resources_and_models(fake_daemon):
     ws, _ = await hello(fake_daemon)
     await ws.send(json.dumps({"type": "get_resources"}))
     res = await recv_json(ws)
-    assert res["type"] == "resources" and "free_gb" in res
+    assert res["type"] == "resources" and res["device"] == "cpu"
+    assert 0 < res["free_gb"] <= res["total_gb"], res
+    assert res["engine"]["model"] == "fake-model"
     await ws.send(json.dumps({"type": "list_models"}))
     models = await recv_json(ws)
     assert [m["name"] for m in models["models"]] == ["fake-model"]
     assert models["models"][0]["loaded"] is True
     await ws.send(json.dumps({"type": "subscribe_resources", "interval": 0.5}))
-    assert (await recv_json(ws))["type"] == "subscribed"
+    assert await recv_json(ws) == {"type": "subscribed", "interval": 0.5}
     kinds = [(await recv_json(ws))["type"] for _ in range(2)]
     assert kinds == ["resources", "resources"]
     await ws.send(json.dumps({"type": "subscribe_resources", "interval": 0}))
@@ -206,7 +215,7 @@ async def test_resources_and_models(fake_daemon):
 async def test_text_mode(fake_daemon):
     ws = await websockets.connect(ws_url(fake_daemon))
     await ws.send("<|system|>You are helpful<|end|>\n<|user|>Hello world<|end|>\n<|assistant|>\n")
-    frames = [frame async for frame in ws]
+    frames = await collect(ws, FAST, "text answer ending in a close")
     assert "".join(frames) == "echo: Hello world"
     assert ws.close_code == 1000
     assert fake_daemon.engine.submitted[-1].messages[0] == {
@@ -235,26 +244,31 @@ async def test_huge_frame_closes_1009_and_daemon_serves_on(fake_daemon):
 async def test_http_routes(fake_daemon):
     base = f"http://127.0.0.1:{fake_daemon.server.port}"
 
-    async def get(path: str) -> tuple[int, bytes]:
+    async def get(path: str) -> tuple[int, str, bytes]:
         def fetch():
             try:
                 with urllib.request.urlopen(base + path, timeout=5) as r:
-                    return r.status, r.read()
+                    return r.status, r.headers["Content-Type"], r.read()
             except urllib.error.HTTPError as e:
-                return e.code, e.read()
+                return e.code, e.headers["Content-Type"], e.read()
 
         return await asyncio.to_thread(fetch)
 
     async def check():
-        status, body = await get("/healthz")
-        assert status == 200 and json.loads(body)["model"] == "fake-model"
-        status, _ = await get("/")
-        assert status == 200
-        status, body = await get("/metrics")
-        assert status == 200 and b"llmws_" in body
+        status, kind, body = await get("/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "ok", "model": "fake-model"})
+        assert kind.startswith("application/json"), kind
+        # The chat page itself (share/web/index.html), not the plain fallback page.
+        status, kind, body = await get("/")
+        assert (status, kind) == (200, "text/html; charset=utf-8")
+        assert body == (ROOT / "share" / "web" / "index.html").read_bytes()
+        assert b"<title>llmws</title>" in body and b'id="status"' in body
+        status, kind, body = await get("/metrics")
+        assert (status, kind) == (200, "text/plain; version=0.0.4; charset=utf-8")
+        assert b"\nllmws_sessions 0.0\n" in body and b"\nllmws_max_context_tokens 4096.0\n" in body
         for path in ("/nope", "/../etc/passwd", "/%2e%2e/etc/passwd", "/share/web/../../x"):
-            status, _ = await get(path)
-            assert status == 404, path
+            status, kind, body = await get(path)
+            assert (status, kind, body) == (404, "text/plain; charset=utf-8", b"not found\n"), path
 
     await check()
 
@@ -301,10 +315,10 @@ async def test_malformed_requests_get_400(fake_daemon, request_bytes):
     assert status == 400, (status, body)
     assert body.startswith(b"bad request") and headers["connection"] == "close"
     # And the daemon answers the next request as usual.
-    status, _, _ = await http_exchange(
+    status, _, body = await http_exchange(
         fake_daemon.server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
     )
-    assert status == 200
+    assert (status, json.loads(body)) == (200, {"status": "ok", "model": "fake-model"})
 
 
 async def test_a_client_that_leaves_mid_request_gets_no_answer(fake_daemon):
@@ -328,6 +342,6 @@ async def test_resume_welcome_names_the_last_seq(fake_daemon):
         fake_daemon, session_id=welcome["session_id"], last_seq=events[1]["seq"]
     )
     assert again["resumed"] is True and again["last_seq"] == events[-1]["seq"]
-    replayed = await recv_until(ws, {"done"})
+    replayed = await recv_until(ws, {"done"}, timeout=FAST)
     assert replayed == events[2:]
     await ws.close()

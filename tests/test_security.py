@@ -26,14 +26,23 @@ from websockets.exceptions import InvalidStatus
 from llmwsd import auth
 from llmwsd.errors import ConfigError
 from llmwsd.security import host_name
-from tests.conftest import answer_text, recv_json, recv_until, ws_url
+from tests.conftest import (
+    FAST,
+    REAL,
+    answer_text,
+    collect,
+    eventually,
+    recv_json,
+    recv_until,
+    ws_url,
+)
 from tests.test_protocol import WS_UPGRADE, http_exchange
 
 
 async def open_json(url: str, hello: dict | None = None, **kwargs):
-    ws = await websockets.connect(url, **kwargs)
+    ws = await websockets.connect(url, **{"open_timeout": FAST, **kwargs})
     await ws.send(json.dumps(hello or {}))
-    return ws, await recv_json(ws)
+    return ws, await recv_json(ws, what="welcome or refusal")
 
 
 @pytest.fixture
@@ -74,7 +83,7 @@ async def test_tokens_required(tokens_daemon, tmp_path: Path):
         url, additional_headers={"Authorization": f"Bearer {alice}"}
     ) as ws:
         await ws.send("hello")
-        frames = [f async for f in ws]
+        frames = await collect(ws, FAST, "text answer ending in a close")
     assert "".join(frames) == "echo: hello"
 
 
@@ -170,14 +179,30 @@ async def test_model_management_needs_permission_and_admin_token(fake_daemon_fac
     )
     _, user = daemon.server.gate.auth.access.add("user")
     _, admin = daemon.server.gate.auth.admin.add("admin")
+    downloaded = daemon.config.state_dir / "models" / "downloaded"
+    downloaded.mkdir(parents=True)
+    (downloaded / "config.json").write_text("{}")
+    (downloaded / "model.safetensors").write_bytes(b"w" * 100)
     ws, _ = await open_json(ws_url(daemon), {"token": user})
-    await ws.send(json.dumps({"type": "delete_model", "model_name": "x"}))
+    await ws.send(json.dumps({"type": "delete_model", "model_name": "downloaded"}))
     error = await recv_json(ws)
     assert error["code"] == "forbidden" and "admin token" in error["message"]
+    assert downloaded.is_dir()
     await ws.close()
+    # The admin token passes the check: the model manager decides, as for llmwsctl rm.
     ws, _ = await open_json(ws_url(daemon), {"token": admin})
     await ws.send(json.dumps({"type": "delete_model", "model_name": "x"}))
-    assert (await recv_json(ws))["code"] != "forbidden"
+    error = await recv_json(ws)
+    assert error["type"] == "error" and error["code"] == "not_found", error
+    assert error["message"].startswith("no model named 'x' in ")
+    await ws.send(json.dumps({"type": "delete_model", "model_name": "downloaded"}))
+    assert await recv_json(ws) == {
+        "type": "model_deleted",
+        "removed": "downloaded",
+        "path": str(downloaded),
+        "size_bytes": 102,
+    }
+    assert not downloaded.exists()
     await ws.close()
 
 
@@ -339,7 +364,10 @@ async def test_connection_limits(fake_daemon_factory):
         await websockets.connect(ws_url(daemon))
     assert e.value.response.status_code == 429
     await first[0][0].close()
-    await asyncio.sleep(0.1)
+    gate = daemon.server.gate
+    await eventually(
+        lambda: gate.open_by_address["127.0.0.1"] == 1, FAST, "the daemon to count the close"
+    )
     ws, welcome = await open_json(ws_url(daemon))
     assert welcome["type"] == "welcome"
     for w in (ws, first[1][0]):
@@ -497,7 +525,7 @@ async def test_real_model_behind_a_token(daemon_factory, tmp_path: Path):
     await ws.send(
         json.dumps({"type": "inference", "prompt": {"user": "What is the capital of France?"}})
     )
-    assert "Paris" in answer_text(await recv_until(ws, {"done"}, timeout=120))
+    assert "Paris" in answer_text(await recv_until(ws, {"done"}, timeout=REAL))
     await ws.close()
 
 

@@ -34,7 +34,17 @@ from llmwsd.session_store import (
     read_log,
 )
 from llmwsd.sessions import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
-from tests.conftest import DEFAULT_MODEL, RunningDaemon, answer_text, recv_json, recv_until
+from tests.conftest import (
+    DEFAULT_MODEL,
+    FAST,
+    REAL,
+    RunningDaemon,
+    answer_text,
+    eventually,
+    recv_json,
+    recv_until,
+    within,
+)
 from tests.test_protocol import hello
 
 # -- the store and its files, without a daemon -----------------------------------------------
@@ -252,21 +262,14 @@ async def test_a_reordered_or_removed_record_is_refused(tmp_path: Path):
         read_log(header + b"".join(frames[1:]), key, session.id)
 
 
-async def wait_for(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_failed_write_is_repaired_by_a_rewrite(tmp_path: Path, caplog):
     store = await open_store(tmp_path)
     session = store.create()
     folder = tmp_path / "sessions" / session.id
-    await wait_for((folder / "log").exists)
+    await eventually((folder / "log").exists, FAST, "the new session's log on disk")
     shutil.rmtree(folder)  # the disk lost it: the next appends fail
     generate(session, "hello", ["one"])
-    await wait_for(lambda: session.id in store.files.failed)
+    await eventually(lambda: session.id in store.files.failed, FAST, "the failed write noticed")
     assert sum("writing its file failed" in r.message for r in caplog.records) == 1
     session.set_settings(session.settings.merge({"top_k": 3}))  # written whole again
     expected = comparable(session)
@@ -316,16 +319,17 @@ async def test_buffer_cap_drops_the_oldest_and_a_late_resume_hears_of_it(tmp_pat
     generate(session, "count", ["1", "2", "3", "4", "5"])  # seqs 1..7: start, 5 tokens, done
     assert [e["seq"] for e in session.events] == [3, 4, 5, 6, 7]
     stream = session.stream_from(1)
-    lost = await asyncio.wait_for(anext(stream), 5)
+    lost = await within(anext(stream), FAST, "events_dropped from stream_from(1)")
     assert lost["type"] == "error" and lost["code"] == "events_dropped"
     assert (lost["first_seq"], lost["last_seq"]) == (2, 2)
-    assert [(await asyncio.wait_for(anext(stream), 5))["seq"] for _ in range(5)] == [3, 4, 5, 6, 7]
+    replayed = [await within(anext(stream), FAST, f"buffered event {n}") for n in range(3, 8)]
+    assert [e["seq"] for e in replayed] == [3, 4, 5, 6, 7]
     # A client that acknowledged past the dropped ones hears of no loss, from any last_seq.
     assert session.ack(4) == (4, 2)  # part of the buffer: 3 and 4 go, 5..7 stay
     assert [e["seq"] for e in session.events] == [5, 6, 7]
     for last_seq in (None, 1, 2, 4):
         stream = session.stream_from(last_seq)
-        first = await asyncio.wait_for(anext(stream), 5)
+        first = await within(anext(stream), FAST, f"event 5 from stream_from({last_seq})")
         assert first["seq"] == 5, (last_seq, first)
     assert session.ack(6) == (6, 2) and session.ack(3) == (3, 0)  # an older ack drops nothing
     assert [e["seq"] for e in session.events] == [7]
@@ -390,10 +394,11 @@ async def test_no_free_session_slot_is_busy_and_closes_1013(fake_daemon_factory)
             await asyncio.wait_for(second.wait_closed(), 10)
             assert second.close_code == 1013
     # Once the first client left, its idle session makes room for a new one.
-    for _ in range(100):
-        if all(s.owner is None for s in daemon.sessions.list()):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: all(s.owner is None for s in daemon.sessions.list()),
+        FAST,
+        "the daemon to release the first client's session",
+    )
     async with websockets.connect(url) as third:
         await third.send("{}")
         assert (await recv_json(third))["type"] == "welcome"
@@ -417,10 +422,10 @@ GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 16}
 
 
 async def connect(daemon: RunningDaemon, **hello: Any) -> tuple[Any, dict[str, Any]]:
-    ws = await websockets.connect(daemon.url, max_size=None)
+    ws = await websockets.connect(daemon.url, max_size=None, open_timeout=30)
     await ws.send(json.dumps(hello))
-    welcome = await recv_json(ws)
-    assert welcome["type"] == "welcome"
+    welcome = await recv_json(ws, 30, "welcome")
+    assert welcome["type"] == "welcome", welcome
     return ws, welcome
 
 
@@ -431,14 +436,14 @@ async def send(ws: Any, message: dict[str, Any]) -> None:
 async def ask(ws: Any, user: str, system: str = "", **config: Any) -> list[dict[str, Any]]:
     prompt = {"system": system, "user": user}
     await send(ws, {"type": "inference", "prompt": prompt, "config": {**GREEDY, **config}})
-    return await recv_until(ws, {"done", "error"}, timeout=240)
+    return await recv_until(ws, {"done", "error"}, timeout=REAL)
 
 
 async def receive_tokens(ws: Any, count: int) -> list[dict[str, Any]]:
     """Events up to and including the ``count``-th token."""
     events: list[dict[str, Any]] = []
     while sum(e["type"] == "token" for e in events) < count:
-        events.append(await recv_json(ws, 240))
+        events.append(await recv_json(ws, REAL, f"token {count} of the answer"))
         assert events[-1]["type"] in ("queued", "start", "token"), events[-1]
     return events
 
@@ -450,8 +455,8 @@ def assert_contiguous(events: list[dict[str, Any]]) -> None:
 
 async def history(ws: Any) -> list[dict[str, str]]:
     await send(ws, {"type": "history"})
-    reply = await recv_json(ws)
-    assert reply["type"] == "history"
+    reply = await recv_json(ws, 30, "history")
+    assert reply["type"] == "history", reply
     return reply["messages"]
 
 
@@ -489,7 +494,7 @@ async def test_resume_mid_stream_loses_and_repeats_nothing(real_daemon: RunningD
         real_daemon, session_id=welcome["session_id"], last_seq=before[-1]["seq"]
     )
     assert resumed["resumed"] is True
-    after = await recv_until(ws, {"done", "error"}, timeout=240)
+    after = await recv_until(ws, {"done", "error"}, timeout=REAL)
     await ws.close()
     events = before + after
     assert_contiguous(events)
@@ -502,11 +507,12 @@ async def test_resume_mid_stream_loses_and_repeats_nothing(real_daemon: RunningD
     assert replayed == whole
     # ack, then resume: nothing replayed, the conversation kept.
     await send(ws, {"type": "ack", "seq": whole[-1]["seq"]})
-    assert (await recv_json(ws))["dropped"] == len(whole)
+    ack = await recv_json(ws, 30, "ack_received")
+    assert ack == {"type": "ack_received", "seq": whole[-1]["seq"], "dropped": len(whole)}
     await ws.close()
     ws, _ = await connect(real_daemon, session_id=reference["session_id"], last_seq=0)
     await send(ws, {"type": "ping"})
-    assert (await recv_json(ws))["type"] == "pong"  # nothing came before it
+    assert (await recv_json(ws, 30, "pong")) == {"type": "pong"}  # nothing came before it
     assert await history(ws) == [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": answer_text(whole)},
@@ -540,11 +546,11 @@ async def test_bad_session_ids_never_reach_the_disk(real_daemon: RunningDaemon, 
     before = tree(folder)
     ws, welcome = await connect(real_daemon, session_id=bad_id, last_seq=3)
     if bad_id is not None:
-        error = await recv_json(ws)
-        assert error["type"] == "error" and error["code"] == "bad_request"
+        error = await recv_json(ws, 30, "the bad session id's error")
+        assert error["type"] == "error" and error["code"] == "bad_request", error
     assert welcome["resumed"] is False
     await send(ws, {"type": "ping"})
-    assert (await recv_json(ws))["type"] == "pong"
+    assert (await recv_json(ws, 30, "pong")) == {"type": "pong"}
     await ws.close()
     # Session files are written a moment later (another case's may show up now): only
     # folders named by the server's own UUIDs, and their log, ever appear.
@@ -559,18 +565,14 @@ async def test_idle_sessions_expire(short_ttl_daemon: RunningDaemon):
     ws_kept, kept = await connect(short_ttl_daemon)
     await ws.close()
     folder = short_ttl_daemon.folder / "state" / "sessions" / welcome["session_id"]
-    for expected in (True, False):  # written, then removed by the sweep
-        for _ in range(100):
-            if folder.exists() == expected:
-                break
-            await asyncio.sleep(0.1)
-        assert folder.exists() == expected
+    await eventually(folder.exists, 10, "the session's folder written")
+    await eventually(lambda: not folder.exists(), 10, "the idle session's folder swept")
     ws, again = await connect(short_ttl_daemon, session_id=welcome["session_id"])
     assert again["resumed"] is False and again["session_id"] != welcome["session_id"]
     await ws.close()
     # A connected session does not expire, however long it stays silent.
     await send(ws_kept, {"type": "history"})
-    assert (await recv_json(ws_kept))["type"] == "history"
+    assert await recv_json(ws_kept, 30, "history") == {"type": "history", "messages": []}
     await ws_kept.close()
     ws, resumed = await connect(short_ttl_daemon, session_id=kept["session_id"])
     assert resumed["resumed"] is True
@@ -624,7 +626,7 @@ async def test_a_generation_cut_off_by_kill_9_ends_interrupted(killed_and_restar
     facts, daemon = killed_and_restarted, killed_and_restarted["daemon"]
     ws, welcome = await connect(daemon, session_id=facts["session_id"])
     assert welcome["resumed"] is True
-    events = await recv_until(ws, {"error", "done"}, timeout=30)
+    events = await recv_until(ws, {"error", "done"}, timeout=30)  # replayed from the log
     assert events[-1]["type"] == "error" and events[-1]["code"] == "interrupted"
     assert events[-1]["message"]
     assert {e["request_id"] for e in events} == {facts["received"][0]["request_id"]}
@@ -661,7 +663,7 @@ async def test_a_changed_file_is_skipped_with_a_log_line(killed_and_restarted):
     ws, welcome = await connect(daemon, session_id=other)
     assert welcome["resumed"] is False
     await send(ws, {"type": "get_status"})
-    status = await recv_json(ws)
+    status = await recv_json(ws, 30, "status")
     assert status["sessions"] == 2  # the cut-off one and this new one
     await ws.close()
     assert os.path.exists(daemon.folder / "state" / "sessions" / other / "log")
@@ -670,7 +672,7 @@ async def test_a_changed_file_is_skipped_with_a_log_line(killed_and_restarted):
 async def test_a_last_seq_past_the_end_is_clamped_and_said_in_welcome(fake_daemon):
     ws, welcome = await hello(fake_daemon)
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": "a b c"}}))
-    events = await recv_until(ws, {"done"}, timeout=10)
+    events = await recv_until(ws, {"done"}, timeout=FAST)
     await ws.close()
     far = 10**15
     ws, again = await hello(fake_daemon, session_id=welcome["session_id"], last_seq=far)
@@ -678,12 +680,12 @@ async def test_a_last_seq_past_the_end_is_clamped_and_said_in_welcome(fake_daemo
     assert again["last_seq_clamped"] == far
     # Nothing replayed, and the next answer streams (it used to wait for seq 10**15 + 1).
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": "d e"}}))
-    after = await recv_until(ws, {"done"}, timeout=10)
+    after = await recv_until(ws, {"done"}, timeout=FAST)
     assert after[0]["type"] == "start" and after[0]["seq"] == events[-1]["seq"] + 1
     assert answer_text(after) == "echo: d e"
     # An ack past the end acknowledges the newest event, and says which.
     await ws.send(json.dumps({"type": "ack", "seq": 2**53 - 1}))
-    ack = await recv_json(ws, timeout=10)
+    ack = await recv_json(ws, FAST, "ack_received")
     assert ack == {"type": "ack_received", "seq": after[-1]["seq"], "dropped": len(events + after)}
     await ws.close()
     ws, within = await hello(fake_daemon, session_id=welcome["session_id"], last_seq=1)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.system.systemd_root import SystemdRoot, SystemdRootError, missing_tools, own_cgroup2
 
 # One root for the module: its setup (debootstrap on a cold cache, apt) counts
@@ -65,7 +66,7 @@ def built_package() -> Path:
 @pytest.fixture(scope="module")
 def root() -> Iterator[SystemdRoot]:
     if reason := why_not_runnable():
-        pytest.skip(reason)
+        skip_or_fail(reason)
     deb = built_package()
     workdir = Path(tempfile.mkdtemp(prefix="llmws-systest-"))
     with SystemdRoot(workdir) as booted:

@@ -24,7 +24,7 @@ async def talk(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     async with connect(URL, open_timeout=30) as ws:
         await ws.send(json.dumps({"session_id": args.session} if args.session else {}))
-        result["welcome"] = json.loads(await ws.recv())
+        result["welcome"] = json.loads(await asyncio.wait_for(ws.recv(), 60))
         if args.prompt is not None:
             request = {"do_sample": False, "max_new_tokens": args.max_new_tokens}
             prompt = {"user": args.prompt}
@@ -40,7 +40,7 @@ async def talk(args: argparse.Namespace) -> dict[str, Any]:
             result["answer"] = "".join(answer)
         if args.history:
             await ws.send(json.dumps({"type": "history"}))
-            while (event := json.loads(await ws.recv()))["type"] != "history":
+            while (event := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "history":
                 pass
             result["history"] = event
     return result
