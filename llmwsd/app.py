@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from llmwsd import __version__, models, resources
+from llmwsd import __version__, defaults, models, resources
 from llmwsd.admin import AdminServer
 from llmwsd.admission import Admission, QueuedCallback, Ticket
 from llmwsd.config import Config, load_config
@@ -54,18 +54,6 @@ async def load_transformers_engine(config: Config, path: Path) -> EngineLike:
     return await Engine.load(config, path)
 
 
-def settings_from_config(config: Config) -> GenerationSettings:
-    g = config.generation_defaults
-    return GenerationSettings(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-        do_sample=g.do_sample,
-    )
-
-
 class Daemon:
     def __init__(
         self,
@@ -77,9 +65,9 @@ class Daemon:
         self.engine_loader = engine_loader
         self.notifier = notifier or Notifier()
         self.metrics = Metrics(self.live_figures)
-        self.default_settings = settings_from_config(config)
-        self.sessions = SessionStore(self.default_settings, config.sessions, config.state_dir)
-        self.engine: EngineLike | None = None
+        self._engine: EngineLike | None = None
+        self.defaults = defaults.resolve(config, {})
+        self.sessions = SessionStore(self.defaults.settings, config.sessions, config.state_dir)
         self._admission: Admission | None = None
         self.model_state = "loading"  # loading, ready, none, failed
         self.model_error = ""
@@ -90,6 +78,28 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> EngineLike | None:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: EngineLike | None) -> None:
+        """Every model change goes through here: new sessions get that model's defaults."""
+        self._engine = engine
+        self._refresh_defaults()
+
+    @property
+    def default_settings(self) -> GenerationSettings:
+        return self.defaults.settings
+
+    def _refresh_defaults(self) -> None:
+        recommended = self._engine.info.recommended if self._engine is not None else {}
+        fresh = defaults.resolve(self.config, recommended)
+        if fresh != self.defaults:
+            log.info("generation defaults for new sessions: %s", fresh.describe())
+        self.defaults = fresh
+        self.sessions.default_settings = fresh.settings
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -220,8 +230,7 @@ class Daemon:
                 models=new.models,
                 sessions=new.sessions,
             )
-            self.default_settings = settings_from_config(self.config)
-            self.sessions.default_settings = self.default_settings
+            self._refresh_defaults()
             self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart
@@ -472,6 +481,8 @@ class Daemon:
             "capabilities": engine.info.capabilities() if engine else {"device": self.device()},
             "resources": resources.report(self.device()),
             "config": session.settings.to_dict(),
+            # Where each default of a new session comes from: llmws, the model or the config.
+            "defaults_from": self.defaults.sources,
         }
 
     async def list_models(self) -> list[dict[str, Any]]:

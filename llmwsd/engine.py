@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmwsd import kernels, memory
 from llmwsd.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.config import Config
+from llmwsd.defaults import model_recommendation
 from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
 from llmwsd.generation import (
@@ -294,6 +295,7 @@ class Engine:
             max_context=estimate.max_context,
             attention=attention,
             compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
+            recommended=model_recommendation(path),
             extra={
                 "max_batch_size": max_batch_size,
                 "parameters": parameters,

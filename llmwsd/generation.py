@@ -61,7 +61,7 @@ INTEGER_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "top_k", "seed
 class GenerationSettings:
     """Per-request sampling settings; ``merge`` validates what a client sends."""
 
-    max_new_tokens: int = 2048
+    max_new_tokens: int = 512  # a runaway answer on a CPU stops after seconds, not a minute
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 50
@@ -179,6 +179,8 @@ class ModelInfo:
     compute_capability: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     memory: MemoryEstimate | None = None  # how max_context was derived; None: not measured
+    # Sampling settings from the model's generation_config.json (llmwsd.defaults).
+    recommended: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import Config
+from llmwsd.defaults import model_recommendation
 from llmwsd.generation import (
     EventCallback,
     Finished,
@@ -37,6 +38,7 @@ class FakeEngine:
         self, path: Path = Path("/models/fake-model"), token_delay: float = 0.01, max_context=4096
     ):
         self.info = ModelInfo(path.name, str(path), "cpu", "float32", max_context, "sdpa")
+        self.info.recommended = model_recommendation(path)  # as the real engine does
         self.token_delay = token_delay
         self.tasks: set[asyncio.Task[None]] = set()
         self.submitted: list[GenerationRequest] = []
