@@ -142,8 +142,8 @@ class Daemon:
             else:
                 reason = f"cannot listen on {where} ({e.strerror or e})"
             raise ConfigError(
-                f"{reason}: choose another with [server] port (or host) in "
-                f"{self.config.source or 'the configuration'}"
+                f"{reason}: choose another with llmwsd --port, or [server] port (or host) "
+                f"in {self.config.source or 'the configuration'}"
             ) from None
 
     async def run(self) -> None:

@@ -252,6 +252,14 @@ def parse_config(data: dict[str, Any], source: str = "<memory>") -> Config:
     return dataclasses.replace(config, source=source, generation_defaults_set=chosen)
 
 
+def override(config: Config, section: str, key: str, value: Any, where: str) -> Config:
+    """``config`` with one key replaced, checked as if a file set it (``where``: by what)."""
+    table = getattr(config, section)
+    checked = _build(type(table), {key: value}, f"{where} [{section}]")
+    changed = dataclasses.replace(table, **{key: getattr(checked, key)})
+    return dataclasses.replace(config, **{section: changed})
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate ``path``; every problem is one ConfigError naming the file."""
     path = Path(path)

