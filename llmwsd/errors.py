@@ -1,7 +1,7 @@
 """One exception tree for the daemon, the admin channel and the clients.
 
 Every error a client can see is an :class:`LLMWSError` with a protocol ``code``
-(see ``shared/reference/protocol.md``) and a human message; extra fields (such
+(see ``docs/protocol.md``, "Errors") and a human message; extra fields (such
 as ``max_context``) travel in ``details``. This module imports nothing heavy so
 that llmwsctl can share it.
 """

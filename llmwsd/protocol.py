@@ -1,6 +1,6 @@
 """The public WebSocket protocol's shapes, shared by the daemon and the clients.
 
-See ``shared/reference/protocol.md``. Parsing here turns untrusted frames into
+See ``docs/protocol.md`` (the reference). Parsing here turns untrusted frames into
 checked Python values or raises a :class:`~llmwsd.errors.BadRequest` subclass;
 it never touches the filesystem or the model.
 """
