@@ -73,10 +73,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"{DEFAULT_URL})",
     )
     parser.add_argument("-p", "--prompt", metavar="TEXT", help="ask one question and exit")
-    parser.add_argument("--session", metavar="ID", help="resume this session")
-    parser.add_argument("--system", metavar="TEXT", default="", help="the system prompt")
-    parser.add_argument("--temperature", type=float, metavar="T", help="0 answers greedily")
-    parser.add_argument("--max-tokens", type=int, metavar="N", help="the longest answer")
+    parser.add_argument(
+        "--session",
+        metavar="ID",
+        help="resume this session (--temperature and --max-tokens leave its settings as they are)",
+    )
+    parser.add_argument(
+        "--system", metavar="TEXT", default="", help="the system prompt, for this run's questions"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="0 answers greedily; for this run's answers only (the session's settings "
+        "change only with /config)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="the longest answer, in tokens; for this run's answers only (the session's "
+        "settings change only with /config)",
+    )
     parser.add_argument(
         "--token", metavar="TOKEN", help="access token, if the server needs one ($LLMWS_TOKEN)"
     )
@@ -103,19 +121,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             welcome = client.connect(args.session)
-            settings = settings_from_args(args)
-            if settings:
-                client.set_config(**settings)
         except LLMWSError as e:
-            print(f"llmwsctl chat: {e.message}", file=sys.stderr)
+            report(e, args)
             return EXIT_FAILED
         if args.session and not welcome.get("resumed"):
             print(f"session {args.session} is gone: starting a new one", file=sys.stderr)
+        # The options go with each answer of this run (the inference's `config`), never
+        # into the session: only /config (a `config` message) changes the session.
+        overrides = settings_from_args(args)
         if one_shot:
-            return ask_once(client, args)
-        return Chat(client, args.system).loop(welcome)
+            return ask_once(client, args, overrides)
+        return Chat(client, args.system, overrides).loop(welcome)
     finally:
         client.close()
+
+
+def report(error: LLMWSError, args: argparse.Namespace) -> None:
+    """A failure on stderr, as every llmwsctl command reports it (JSON with --json)."""
+    fmt.error(
+        error.message, error.code, getattr(args, "json", False), "llmwsctl chat: ", **error.details
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,29 +160,35 @@ def with_sampling_switch(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def ask_once(client: SyncClient, args: argparse.Namespace) -> int:
+def ask_once(
+    client: SyncClient, args: argparse.Namespace, overrides: dict[str, Any] | None = None
+) -> int:
     print(f"session {client.session_id}", file=sys.stderr)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text.strip():
-        print("llmwsctl chat: nothing to ask: give --prompt TEXT or text on stdin", file=sys.stderr)
+        report(BadRequest("nothing to ask: give --prompt TEXT or text on stdin"), args)
         return EXIT_USAGE
     try:
-        finish = stream_answer(client, text, args.system, as_json=getattr(args, "json", False))
+        finish = stream_answer(
+            client, text, args.system, as_json=getattr(args, "json", False), **(overrides or {})
+        )
     except LLMWSError as e:
-        print(f"llmwsctl chat: {e.message}", file=sys.stderr)
+        report(e, args)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if finish == "cancelled" else EXIT_OK
 
 
-def stream_answer(client: SyncClient, text: str, system: str, as_json: bool = False) -> str:
+def stream_answer(
+    client: SyncClient, text: str, system: str, as_json: bool = False, **settings: Any
+) -> str:
     """Print one answer as it comes; return its finish reason. Ctrl-C cancels the answer.
 
-    A second Ctrl-C stops waiting for it. A server error raises (after it is
-    printed, with ``as_json``).
+    ``settings`` apply to this answer only. A second Ctrl-C stops waiting for
+    it. A server error raises (after it is printed, with ``as_json``).
     """
-    events = client.events(text, system)
+    events = client.events(text, system, **settings)
     cancelling = False
     finish = ""
     try:
@@ -208,9 +239,14 @@ def history_path() -> Path:
 class Chat:
     """The interactive loop: questions are streamed, lines starting with / are commands."""
 
-    def __init__(self, client: SyncClient, system: str = "") -> None:
+    def __init__(
+        self, client: SyncClient, system: str = "", overrides: dict[str, Any] | None = None
+    ) -> None:
         self.client = client
         self.system = system
+        # Settings of the command line, sent with every answer of this run (not stored in
+        # the session); a /config of the same setting supersedes them.
+        self.overrides = dict(overrides or {})
         self.commands: dict[str, Callable[[str], bool]] = {
             "/config": self.do_config,
             "/system": self.do_system,
@@ -253,7 +289,7 @@ class Chat:
                 if command is None:
                     raise BadRequest(f"unknown command {name}: /help lists them")
                 return command(rest.strip())
-            stream_answer(self.client, line, self.system)
+            stream_answer(self.client, line, self.system, **self.overrides)
         except LLMWSError as e:
             print(f"error: {e.message}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -288,8 +324,14 @@ class Chat:
             if not sep:
                 raise BadRequest(f"expected KEY=VALUE, got {pair!r}")
             settings[key] = parse_value(value)
-        merged = self.client.set_config(**with_sampling_switch(settings))
+        settings = with_sampling_switch(settings)
+        merged = self.client.set_config(**settings)
+        for key in settings:  # the session's new value is the one asked for now
+            self.overrides.pop(key, None)
         print(fmt.fields(sorted(merged.items())))
+        if self.overrides:
+            options = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(self.overrides.items()))
+            print(f"(this run's answers use {options} from the command line)")
         return True
 
     def do_system(self, rest: str) -> bool:

@@ -51,6 +51,12 @@ exit codes: 0 done, 1 the command failed, 2 usage error, 3 llmwsd is not running
 Command = Callable[[argparse.Namespace], int]
 
 
+class UsageError(LLMWSError):
+    """A command's arguments that argparse alone cannot check (exit 2)."""
+
+    code = "usage"
+
+
 # -- talking to the daemon ---------------------------------------------------------------
 
 
@@ -182,7 +188,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     if (args.source is None) == (args.cancel is None):
-        raise SystemExit(usage_error("pull", "give either SOURCE or --cancel ID"))
+        raise UsageError("give either SOURCE or --cancel ID")
     if args.cancel is not None:
         cancelled = call(args, adminproto.PULL_CANCEL, {"id": args.cancel})
         print_json(cancelled) if wants_json(args) else print(f"cancelled pull {cancelled['id']}")
@@ -251,11 +257,6 @@ def cmd_pulls(args: argparse.Namespace) -> int:
     if any(p["state"] not in ("running", "queued") for p in pulls):
         print("pull the same SOURCE again to resume; `llmwsctl pulls --clean` removes the rest")
     return EXIT_OK
-
-
-def usage_error(command: str, message: str) -> int:
-    print(f"llmwsctl {command}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -430,13 +431,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    """llmwsctl's own version always; the daemon's when it answers, else its error's exit
+    code (3 when it is not running, as for ``status``) after the versions are printed."""
     daemon: str | None = None
-    note = ""
+    failure: LLMWSError | None = None
     try:
         with AdminClient.connect(socket_path(args)) as admin:
             daemon = admin.server_version
     except LLMWSError as e:
-        note = e.message
+        failure = e
     if wants_json(args):
         print_json(
             {
@@ -445,9 +448,12 @@ def cmd_version(args: argparse.Namespace) -> int:
                 "admin_protocol": adminproto.ADMIN_PROTOCOL_VERSION,
             }
         )
-        return EXIT_OK
-    print(f"llmwsctl {__version__} (admin protocol {adminproto.ADMIN_PROTOCOL_VERSION})")
-    print(f"llmwsd   {daemon}" if daemon else f"llmwsd   unknown: {note}")
+    else:
+        print(f"llmwsctl {__version__} (admin protocol {adminproto.ADMIN_PROTOCOL_VERSION})")
+        print(f"llmwsd   {daemon}" if daemon else "llmwsd   unknown")
+    if failure is not None:
+        sys.stdout.flush()  # the versions first, then why the daemon's is unknown
+        raise failure
     return EXIT_OK
 
 
@@ -637,10 +643,26 @@ def build_parser() -> argparse.ArgumentParser:
         "version",
         cmd_version,
         "the versions of llmwsctl and of the running llmwsd",
-        "Print llmwsctl's version and, when it answers, the running llmwsd's.",
+        "Print llmwsctl's version and, when it answers, the running llmwsd's; like "
+        "status, exit 3 when llmwsd is not running.",
     )
-    chat.add_parser(commands).set_defaults(func=chat.run)
+    chat_parser = chat.add_parser(commands)
+    chat_parser.formatter_class = LaidOutEpilogFormatter  # its description wraps like the others'
+    chat_parser.set_defaults(func=chat.run)
     return parser
+
+
+class LaidOutEpilogFormatter(argparse.HelpFormatter):
+    """Wrap the description to the terminal, keep a laid-out text (one with line breaks) as is.
+
+    ``chat`` has a table of its commands as its epilog; RawDescriptionHelpFormatter,
+    which keeps that, also left its one-line description unwrapped.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def positive_seconds(text: str) -> float:
@@ -653,19 +675,25 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def exit_code(error: LLMWSError) -> int:
+    if isinstance(error, NotRunning):
+        return EXIT_NOT_RUNNING
+    if isinstance(error, PermissionDenied):
+        return EXIT_PERMISSION
+    if isinstance(error, UsageError):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except NotRunning as e:
-        print(e.message, file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except PermissionDenied as e:
-        print(e.message, file=sys.stderr)
-        return EXIT_PERMISSION
     except LLMWSError as e:
-        print(e.message, file=sys.stderr)
-        return EXIT_FAILED
+        # Every command's failures end here: the message on stderr (JSON with --json).
+        prefix = f"llmwsctl {args.command}: error: " if isinstance(e, UsageError) else ""
+        fmt.error(e.message, e.code, wants_json(args), prefix, **e.details)
+        return exit_code(e)
     except KeyboardInterrupt:
         return 130
 

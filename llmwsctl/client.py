@@ -430,7 +430,12 @@ class Client:
         return await self._request({"type": "delete_model", "model_name": name}, "model_deleted")
 
     async def set_config(self, **settings: Any) -> dict[str, Any]:
-        """Change this session's generation settings; return all of them as merged."""
+        """Change this session's generation settings; return all of them as merged.
+
+        The only call that changes the session: they hold for every later answer,
+        whereas the ``settings`` of :meth:`inference`, :meth:`stream` and
+        :meth:`events` apply to that one answer (the inference's ``config``).
+        """
         return dict(
             (await self._request({"type": "config", "data": settings}, "config_ack"))["config"]
         )

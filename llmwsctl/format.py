@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -68,6 +69,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
         ]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
+
+
+def error(message: str, code: str, as_json: bool = False, prefix: str = "", **details: Any) -> None:
+    """Report a failure on stderr: ``prefix + message`` for people, and with ``as_json``
+    ``{"error": {"code": ..., "message": ..., ...}}`` on one line, for scripts.
+
+    Every llmwsctl command (chat included) reports its failures here; the caller
+    picks the exit code.
+    """
+    if as_json:
+        report = {"code": code, "message": message, **details}
+        print(json.dumps({"error": report}, ensure_ascii=False, default=str), file=sys.stderr)
+    else:
+        print(prefix + message, file=sys.stderr)
 
 
 def fields(pairs: Sequence[tuple[str, Any]]) -> str:

@@ -243,7 +243,7 @@ class AdminServer:
                 log.info("admin: %s %s by %s", cmd, _brief(args), peer)
             result = await handler(args, progress)
         except LLMWSError as e:
-            log.info("admin: %s: %s (%s)", peer, e.message, e.code)
+            log.warning("admin: %s: %s (%s)", peer, e.message, e.code)
             answer = adminproto.failed(request_id, e)
         except Exception:
             log.error("admin: request %r failed", line[:200], exc_info=True)
@@ -311,6 +311,8 @@ class AdminServer:
         for store in (auth.access, auth.admin):
             if any(name in (e.name, e.id) for e in store.entries):
                 return store.revoke(name).public()
+        if not (auth.access.enabled or auth.admin.enabled):
+            raise auth.access.off()  # what `tokens add` says: there is nothing to revoke
         raise NotFound(f"no token called {name!r}")
 
     async def on_pull(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -348,5 +350,12 @@ def _string_arg(args: dict[str, Any], key: str) -> str:
 
 
 def _brief(args: dict[str, Any]) -> str:
-    """Arguments for the log line, each value cut short."""
-    return " ".join(f"{k}={str(v)[:80]!r}" for k, v in args.items()) or "(no arguments)"
+    """Arguments for the log line, each value cut short; strings quoted, not booleans."""
+    return " ".join(f"{k}={_log_value(v)}" for k, v in args.items()) or "(no arguments)"
+
+
+def _log_value(value: Any) -> str:
+    """``force=False``, ``max=3``, ``model='x'``: only strings (and the rest) are quoted."""
+    if value is None or isinstance(value, bool | int | float):
+        return str(value)
+    return repr(str(value)[:80])

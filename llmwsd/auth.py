@@ -85,11 +85,15 @@ class TokenStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def off(self) -> BadRequest:
+        """The error for managing tokens of a kind that is not used (no file configured)."""
+        kind = "admin_tokens_file" if self.admin else "tokens_file"
+        return BadRequest(f"tokens are off: set [api] {kind} in the configuration first")
+
     def add(self, name: str) -> tuple[TokenEntry, str]:
         """Make a token called ``name``; return its entry and the plain token (shown once)."""
         if self.path is None:
-            kind = "admin_tokens_file" if self.admin else "tokens_file"
-            raise BadRequest(f"tokens are off: set [api] {kind} in the configuration first")
+            raise self.off()
         if not name or len(name) > 64 or not set(name) <= _NAME_CHARS:
             raise BadRequest("a token name is 1-64 letters, digits, '.', '_', '@' or '-'")
         if any(e.name == name for e in self.entries):

@@ -170,8 +170,8 @@ def choose_kernels(model: Any, max_rows: int, available_bytes: int) -> int:
         plain_rows = plain_decoding_rows(model, max_rows)
     if plain_rows:
         log.info(
-            "decoding steps of up to %d rows run without oneDNN (faster here%s)",
-            plain_rows,
+            "decoding steps of %s run without oneDNN (faster here%s)",
+            "1 row" if plain_rows == 1 else f"up to {plain_rows} rows",
             f"; keeps {copy_bytes / 2**20:.0f} MiB of weights in torch's layout too"
             if copy_bytes
             else "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from websockets.sync.client import connect as ws_connect
 from llmwsctl import adminclient
 from llmwsctl import format as fmt
 from llmwsctl.adminclient import PermissionDenied
-from llmwsd import adminproto
+from llmwsd import __version__, adminproto, kernels
 from llmwsd.app import Daemon
 from llmwsd.generation import EngineLike
 from tests.conftest import DEFAULT_MODEL, REAL, ROOT, RunningDaemon, skip_or_fail, within
@@ -461,9 +462,42 @@ def test_no_daemon(tmp_path: Path) -> None:
     env = {**os.environ, adminproto.SOCKET_ENV: str(missing)}
     by_env = subprocess.run([LLMWSCTL, "models"], capture_output=True, text=True, env=env)
     assert by_env.returncode == 3 and str(missing) in by_env.stderr
-    # `version` still tells its own.
+    # `version` still tells its own, and exits 3 like `status`.
     version = ctl(missing, "version")
-    assert version.returncode == 0 and "not running" in version.stdout
+    assert version.returncode == 3, version.stderr
+    assert version.stdout.splitlines() == [
+        f"llmwsctl {__version__} (admin protocol {adminproto.ADMIN_PROTOCOL_VERSION})",
+        "llmwsd   unknown",
+    ]
+    assert version.stderr.startswith("llmwsd is not running (no socket at")
+    both = ctl(missing, "--json", "version")
+    assert both.returncode == 3
+    assert json.loads(both.stdout) == {
+        "llmwsctl": __version__,
+        "llmwsd": None,
+        "admin_protocol": adminproto.ADMIN_PROTOCOL_VERSION,
+    }
+    assert json.loads(both.stderr)["error"]["code"] == "not_running"
+
+
+def test_json_errors_on_stderr_with_unchanged_exit_codes(tmp_path: Path) -> None:
+    missing = tmp_path / "admin.sock"
+    plain = ctl(missing, "status")
+    for args in (["--json", "status"], ["status", "--json"]):
+        done = ctl(missing, *args)
+        assert done.returncode == 3 and done.stdout == ""
+        assert json.loads(done.stderr) == {
+            "error": {"code": "not_running", "message": plain.stderr.strip()}
+        }
+    # A usage error that argparse cannot see (exit 2), plain and as JSON.
+    usage = ctl(missing, "pull")
+    assert usage.returncode == 2
+    assert usage.stderr.strip() == "llmwsctl pull: error: give either SOURCE or --cancel ID"
+    usage = ctl(missing, "--json", "pull")
+    assert usage.returncode == 2
+    assert json.loads(usage.stderr) == {
+        "error": {"code": "usage", "message": "give either SOURCE or --cancel ID"}
+    }
 
 
 def test_permission_denied_names_the_group(idle_daemon: RunningDaemon) -> None:
@@ -651,6 +685,76 @@ async def test_a_failed_load_keeps_the_old_engine(fake_daemon: Daemon) -> None:
         "loading bad-model failed: weights are corrupt; still serving fake-model"
     )
     assert fake_daemon.engine is old and fake_daemon.model_state == "ready"
+
+
+async def ctl_async(sock: Path | str, *args: str) -> tuple[int, str, str]:
+    """llmwsctl against the in-process daemon, whose loop must keep running meanwhile."""
+    env = {k: v for k, v in os.environ.items() if k != adminproto.SOCKET_ENV}
+    proc = await asyncio.create_subprocess_exec(
+        LLMWSCTL,
+        "--socket",
+        str(sock),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await within(proc.communicate(), 60, f"llmwsctl {' '.join(args)}")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_failed_command_is_json_with_json(fake_daemon: Daemon) -> None:
+    sock = fake_daemon.admin.path
+    rc, out, err = await ctl_async(sock, "rm", "nosuch")
+    assert rc == 1 and out == ""
+    message = err.strip()
+    assert message.startswith("no model named 'nosuch'"), err
+    rc, out, err = await ctl_async(sock, "--json", "rm", "nosuch")
+    assert rc == 1 and out == ""
+    assert json.loads(err) == {"error": {"code": "not_found", "message": message}}
+
+
+async def test_revoke_with_tokens_off_says_tokens_are_off(fake_daemon: Daemon) -> None:
+    sock = fake_daemon.admin.path
+    added = await ctl_async(sock, "tokens", "add", "alice")
+    revoked = await ctl_async(sock, "tokens", "revoke", "alice")
+    assert added[0] == revoked[0] == 1
+    assert revoked[2] == added[2]
+    assert revoked[2].strip() == (
+        "tokens are off: set [api] tokens_file in the configuration first"
+    )
+
+
+async def test_admin_log_lines(fake_daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llmwsd")
+    admin, _ = await RawAdmin.open(fake_daemon.admin.path)
+    try:
+        answer = await admin.call(adminproto.RM, model="nosuch", force=False)
+    finally:
+        await admin.close()
+    assert answer["error"]["code"] == "not_found"
+    records = [r for r in caplog.records if r.name == "llmwsd.admin"]
+    asked = [r for r in records if r.getMessage().startswith("admin: rm ")]
+    # Booleans unquoted, strings quoted; the request at info, its failure at warning.
+    assert asked and asked[0].getMessage().startswith("admin: rm model='nosuch' force=False by ")
+    assert asked[0].levelno == logging.INFO
+    failed = [r for r in records if "(not_found)" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("rows", "wording"), [(1, "decoding steps of 1 row run"), (4, "of up to 4 rows run")]
+)
+def test_plain_decoding_rows_log_line(
+    rows: int, wording: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kernels, "pack_linear_layers", lambda model: 0)
+    monkeypatch.setattr(kernels, "_torch_layout_bytes", lambda model: 0)
+    monkeypatch.setattr(kernels, "plain_decoding_rows", lambda model, max_rows: rows)
+    caplog.set_level(logging.INFO, logger="llmwsd")
+    assert kernels.choose_kernels(object(), max_rows=8, available_bytes=2**30) == rows
+    assert f"{wording} without oneDNN (faster here)" in caplog.text
 
 
 # -- human formatting ------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 import pexpect
 import pytest
 
+from llmwsctl import chat
 from llmwsctl.client import Client, ConnectionLost, SessionLost, SyncClient
 from llmwsd.app import Daemon
 from llmwsd.errors import (
@@ -363,6 +365,81 @@ async def test_model_management_where_allowed(fake_daemon_factory, tmp_path):
         assert reply["type"] == "model_switched" and reply["model"] == "fake-model"
         with pytest.raises(BadRequest):
             await within(client.delete_model("../fake-model"), FAST, "refusal")
+
+
+async def run_chat(*args: str) -> tuple[int, str, str]:
+    """``llmwsctl chat`` against the in-process daemon, whose loop keeps running meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        *LLMWSCTL,
+        "chat",
+        *args,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await within(proc.communicate(), 60, f"llmwsctl chat {' '.join(args)}")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_options_and_per_call_settings_leave_the_session_alone(fake_daemon: Daemon):
+    """One rule: an option (llmwsctl chat) or a per-call setting (the library) is for that
+    run's or call's answers; only a `config` message changes the session's settings."""
+    url = ws_url(fake_daemon)
+    async with Client(url, resume_timeout=5) as client:
+        session_id = client.session_id
+        assert session_id
+        before = await within(client.set_config(), FAST, "config_ack")
+        assert before["max_new_tokens"] != 5 and before["do_sample"] is True
+        # Per call: this answer only.
+        one = await within(client.inference("one two three", max_new_tokens=1), FAST, "answer")
+        assert one == "echo:" and client.last_done and client.last_done["finish_reason"] == "length"
+        assert await within(client.set_config(), FAST, "config_ack") == before
+    words = "one two three four five six seven eight"
+    rc, out, err = await run_chat(
+        url, "--session", session_id, "--max-tokens", "5", "--temperature", "0",
+        "--json", "--prompt", words,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"session {session_id}" in err and "is gone" not in err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["type"] == "start" and events[0]["max_tokens"] == 5
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
+    assert "".join(e["data"] for e in events if e["type"] == "token") == "echo: one two three four"
+    request = fake_daemon.engine.submitted[-1]
+    assert (request.settings.max_new_tokens, request.settings.do_sample) == (5, False)
+    # The session's settings are as they were: on resume (the welcome) and when asked.
+    resumed = Client(url, resume_timeout=5)
+    welcome = await within(resumed.connect(session_id), FAST, "welcome")
+    try:
+        assert welcome["resumed"] is True and welcome["config"] == before
+        assert await within(resumed.set_config(), FAST, "config_ack") == before
+    finally:
+        await resumed.disconnect()
+
+
+async def test_chat_config_command_changes_the_session_and_beats_the_options(
+    fake_daemon: Daemon, capsys: pytest.CaptureFixture[str]
+):
+    url = ws_url(fake_daemon)
+
+    def interactive() -> None:
+        client = SyncClient(url, resume_timeout=5)
+        try:
+            client.connect()
+            session = chat.Chat(client, overrides={"max_new_tokens": 2})
+            session.handle("one two three")  # the option: 2 tokens
+            session.handle("/config max_new_tokens=3")  # the session: 3, for every answer
+            session.handle("one two three four")
+            assert client.set_config()["max_new_tokens"] == 3
+        finally:
+            client.close()
+
+    await within(asyncio.to_thread(interactive), FAST, "the chat's answers")
+    out = capsys.readouterr().out
+    assert "echo: one\n" in out and "echo: one two\n" in out
+    assert [r.settings.max_new_tokens for r in fake_daemon.engine.submitted[-2:]] == [2, 3]
 
 
 # -- the real model ----------------------------------------------------------------------
