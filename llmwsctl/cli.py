@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # llmwsctl's own version (`llmwsctl version` asks the daemon for its own too).
+    parser.add_argument("--version", action="version", version=f"llmwsctl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
