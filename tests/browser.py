@@ -134,6 +134,40 @@ class ChatPage:
         )
         return self.messages()[-1]
 
+    def stats_lines(self) -> list[str]:
+        """Each answer's stats line ("40 tokens · 23.6 tok/s · …"), in order."""
+        return list(
+            self.page.evaluate(
+                "() => [...document.querySelectorAll('.msg.assistant .meta')]"
+                ".map((node) => node.textContent)"
+            )
+        )
+
+    def server_caught_up(self, timeout_s: float = 10) -> None:
+        """Wait until the server has handled what the page sent so far (an ``ack``, say).
+
+        The server handles a connection's frames in order: the answer to a ``history``
+        sent now comes after them.
+        """
+        self.page.evaluate(
+            """(ms) => new Promise((resolve, reject) => {
+                const connection = llmws.connection;
+                const original = connection.onMessage;
+                const end = (error) => {
+                    clearTimeout(timer);
+                    connection.onMessage = original;
+                    error ? reject(new Error(error)) : resolve();
+                };
+                const timer = setTimeout(() => end(`no answer to history in ${ms} ms`), ms);
+                connection.onMessage = (message, info) => {
+                    original(message, info);
+                    if (message.type === "history") end();
+                };
+                if (!connection.send({type: "history"})) end("not connected");
+            })""",
+            timeout_s * 1000,
+        )
+
     def show_history(self, messages: list[dict[str, str]]) -> None:
         """Hand the page a ``history`` message, as the server sends one after a reload."""
         self.page.evaluate(

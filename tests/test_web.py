@@ -94,6 +94,27 @@ def test_enter_sends_and_shift_enter_adds_a_line(chat: ChatPage) -> None:
     chat.page.fill("#prompt", "")
 
 
+def test_a_fresh_page_shows_and_keeps_the_servers_defaults(chat: ChatPage) -> None:
+    """Until the user changes a setting, the page shows welcome's and sends none of its own
+    (the test config sets max_new_tokens 64; the default model's card temperature 0.2)."""
+    chat.open_tab("settings")
+    shown = [chat.page.input_value(f"#{key}") for key in ("temperature", "top_p", "max_new_tokens")]
+    assert shown == ["0.2", "0.9", "64"]
+    chat.page.evaluate(
+        """() => {
+            window.sentMessages = [];
+            const send = llmws.connection.send.bind(llmws.connection);
+            llmws.connection.send = (message) => (window.sentMessages.push(message), send(message));
+        }"""
+    )
+    chat.ask("What is the capital of France?")
+    chat.wait_answer_ended()
+    (inference,) = chat.page.evaluate(
+        "() => window.sentMessages.filter((m) => m.type === 'inference')"
+    )
+    assert "config" not in inference, inference
+
+
 def test_answer_streams_in(chat: ChatPage) -> None:
     chat.set_settings(temperature=0, max_new_tokens=32)
     chat.ask("What is the capital of France?")
@@ -105,6 +126,28 @@ def test_answer_streams_in(chat: ChatPage) -> None:
     assert "tokens" in str(chat.page.text_content(".msg.assistant .meta"))
 
 
+# The Server tab's "Last event", and the seq the connection is at, read together.
+LAST_EVENT = """() => {
+    const label = [...document.querySelectorAll("#connection-facts dt")]
+        .find((node) => node.textContent === "Last event");
+    return [llmws.connection.lastSeq, label ? label.nextElementSibling.textContent : null];
+}"""
+
+
+def test_server_tab_shows_the_last_event(chat: ChatPage) -> None:
+    chat.set_settings(temperature=0, max_new_tokens=32)
+    chat.open_tab("server")
+    before, shown = chat.page.evaluate(LAST_EVENT)
+    assert shown == str(before)
+    chat.ask("Name three colors.")
+    chat.wait_answer_length(3)
+    during, shown = chat.page.evaluate(LAST_EVENT)  # while the answer streams in
+    assert during > before and shown == str(during)
+    chat.wait_answer_ended()
+    after, shown = chat.page.evaluate(LAST_EVENT)
+    assert after > during and shown == str(after)
+
+
 def test_reload_restores_the_conversation(chat: ChatPage) -> None:
     before = chat.messages()
     chat.page.reload()
@@ -114,6 +157,54 @@ def test_reload_restores_the_conversation(chat: ChatPage) -> None:
         (m["role"], m["text"]) for m in before
     ]
     shot(chat, "chat.png")
+
+
+def test_answer_stats_survive_a_reload(chat: ChatPage) -> None:
+    chat.new_chat()
+    chat.set_settings(temperature=0, max_new_tokens=32)
+    chat.ask("What is the capital of France?")
+    chat.wait_answer_ended()
+    chat.set_settings(temperature=0, max_new_tokens=8)
+    chat.ask(LONG_PROMPT)
+    assert chat.wait_answer_ended()["status"] == "done"
+    lines = chat.stats_lines()
+    assert len(lines) == 2 and all(" tokens · " in line for line in lines), lines
+    assert lines[1].startswith("8 tokens") and lines[1].endswith("hit the token limit"), lines
+    # The page's ack has reached the server: the `done` events are not replayed after the
+    # reload, only the history's texts come back.
+    chat.server_caught_up()
+    chat.page.reload()
+    chat.wait_connected()
+    chat.wait_for("() => llmws.messages().length === 4", 10)
+    assert chat.stats_lines() == lines
+    chat.set_settings(temperature=0, max_new_tokens=32)  # what the next tests' answers need
+
+
+def test_an_error_beside_a_kept_answer_survives_a_reload(chat: ChatPage) -> None:
+    """A failed answer's part stays in the history; the error shown beside it stays too."""
+    text = "Once upon a time, a dragon"
+    chat.page.evaluate(
+        """(text) => {
+            const id = "injected-1";
+            for (const message of [
+                {type: "start", request_id: id},
+                {type: "token", request_id: id, data: text},
+                {type: "error", request_id: id, code: "interrupted", message: "restarted"},
+            ]) llmws.connection.onMessage(message);
+        }""",
+        text,
+    )
+    assert chat.wait_answer_ended(10)["status"] == "failed"
+    chat.page.reload()
+    chat.wait_connected()
+    chat.wait_for("() => llmws.messages().length === 4", 10)
+    # The server never had this answer: its history comes as the page would get it.
+    chat.show_history(
+        [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": text}]
+    )
+    chat.wait_for("() => llmws.messages().length === 2", 5)
+    error = str(chat.page.text_content(".msg.assistant .error"))
+    assert error.startswith("The server restarted while answering") and "interrupted" in error
 
 
 def test_model_output_is_never_html(chat: ChatPage) -> None:
@@ -284,6 +375,69 @@ def test_resources_panel_with_gpus_and_old_servers(chat: ChatPage) -> None:
             assert "RAM20.0 GB used of 125.0 GB" in facts
         else:
             assert "RAM4.0 GB used of 16.0 GB" in facts
+
+
+# The speed chart's legend and the panel's figures, read in the same turn as a report lands.
+READ_SPEED = """() => [
+    [...document.querySelectorAll(".chart")]
+        .find((chart) => chart.querySelector(".chart-title").textContent === "Generation speed")
+        .querySelector(".chart-legend").textContent,
+    document.querySelector("#resource-facts").textContent,
+]"""
+
+# Waits for the server's next report with nothing generating; returns its tokens_per_s and
+# the panel as it shows that report.
+NEXT_IDLE_REPORT = (
+    """() => new Promise((resolve, reject) => {
+    const read = """
+    + READ_SPEED
+    + """;
+    const connection = llmws.connection;
+    const original = connection.onMessage;
+    const timer = setTimeout(() => {
+        connection.onMessage = original;
+        reject(new Error("no resources report with nothing generating in 10 s"));
+    }, 10000);
+    connection.onMessage = (message, info) => {
+        original(message, info);
+        const engine = message.engine || {};
+        if (message.type === "resources" && engine.active === 0) {
+            clearTimeout(timer);
+            connection.onMessage = original;
+            resolve([engine.tokens_per_s, ...read()]);
+        }
+    };
+})"""
+)
+
+
+def test_resources_speed_is_zero_while_idle(chat: ChatPage) -> None:
+    """llmwsd's tokens_per_s averages the last minute: it stays up for a while after an answer.
+
+    The page shows 0 (and "idle") while the engine says nothing is generating, as
+    ``llmwsctl resources`` does once the minute is over.
+    """
+    chat.set_settings(temperature=0, max_new_tokens=24)
+    chat.ask("Name three animals.")
+    chat.wait_answer_ended()
+    chat.open_tab("resources")
+    rate, legend, facts = chat.page.evaluate(NEXT_IDLE_REPORT)
+    assert isinstance(rate, int | float)  # the server's figure, maybe still above 0
+    assert legend == "server 0.0 tok/s", legend
+    assert "Speedidle" in facts, facts
+    # The same report, injected, with the figure that a long answer leaves for a minute; and
+    # one while generating, which shows the server's figure. Shown and read in one evaluate.
+    show_and_read = "(m) => { llmws.connection.onMessage(m); return (" + READ_SPEED + ")(); }"
+    for active, shown in (
+        (0, ("server 0.0 tok/s", "Speedidle")),
+        (1, ("server 16.3 tok/s", "Speed16.3 tok/s")),
+    ):
+        engine = {"active": active, "queued": 0, "tokens_per_s": 16.3}
+        legend, facts = chat.page.evaluate(
+            show_and_read, {"type": "resources", "device": "cpu", "engine": engine}
+        )
+        assert legend == shown[0], (active, legend)
+        assert shown[1] in facts, (active, facts)
 
 
 def test_models_panel_lists_and_refuses_management(chat: ChatPage) -> None:

@@ -4,7 +4,12 @@
 const SETTINGS_KEY = "llmws.settings";
 const SERVER_KEY = "llmws.server";
 const PENDING_KEY = "llmws.pendingPrompt"; // the question of an unfinished answer, for a reload
-const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 2048 };
+const STATS_KEY = "llmws.answerStats"; // {session, answers: [{id, hash, stats}]}: stats lines for a reload
+const STATS_KEPT = 400; // answers remembered per session (the server keeps 200 messages by default)
+// A new session's settings as the server chose them (welcome's config: the model's and the
+// operator's defaults); the page shows them, and sends settings of its own only once the
+// user has changed one. These values stand in until the first welcome.
+let serverDefaults = { system: "", temperature: 0.7, top_p: 0.95, top_k: 50, max_new_tokens: 512 };
 
 // ---------------------------------------------------------------------------------------------
 // Chat
@@ -22,6 +27,65 @@ function lastTextBlock(root) {
 const RETRYABLE = new Set(["busy", "interrupted", "session_lost", "internal", "no_model"]);
 
 const answerOf = new WeakMap(); // an assistant message's node -> its Answer
+
+// "40 tokens · 23.6 tok/s · first token 159 ms · hit the token limit", from a `done` event.
+function statsLine(done) {
+  const parts = [];
+  if (Number.isFinite(done.total_tokens)) parts.push(`${done.total_tokens} tokens`);
+  if (Number.isFinite(done.tokens_per_s)) parts.push(`${done.tokens_per_s.toFixed(1)} tok/s`);
+  if (Number.isFinite(done.ttft_ms)) parts.push(`first token ${Math.round(done.ttft_ms)} ms`);
+  if (done.finish_reason === "cancelled") parts.push("stopped");
+  else if (done.finish_reason === "length") parts.push("hit the token limit");
+  return parts.join(" · ");
+}
+
+// A short fingerprint of an answer's text, to find the answer again in the session's history.
+function fingerprint(text) {
+  let hash = 0x811c9dc5; // FNV-1a over the UTF-16 code units
+  for (let i = 0; i < text.length; i += 1) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193);
+  }
+  return `${text.length}:${(hash >>> 0).toString(36)}`;
+}
+
+// Each ended answer's stats (or error), kept in localStorage for the session: the server's
+// `history` has only the texts, and its buffered `done` events are dropped once acknowledged.
+const savedStats = {
+  read(session) {
+    const saved = readJSON(STATS_KEY, null);
+    return saved && saved.session === session && Array.isArray(saved.answers) ? saved.answers : [];
+  },
+
+  remember(session, requestId, text, stats) {
+    if (!session) return;
+    const answers = this.read(session).filter((a) => a.id !== requestId); // a replayed `done`
+    answers.push({ id: requestId, hash: fingerprint(text), stats });
+    writeJSON(STATS_KEY, { session, answers: answers.slice(-STATS_KEPT) });
+  },
+
+  forget() {
+    writeJSON(STATS_KEY, null);
+  },
+
+  // A function from each assistant message of `history`, in order, to its stats or null. The
+  // answers are matched in order: the history may have lost its oldest turns, or hold turns
+  // that this browser never saw, and two answers may have the same text.
+  matcher(session) {
+    const answers = this.read(session);
+    let next = 0;
+    return (text) => {
+      const hash = fingerprint(text);
+      for (let i = next; i < answers.length; i += 1) {
+        if (answers[i].hash === hash) {
+          next = i + 1;
+          return answers[i].stats;
+        }
+      }
+      return null;
+    };
+  },
+};
 
 // One assistant answer: its raw text, rendered as Markdown at most once per frame.
 class Answer {
@@ -63,13 +127,7 @@ class Answer {
 
   finish(done) {
     this.status = "done";
-    const parts = [];
-    if (Number.isFinite(done.total_tokens)) parts.push(`${done.total_tokens} tokens`);
-    if (Number.isFinite(done.tokens_per_s)) parts.push(`${done.tokens_per_s.toFixed(1)} tok/s`);
-    if (Number.isFinite(done.ttft_ms)) parts.push(`first token ${Math.round(done.ttft_ms)} ms`);
-    if (done.finish_reason === "cancelled") parts.push("stopped");
-    else if (done.finish_reason === "length") parts.push("hit the token limit");
-    this.meta.textContent = parts.join(" · ");
+    this.meta.textContent = statsLine(done);
     this.scheduleRender();
   }
 
@@ -130,10 +188,17 @@ const chat = {
     return this.add(el("div", "note", text));
   },
 
-  addAssistant(text) {
+  // An ended answer from the session's history, with its saved stats or error if any.
+  addAssistant(text, stats = null) {
     const answer = new Answer();
     answer.status = "done";
     answer.text = text;
+    if (stats && stats.error) {
+      answer.status = "failed";
+      answer.warn(stats.error);
+    } else if (stats) {
+      answer.meta.textContent = statsLine(stats);
+    }
     answer.scheduleRender();
     this.add(answer.root);
     return answer;
@@ -168,6 +233,7 @@ const chat = {
     const ended = new Map(replayed.filter((a) => a.status === "done" || a.status === "failed")
       .map((a) => [a.text, a]));
     const pending = readJSON(PENDING_KEY, null);
+    const statsOf = savedStats.matcher(connection.sessionId);
     this.clear();
     for (const message of history) {
       if (message.role === "user") {
@@ -175,8 +241,9 @@ const chat = {
       } else if (message.role === "assistant") {
         const answer = ended.get(message.content);
         ended.delete(message.content);
+        const stats = statsOf(message.content);
         if (answer) this.add(answer.root);
-        else this.addAssistant(message.content);
+        else this.addAssistant(message.content, stats);
       }
     }
     for (const answer of replayed) {
@@ -202,18 +269,17 @@ function sendPrompt() {
   const text = input.value.trim();
   if (!text || chat.active || chat.waiting) return;
   const settings = readSettings();
-  const config = {
-    temperature: settings.temperature,
-    top_p: settings.top_p,
-    top_k: settings.top_k,
-    max_new_tokens: settings.max_new_tokens,
-    do_sample: settings.temperature > 0,
-  };
-  const sent = connection.send({
-    type: "inference",
-    prompt: { system: settings.system, user: text },
-    config,
-  });
+  const message = { type: "inference", prompt: { system: settings.system, user: text } };
+  if (readJSON(SETTINGS_KEY, null)) {
+    message.config = {
+      temperature: settings.temperature,
+      top_p: settings.top_p,
+      top_k: settings.top_k,
+      max_new_tokens: settings.max_new_tokens,
+      do_sample: settings.temperature > 0,
+    };
+  }
+  const sent = connection.send(message);
   if (!sent) {
     toast("Not connected: the message was not sent. It will be possible once the page reconnects.");
     return;
@@ -253,6 +319,11 @@ const handlers = {
     showServerFacts(message.model, caps.device || (message.resources || {}).device, caps.max_context);
     if (!message.model) $("fact-model").textContent = message.model_state === "loading" ? "loading…" : "no model";
     if (message.resources) resources.sample(message.resources);
+    if (message.config) {
+      const { temperature, top_p, top_k, max_new_tokens } = message.config;
+      serverDefaults = { system: "", temperature, top_p, top_k, max_new_tokens };
+      if (!readJSON(SETTINGS_KEY, null)) showSettings(serverDefaults);
+    }
     if (info.fresh && message.resumed) {
       chat.restoring = true;
       connection.send({ type: "history" });
@@ -296,7 +367,11 @@ const handlers = {
   },
 
   done(message) {
-    chat.answerFor(message).finish(message);
+    const answer = chat.answerFor(message);
+    answer.finish(message);
+    const { total_tokens, tokens_per_s, ttft_ms, finish_reason } = message;
+    savedStats.remember(connection.sessionId, message.request_id, answer.text,
+      { total_tokens, tokens_per_s, ttft_ms, finish_reason });
     endGeneration(message);
   },
 
@@ -316,6 +391,11 @@ const handlers = {
       const answer = message.request_id !== undefined ? chat.answerFor(message) : chat.waiting;
       if (answer) {
         answer.fail(message);
+        // The part generated before the error stays in the history: so does the error, here.
+        if (answer.text && answer.requestId !== null) {
+          savedStats.remember(connection.sessionId, answer.requestId, answer.text,
+            { error: { code: message.code, message: message.message } });
+        }
         if (answer === chat.waiting) chat.waiting = null;
         endGeneration(message);
         return;
@@ -337,6 +417,7 @@ const handlers = {
   reset_done() {
     chat.clear();
     writeJSON(PENDING_KEY, null);
+    savedStats.forget();
   },
 
   resources(message) {
@@ -381,6 +462,8 @@ function endGeneration(message) {
 function onMessage(message, info = {}) {
   const handler = handlers[message.type] || models.handlers[message.type];
   if (handler) handler(message, info);
+  // A generation event: the connection has moved its last seq on (Server tab, "Last event").
+  if (Number.isInteger(message.seq)) showLastEvent();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,9 +512,16 @@ function renderConnectionFacts() {
   const rows = [
     ["State", $("status-text").textContent],
     ["Session", connection.sessionId || "–"],
-    ["Last event", String(connection.lastSeq)],
   ];
   for (const [key, value] of rows) facts.append(el("dt", "", key), el("dd", "", value));
+  facts.append(el("dt", "", "Last event"), el("dd", "", ""));
+  facts.lastElementChild.id = "fact-last-event";
+  showLastEvent();
+}
+
+function showLastEvent() {
+  const node = $("fact-last-event");
+  if (node) node.textContent = String(connection.lastSeq);
 }
 
 function connectFromForm() {
@@ -456,7 +546,7 @@ const SLIDERS = ["temperature", "top_p", "top_k"];
 
 function readSettings() {
   const saved = readJSON(SETTINGS_KEY, {});
-  return { ...DEFAULT_SETTINGS, ...saved };
+  return { ...serverDefaults, ...saved };
 }
 
 function showSettings(settings) {
@@ -471,7 +561,7 @@ function saveSettings() {
     temperature: Number($("temperature").value),
     top_p: Number($("top_p").value),
     top_k: Math.round(Number($("top_k").value)),
-    max_new_tokens: Math.max(1, Math.round(Number($("max_new_tokens").value) || DEFAULT_SETTINGS.max_new_tokens)),
+    max_new_tokens: Math.max(1, Math.round(Number($("max_new_tokens").value) || serverDefaults.max_new_tokens)),
   };
   for (const key of SLIDERS) $(`${key}-out`).textContent = settings[key];
   writeJSON(SETTINGS_KEY, settings);
@@ -520,8 +610,8 @@ function init() {
   showSettings(readSettings());
   for (const id of ["system-prompt", ...SLIDERS, "max_new_tokens"]) $(id).addEventListener("input", saveSettings);
   $("settings-reset").addEventListener("click", () => {
-    showSettings(DEFAULT_SETTINGS);
-    saveSettings();
+    localStorage.removeItem(SETTINGS_KEY); // back to the server's defaults, sent by nobody
+    showSettings(serverDefaults);
   });
 
   const prompt = $("prompt");

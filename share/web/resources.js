@@ -63,20 +63,27 @@ const resources = {
       load.add(label, color, pick(gpu, "utilization_percent", "utilization"), now);
     });
     const engine = report.engine || {};
-    const serverRate = pick(engine, "tokens_per_s") ?? pick(report, "tokens_per_s");
-    if (serverRate !== undefined) {
+    // llmwsd's tokens_per_s is an average over the last minute: it stays up for a while after
+    // the last answer. With nothing generating (engine.active 0), the speed is 0.
+    const idle = pick(engine, "active") === 0;
+    let rate = pick(engine, "tokens_per_s") ?? pick(report, "tokens_per_s");
+    if (rate !== undefined) {
       this.serverReportsRate = true;
-      speed.add("server", GREEN, serverRate, now);
+      rate = idle ? 0 : rate;
+      speed.add("server", GREEN, rate, now);
     } else if (this.lastRate && !this.serverReportsRate) {
       const seconds = (now - this.lastRate[0]) / 1000;
-      if (seconds > 0) speed.add("this chat", GREEN, (this.tokensSeen - this.lastRate[1]) / seconds, now);
+      // The page's own count: the tokens received since the previous report (replays included).
+      if (seconds > 0) rate = idle ? 0 : (this.tokensSeen - this.lastRate[1]) / seconds;
+      if (rate !== undefined) speed.add("this chat", GREEN, rate, now);
     }
     this.lastRate = [now, this.tokensSeen];
-    this.renderFacts(report, gpus, engine, ram);
+    this.renderFacts(report, gpus, engine, ram, idle ? null : rate);
     if (!$("tab-resources").hidden) this.draw();
   },
 
-  renderFacts(report, gpus, engine, ram) {
+  // `rate`: the generation speed to show, null when nothing is generating.
+  renderFacts(report, gpus, engine, ram, rate) {
     const rows = [];
     const host = report.host || {};
     if (report.device) rows.push(["Device", report.device]);
@@ -99,6 +106,8 @@ const resources = {
       const value = pick(engine, key);
       if (value !== undefined) rows.push([label, value.toLocaleString("en-US")]);
     }
+    if (rate === null) rows.push(["Speed", "idle"]);
+    else if (rate !== undefined) rows.push(["Speed", `${rate.toFixed(1)} tok/s`]);
     const facts = $("resource-facts");
     facts.replaceChildren();
     for (const [key, value] of rows) facts.append(el("dt", "", key), el("dd", "", value));
