@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # Chat templates end a turn with one of these; generation stops on any that exists.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
-TOKENS_PER_S_WINDOW = 60.0  # seconds
+TOKENS_PER_S_WINDOW = 10.0  # seconds of recent steps the reported speed is measured over
 # The requests of a burst reach the engine within a millisecond or two: an idle
 # engine waits until none came for BURST_QUIET_S (BURST_MAX_S at most), so that
 # they share prefills instead of the first one or two going alone.
@@ -336,14 +336,17 @@ class Engine:
             while self._recent and self._recent[0][0] < now - TOKENS_PER_S_WINDOW:
                 self._recent.popleft()
             tokens = sum(n for _, n in self._recent)
+            # Over the busy part of the window (an answer that began 2 s ago is not diluted).
+            span = min(max(now - self._recent[0][0], 1.0), TOKENS_PER_S_WINDOW) if tokens else 1.0
             steps, batch_size = self._steps, self._last_batch_size
         batch = self._batch
+        active = len(batch.rows) if batch is not None else 0
         return {
-            "active": len(batch.rows) if batch is not None else 0,
+            "active": active,
             "queued": len(self._waiting) + len(self._inbox),
             "batch_size": batch_size,
             "max_batch_size": self.max_batch_size,
-            "tokens_per_s": round(tokens / TOKENS_PER_S_WINDOW, 2),
+            "tokens_per_s": round(tokens / span, 2) if active else 0.0,  # idle: 0, not a memory
             "steps": steps,
             "prefix_cache": self._prefix_cache.stats() if self._prefix_cache is not None else None,
         }
