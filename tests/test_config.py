@@ -146,6 +146,19 @@ def test_the_commented_default_notes_each_range() -> None:
         assert f"# {noted}" in line, line
 
 
+def check_config(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llmwsd --check-config`` on a file holding ``text`` (and more arguments)."""
+    config = tmp_path / "llmws.toml"
+    config.write_text(text)
+    return subprocess.run(
+        [*LLMWSD, "--config", str(config), *args, "--check-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -161,14 +174,7 @@ def test_check_config_names_the_file_and_the_key_in_one_line(
     tmp_path: Path, text: str, key: str
 ) -> None:
     config = tmp_path / "llmws.toml"
-    config.write_text(text)
-    result = subprocess.run(
-        [*LLMWSD, "--config", str(config), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = check_config(tmp_path, text)
     assert result.returncode == 2, result
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -178,14 +184,7 @@ def test_check_config_names_the_file_and_the_key_in_one_line(
 
 def test_check_config_refuses_a_bad_allowed_hosts_entry(tmp_path: Path) -> None:
     config = tmp_path / "llmws.toml"
-    config.write_text('[server]\nallowed_hosts = ["llm.example.org", "http://x"]\n')
-    result = subprocess.run(
-        [*LLMWSD, "--config", str(config), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = check_config(tmp_path, '[server]\nallowed_hosts = ["llm.example.org", "http://x"]\n')
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         f"llmwsd: {config}: [server] allowed_hosts[1]: 'http://x' is not a host name "
@@ -194,15 +193,7 @@ def test_check_config_refuses_a_bad_allowed_hosts_entry(tmp_path: Path) -> None:
 
 
 def test_port_on_the_command_line_is_checked_like_the_files(tmp_path: Path) -> None:
-    config = tmp_path / "llmws.toml"
-    config.write_text("[server]\nport = 8765\n")
-    result = subprocess.run(
-        [*LLMWSD, "--config", str(config), "--port", "99999", "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = check_config(tmp_path, "[server]\nport = 8765\n", "--port", "99999")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         "llmwsd: --port [server]: key 'port' must be between 0 and 65535, got 99999\n"

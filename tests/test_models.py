@@ -10,6 +10,7 @@ speaks the part of the Hugging Face Hub API that huggingface_hub uses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -451,17 +452,27 @@ def test_pull_interrupted_by_a_restart_is_listed_and_resumes(
     ).stat().st_size
 
 
-def test_pull_checks_free_disk_space_first(tmp_path: Path, lfs_repo: Path) -> None:
+@contextlib.contextmanager
+def on_a_small_disk(tmp_path: Path, size: str) -> Iterator[tuple[RunningDaemon, Path]]:
+    """A daemon (no model) whose state folder is on a tmpfs of ``size``; its admin socket."""
     if os.geteuid() != 0:
         skip_or_fail("mounting a small tmpfs needs root")
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(tiny)])
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(tiny)])
     if mounted.returncode != 0:
         skip_or_fail("cannot mount a tmpfs here")
     daemon = RunningDaemon(tmp_path, models={"dirs": []}, paths={"state_dir": str(tiny / "state")})
     try:
-        sock = start_and_wait_for_admin(daemon)
+        yield daemon, start_and_wait_for_admin(daemon)
+    finally:
+        daemon.stop(signal.SIGKILL)
+        subprocess.run(["umount", str(tiny)])
+
+
+def test_pull_checks_free_disk_space_first(tmp_path: Path, lfs_repo: Path) -> None:
+    with on_a_small_disk(tmp_path, "24m") as (_, sock):
+        tiny = tmp_path / "tiny"
         done = ctl(sock, "pull", f"file://{lfs_repo}", "--name", "too-big")
         assert done.returncode == 1
         assert "not enough disk space for too-big: 269.1 MB still to download" in done.stderr
@@ -472,9 +483,6 @@ def test_pull_checks_free_disk_space_first(tmp_path: Path, lfs_repo: Path) -> No
         cleaned = ctl(sock, "pulls", "--clean")
         assert cleaned.returncode == 0 and "removed 1 unfinished pull(s)" in cleaned.stdout
         assert os.listdir(tiny / "state" / "pulls") == []
-    finally:
-        daemon.stop(signal.SIGKILL)
-        subprocess.run(["umount", str(tiny)])
 
 
 def test_pull_from_the_hub_resumes_after_a_dropped_connection(
@@ -888,8 +896,6 @@ def test_option_like_file_names_in_a_repository_are_not_fetched() -> None:
 
 
 def test_disk_full_during_a_git_clone_is_disk_full(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        skip_or_fail("mounting a small tmpfs needs root")
     # No LFS: the clone itself writes more than the disk holds, before any size is known.
     repo = tmp_path / "plain"
     repo.mkdir()
@@ -898,14 +904,7 @@ def test_disk_full_during_a_git_clone_is_disk_full(tmp_path: Path) -> None:
     (repo / "model.safetensors").write_bytes(os.urandom(24 * 1024 * 1024))
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "weights without LFS")
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(tiny)])
-    if mounted.returncode != 0:
-        skip_or_fail("cannot mount a tmpfs here")
-    daemon = RunningDaemon(tmp_path, models={"dirs": []}, paths={"state_dir": str(tiny / "state")})
-    try:
-        sock = start_and_wait_for_admin(daemon)
+    with on_a_small_disk(tmp_path, "8m") as (daemon, sock):
         done = ctl(sock, "pull", f"file://{repo}", "--name", "too-big")
         assert done.returncode == 1
         assert "the disk filled up while pulling too-big" in done.stderr, done.stderr
@@ -915,9 +914,6 @@ def test_disk_full_during_a_git_clone_is_disk_full(tmp_path: Path) -> None:
         # to resume (Pulls._failed), where a pull that has files stays listed as failed.
         assert failed == []
         assert "No space left on device" in daemon.log()
-    finally:
-        daemon.stop(signal.SIGKILL)
-        subprocess.run(["umount", str(tiny)])
 
 
 # -- sources and file choice (no daemon) -----------------------------------------------------
