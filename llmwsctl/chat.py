@@ -1,6 +1,6 @@
 """``llmwsctl chat``: talk to llmwsd's model from a terminal, interactively or one-shot.
 
-The product brief's ``python llm.py`` client: streaming answers, readline line
+The original LLMWS ``python llm.py`` client's features: streaming answers, readline line
 editing and history, slash commands, resuming a session with ``--session``. It
 speaks the public WebSocket protocol through :class:`~llmwsctl.client.SyncClient`,
 so it works from any machine that can reach the port, and a dropped connection

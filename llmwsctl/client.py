@@ -1,8 +1,9 @@
 """The Python client library for llmwsd's JSON WebSocket protocol, with automatic resume.
 
-``Client`` keeps the product brief's method names (``connect``, ``inference``,
+``Client`` keeps the original LLMWS clients' method names (``connect``, ``inference``,
 ``get_resources``, ``list_models``, ``switch_model``, ``download_model``,
-``disconnect``) so the brief's examples run unchanged apart from the import.
+``disconnect``) so their examples (llm.py, ``LLMWSEnhancedClient``) run unchanged
+apart from the import.
 
 Resume: every generation event carries a per-session ``seq``. The client
 remembers the last one it saw; when the connection drops, it reconnects with
@@ -84,7 +85,7 @@ class _Generation:
 
 
 def normalize_url(url: str) -> str:
-    """Accept ``host:port`` as the brief's web page does, as well as ws:// and wss:// URLs."""
+    """Accept ``host:port`` as the original LLMWS page does, and ws:// or wss:// URLs."""
     return url if "://" in url else f"ws://{url}"
 
 
@@ -508,7 +509,7 @@ class Client:
                     raise error_from_message(event)
 
     async def inference(self, prompt: str, system: str = "", **settings: Any) -> str:
-        """The whole answer to ``prompt`` as one string (the brief's API)."""
+        """The whole answer to ``prompt`` as one string (the original clients' API)."""
         return "".join([piece async for piece in self.stream(prompt, system, **settings)])
 
     async def _start(self, prompt: str, system: str, settings: dict[str, Any]) -> _Generation:
@@ -551,7 +552,7 @@ class Client:
         return generation
 
 
-# The product brief's name for the client.
+# The original LLMWS enhanced client's name for it.
 LLMWSEnhancedClient = Client
 
 

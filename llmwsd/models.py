@@ -43,7 +43,7 @@ def find_by_path(config: Config, text: Any) -> ModelEntry:
 
     Only folders in the catalogue qualify: the last part is checked as a name
     first, and the path must then be that entry's own folder (relative paths may
-    name the entry's model folder by its last part, as the brief's ``models/NAME``).
+    name the entry's model folder by its last part, as the original LLMWS server's ``models/NAME``).
     """
     if not isinstance(text, str) or not text or "\x00" in text:
         raise BadRequest("model_path must be a non-empty string")
