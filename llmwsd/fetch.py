@@ -80,8 +80,12 @@ def parse_source(text: Any, revision: Any = None, host_access: bool = True) -> S
     text = text.strip()
     if text.startswith("-"):
         raise BadRequest(f"a source never starts with '-': {text[:200]!r}")
-    url = urlparse(text)
-    if url.scheme and (url.hostname or "").startswith("-"):
+    try:
+        url = urlparse(text)
+        hostname = url.hostname or ""
+    except ValueError:  # "https://[" and the like: no valid host
+        raise BadRequest(f"{text[:200]!r} is not a URL with a valid host") from None
+    if url.scheme and hostname.startswith("-"):
         raise BadRequest(f"a host name never starts with '-': {text[:200]!r}")
     if url.scheme in ("http", "https") and _is_hugging_face(url.netloc):
         parts = [p for p in url.path.split("/") if p]

@@ -351,7 +351,11 @@ async def test_a_client_that_never_reads(tmp_path: Path) -> None:
     await daemon.start()
     try:
         words = [f"{i:04d}" + "w" * 400 for i in range(1500)]  # ~600 KB of answer
-        inference = {"type": "inference", "prompt": {"user": " ".join(words)}}
+        inference = {
+            "type": "inference",
+            "prompt": {"user": " ".join(words)},
+            "config": {"max_new_tokens": 2000},  # the whole echo, past the 512 default
+        }
         sock = await asyncio.to_thread(silent_client, daemon.server.port, [{}, inference])
         assert daemon.server.server is not None
         await wait_until(lambda: len(daemon.sessions) == 1, 10, "the session exists")

@@ -771,6 +771,7 @@ def test_fuzzed_pull_arguments_never_become_options(
         pid, returncode = 0, 0
 
         def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            self.args = argv  # what subprocess.run's CalledProcessError names
             started.append(list(argv))
             self.returncode = 1 if "ls-files" in argv else 0
 

@@ -952,7 +952,9 @@ def test_a_remote_client_cannot_tell_which_paths_exist(text: str) -> None:
     )
 
 
-@pytest.mark.parametrize("text", ["not a source", "", "relative/dir/x", "models/x.gguf", 7])
+@pytest.mark.parametrize(
+    "text", ["not a source", "", "relative/dir/x", "models/x.gguf", 7, "A://[", "https://[::1/x"]
+)
 def test_unusable_sources_are_refused(text: Any) -> None:
     with pytest.raises(LLMWSError) as refused:
         fetch.parse_source(text)
