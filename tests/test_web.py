@@ -468,3 +468,12 @@ def test_phone_sized_screen(chat: ChatPage) -> None:
     assert overflow <= 0
     shot(chat, "phone.png")
     chat.page.set_viewport_size({"width": 1280, "height": 820})
+
+
+def test_restore_defaults_goes_back_to_the_servers(chat: ChatPage) -> None:
+    chat.set_settings(temperature=1.5, max_new_tokens=7)
+    assert chat.page.evaluate("() => localStorage.getItem('llmws.settings')") is not None
+    chat.page.click("#settings-reset")
+    shown = [chat.page.input_value(f"#{key}") for key in ("temperature", "top_p", "max_new_tokens")]
+    assert shown == ["0.2", "0.9", "64"]  # welcome's: the model card's and the test config's
+    assert chat.page.evaluate("() => localStorage.getItem('llmws.settings')") is None
