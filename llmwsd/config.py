@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llmwsd.errors import ConfigError
-from llmwsd.generation import SETTING_RANGES, Range
+from llmwsd.generation import SETTING_RANGES, GenerationSettings, Range
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmws/llmws.toml")
 
@@ -43,9 +43,12 @@ def bounded(default: T, lo: float, hi: float, *, lo_open: bool = False) -> T:
     return within(default, Range(lo, hi, lo_open))
 
 
-def setting(key: str, default: T) -> T:
-    """A [generation_defaults] field: the range a client's ``config`` is held to."""
-    return within(default, SETTING_RANGES[key])
+def setting(key: str) -> Any:
+    """A [generation_defaults] field: llmws's own default for it (GenerationSettings'),
+    and the range a client's ``config`` is held to."""
+    default = getattr(GenerationSettings(), key)
+    limits = SETTING_RANGES.get(key)
+    return field(default=default) if limits is None else within(default, limits)
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,12 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    max_new_tokens: int = setting("max_new_tokens", 512)
-    temperature: float = setting("temperature", 0.7)
-    top_p: float = setting("top_p", 0.95)
-    top_k: int = setting("top_k", 50)
-    repetition_penalty: float = setting("repetition_penalty", 1.1)
-    do_sample: bool = True
+    max_new_tokens: int = setting("max_new_tokens")
+    temperature: float = setting("temperature")
+    top_p: float = setting("top_p")
+    top_k: int = setting("top_k")
+    repetition_penalty: float = setting("repetition_penalty")
+    do_sample: bool = setting("do_sample")
 
 
 @dataclass(frozen=True)
