@@ -181,31 +181,25 @@ class Pulls:
             await self._stopped(pull)
         except LLMWSError as e:
             log.warning("pull %s of %s failed: %s", pull.id, pull.source.location, e.message)
-            await self._failed(pull, {"code": e.code, "message": e.message, **e.details})
+            await self._failed(pull, e)
         except Exception as e:
             # Only our own words: the exception's text may quote a file of this host.
             log.error("pull %s of %s failed", pull.id, pull.source.location, exc_info=True)
-            error = (
+            await self._failed(
+                pull,
                 disk_full(pull)
                 if is_disk_full(e)
-                else InternalError(f"the pull failed ({type(e).__name__}); see the daemon's log")
-            )
-            await self._failed(
-                pull, {"code": error.code, "message": error.message, **error.details}
+                else InternalError(f"the pull failed ({type(e).__name__}); see the daemon's log"),
             )
         finally:
             reporter.cancel()
             self.running.pop(pull.id, None)
             self._tell(pull, pull.progress())
 
-    async def _failed(self, pull: Pull, error: dict[str, Any]) -> None:
+    async def _failed(self, pull: Pull, error: LLMWSError) -> None:
         """Keep what was downloaded for a retry to resume; with nothing downloaded, keep nothing."""
-        pull.state, pull.stage, pull.message, pull.error = (
-            "failed",
-            "failed",
-            error["message"],
-            error,
-        )
+        pull.state, pull.stage, pull.message = "failed", "failed", error.message
+        pull.error = {"code": error.code, "message": error.message, **error.details}
         if await asyncio.to_thread(files_size, pull.model_dir):
             await asyncio.to_thread(pull.save)
         else:
