@@ -99,6 +99,16 @@ async def eventually(
     return value
 
 
+class Clock:
+    """A monotonic clock that moves only when a test sets ``now`` (monkeypatched in as ``time``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

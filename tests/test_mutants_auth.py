@@ -14,6 +14,7 @@ import pytest
 
 from llmwsd import auth
 from llmwsd.errors import BadRequest, ConfigError, NotFound
+from tests.conftest import Clock
 
 
 def test_tokens_made_have_their_documented_shape(tmp_path: Path):
@@ -120,14 +121,6 @@ def test_an_unreadable_token_file_is_named_in_the_error(tmp_path: Path):
     with pytest.raises(ConfigError) as bad:
         auth.TokenStore(path)
     assert bad.value.message.startswith(f"{path}: unreadable token file: ")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def test_failed_attempts_count_for_exactly_the_window(monkeypatch):

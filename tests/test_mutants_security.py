@@ -30,6 +30,7 @@ from llmwsd.security import (
     client_address,
     host_name,
 )
+from tests.conftest import Clock
 from tests.test_protocol import WS_UPGRADE, http_exchange
 
 
@@ -114,14 +115,6 @@ def test_a_star_allows_every_origin_and_a_listed_one_matches_whole():
     listed = gatekeeper(allowed_origins=("https://Chat.example",))
     assert listed.origin_allowed("https://chat.example", "llm.example")
     assert not listed.origin_allowed("https://chat.example.evil", "llm.example")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def test_the_bucket_refills_at_the_rate_up_to_the_burst(monkeypatch):
