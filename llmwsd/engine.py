@@ -280,13 +280,14 @@ class Engine:
         )
         # After the layout work, so that the memory it took is not counted as free.
         # Cached prefixes are spliced into the shared cache: only where rows can join.
-        estimate = memory.estimate(
-            model,
-            config.memory,
-            device,
-            max_context_of(model.config),
-            config.engine.prefix_cache_mb if rows_can_join(model.config) else 0.0,
-        )
+        with kernels.onednn(True):  # its probes are forwards (see kernels._FLAG_LOCK)
+            estimate = memory.estimate(
+                model,
+                config.memory,
+                device,
+                max_context_of(model.config),
+                config.engine.prefix_cache_mb if rows_can_join(model.config) else 0.0,
+            )
         info = ModelInfo(
             name=path.name,
             path=str(path),
@@ -499,7 +500,7 @@ class Engine:
             prefix_kv = self._cached_prefix(prompts)
             reused = 0 if prefix_kv is None else prefix_kv.shape[-2]
             new_tokens = len(prompts) * max(len(p) - reused for p in prompts)
-            with memory.short_prefill_on_the_heap(new_tokens):
+            with kernels.onednn(True), memory.short_prefill_on_the_heap(new_tokens):
                 batch, logits = Batch.prefill(
                     self._model, newcomers, prompts, self._pad_id, prefix_kv
                 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,17 +33,25 @@ CALIBRATION_PROMPT_TOKENS = 16
 CALIBRATION_STEPS = 2
 SECOND_COPY_SHARE = 0.125
 
+# oneDNN's switch is one flag for the whole process, and torch reads it twice within
+# one attention call (to lay a block out for oneDNN, then to run it): a model running
+# in one thread while another flips it fails ("BFloat16 Brgemm VNNI format is only
+# supported ..."). A switch loads the new model while the old one serves, so every
+# forward of every model runs under this lock, with the flag it wants.
+_FLAG_LOCK = threading.RLock()
+
 
 @contextlib.contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Run the block with oneDNN on or off (a process-wide flag: engine thread only)."""
-    before = bool(torch.backends.mkldnn.enabled)
-    # The documented switch; typeshed sees the descriptor, not the flag behind it.
-    torch.backends.mkldnn.enabled = enabled  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before  # type: ignore[assignment]
+    """Run the block, a model's forward, with oneDNN on or off and no other forward."""
+    with _FLAG_LOCK:
+        before = bool(torch.backends.mkldnn.enabled)
+        # The documented switch; typeshed sees the descriptor, not the flag behind it.
+        torch.backends.mkldnn.enabled = enabled  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = before  # type: ignore[assignment]
 
 
 class PackedLinear(nn.Module):

@@ -379,8 +379,8 @@ def short_prefill_on_the_heap(new_tokens: int) -> Iterator[None]:
     prompts were prefilled in ~245 ms instead of ~155 ms here. What such a prefill
     leaves in the heap is a few MB at most, and long prompts, whose peak the memory
     estimate predicts, are still mapped apart (the threshold is set back after it).
-    The threshold is the process's: a model loading beside a serving one measures
-    its probe beside the serving one's steps in any case.
+    The threshold is the process's: a model loading beside a serving one measures its
+    probes while no prefill runs (both hold ``kernels.onednn``).
     """
     if not _large_allocations_mapped_apart or new_tokens >= SHORT_PREFILL_TOKENS:
         yield

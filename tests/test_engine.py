@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,47 @@ def test_the_onednn_switch_is_restored():
         assert not torch.backends.mkldnn.enabled
         raise RuntimeError
     assert torch.backends.mkldnn.enabled
+
+
+# A model decoding with oneDNN off (another model's engine) beside a long bf16 prompt.
+FLAG_FLIPPED_BESIDE_A_PROMPT = """
+import sys, threading, time, torch
+from transformers import AutoModelForCausalLM
+from llmwsd import kernels
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+stop = threading.Event()
+def other_engine():
+    for _ in range(100_000):
+        if stop.is_set():
+            break
+        with kernels.onednn(False):
+            pass
+        time.sleep(0.0001)
+thread = threading.Thread(target=other_engine)
+thread.start()
+try:
+    with torch.inference_mode():
+        for _ in range(6):
+            with kernels.onednn(True):
+                model(input_ids=torch.randint(0, 1000, (1, 600)), logits_to_keep=1)
+finally:
+    stop.set()
+    thread.join()
+"""
+
+
+def test_a_forward_never_sees_another_thread_switch_onednn():
+    """A switch loads a model while the old one serves. Without kernels' lock, a CPU with
+    AMX failed the prompt ("BFloat16 Brgemm VNNI format is only supported ...") or died
+    of an illegal instruction, here every time."""
+    require_model()
+    ran = subprocess.run(
+        [sys.executable, "-c", FLAG_FLIPPED_BESIDE_A_PROMPT, str(MODEL)],
+        capture_output=True,
+        text=True,
+        timeout=REAL,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
 
 
 def test_weights_laid_out_for_onednn_give_the_same_logits(tokenizer):
