@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Always run: it converts only when the model is missing, and adds the model card's
 # sampling settings to a conversion made without them (quick either way).
 model: | $(VENV)/.installed
-	$(BIN)/python -m llmwsd.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
+	$(BIN)/python -m llmwsd.catalogue.convert --default --cache $(MODEL_CACHE) $(DEFAULT_MODEL)
 
 # Debian packages some tests need: git-lfs (pulls), and for the package and the
 # systemd system test debootstrap, debhelper, help2man, lintian, python3-venv.

@@ -1,4 +1,4 @@
-"""A small blocking client for llmwsd's admin socket (protocol in llmwsd.adminproto).
+"""A small blocking client for llmwsd's admin socket (protocol in llmwsd.protocol.admin).
 
 >>> with AdminClient.connect("/run/llmws/admin.sock") as admin:
 ...     print(admin.call("status")["model"])
@@ -20,8 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from llmwsd import adminproto
 from llmwsd.errors import LLMWSError, Unsupported, error_from_message
+from llmwsd.protocol import admin as adminproto
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 

@@ -22,8 +22,9 @@ from llmwsctl.adminclient import (
     PermissionDenied,
     default_socket_path,
 )
-from llmwsd import __version__, adminproto
+from llmwsd import __version__
 from llmwsd.errors import LLMWSError
+from llmwsd.protocol import admin as adminproto
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -34,8 +34,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from llmwsd import protocol
 from llmwsd.errors import Busy, EventsDropped, LLMWSError, Unauthorized, error_from_message
+from llmwsd.protocol import wire
 
 __all__ = [
     "DEFAULT_URL",
@@ -138,7 +138,7 @@ class Client:
         """
         if self._ws is not None:
             raise RuntimeError("already connected: disconnect() first")
-        session_id = protocol.parse_session_id(session_id)
+        session_id = wire.parse_session_id(session_id)
         self._closing = False
         self.last_seq = 0
         ws, welcome = await self._open(session_id, None)
@@ -190,10 +190,8 @@ class Client:
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise ConnectionLost(f"cannot connect to {self.url}: {e}") from e
         try:
-            await ws.send(
-                protocol.encode_message({k: v for k, v in hello.items() if v is not None})
-            )
-            first = protocol.decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
+            await ws.send(wire.encode_message({k: v for k, v in hello.items() if v is not None}))
+            first = wire.decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
         except (ConnectionClosed, TimeoutError, LLMWSError) as e:
             await ws.close()
             raise ConnectionLost(f"{self.url} did not welcome us: {e}") from e
@@ -250,11 +248,11 @@ class Client:
         with contextlib.suppress(ConnectionClosed):
             async for frame in ws:
                 try:
-                    message = protocol.decode_message(frame)
+                    message = wire.decode_message(frame)
                 except LLMWSError:
                     log.warning("ignoring a frame that is not a JSON object: %.80r", frame)
                     continue
-                if message.get("type") in protocol.GENERATION_TYPES and "seq" in message:
+                if message.get("type") in wire.GENERATION_TYPES and "seq" in message:
                     self._on_event(message)
                 elif message.get("code") == EventsDropped.code:
                     # No request's answer: the server's buffer cap lost events of an answer,
@@ -340,7 +338,7 @@ class Client:
         if self._ws is None:
             raise ConnectionLost(f"not connected to {self.url}")
         with contextlib.suppress(ConnectionClosed):  # the supervisor notices and resumes
-            await self._ws.send(protocol.encode_message(message))
+            await self._ws.send(wire.encode_message(message))
 
     def _set_aside_unsolicited(self) -> None:
         """Before a request (lock held): whatever is queued belongs to no request."""

@@ -4,7 +4,7 @@ Each section of ``llmws.toml`` is a frozen dataclass below; a key that is not a
 field, a value of the wrong type, a NaN or infinite float, or a number outside
 its range is a :class:`ConfigError` naming the file and the key. Every numeric
 field declares its range beside its default (:func:`bounded`, :func:`within`);
-[generation_defaults] uses the ranges a client is held to (llmwsd.generation).
+[generation_defaults] uses the ranges a client is held to (llmwsd.engines.interface).
 Adding a setting means adding a field with its default (and range) here and a
 commented line in ``etc/llmws/llmws.toml``.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from llmwsd.engines.interface import SETTING_RANGES, GenerationSettings, Range
 from llmwsd.errors import ConfigError
-from llmwsd.generation import SETTING_RANGES, GenerationSettings, Range
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmws/llmws.toml")
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: Config, log_level: str) -> int:
-    from llmwsd.app import Daemon, StartFailed
+    from llmwsd.daemon import Daemon, StartFailed
 
     setup_logging(config.log_dir, getattr(logging, log_level.upper()))
     try:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars (model loading, downloads) would reach the journal as binary lines;
     # llmwsd reports progress in its own log lines and to llmwsctl.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from llmwsd.security import HostAllowList
+    from llmwsd.frontends.websocket.security import HostAllowList
 
     try:
         config = load_config(args.config)

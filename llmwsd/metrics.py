@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from llmwsd.engines.interface import Failed, Finished, GenerationEvent, Started
 from llmwsd.errors import LLMWSError
-from llmwsd.generation import Failed, Finished, GenerationEvent, Started
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -3,7 +3,7 @@
 NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) and needs the
 driver's libnvidia-ml. Without either there is no GPU to report, which is an
 answer ("no NVIDIA GPU"), never an exception. The engine's own figures are added
-by the daemon (:meth:`llmwsd.app.Daemon.resources`).
+by the daemon (:meth:`llmwsd.daemon.Daemon.resources`).
 """
 
 from __future__ import annotations

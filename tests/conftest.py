@@ -20,9 +20,9 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 import websockets
 
-from llmwsd import adminproto
-from llmwsd.app import Daemon
 from llmwsd.config import parse_config
+from llmwsd.daemon import Daemon
+from llmwsd.protocol import admin as adminproto
 from tests.fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import Config
-from llmwsd.defaults import model_recommendation
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     EventCallback,
     Finished,
     GenerationRequest,
@@ -22,6 +21,7 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
+from llmwsd.service.defaults import model_recommendation
 
 
 class FakeHandle:

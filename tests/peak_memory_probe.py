@@ -12,16 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from llmwsd import memory
 from llmwsd.config import Config, EngineConfig
-from llmwsd.engine import Engine
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
     GenerationSettings,
 )
+from llmwsd.engines.transformers import measure
+from llmwsd.engines.transformers.engine import Engine
 
 NEW_TOKENS = 16
 
@@ -41,8 +41,8 @@ async def main(model: Path, prompt_words: int) -> None:
         if isinstance(event, Finished | Failed) and not ended.done():
             ended.set_result(event)
 
-    memory.release_freed_memory()
-    with memory.PeakRSS() as peak:
+    measure.release_freed_memory()
+    with measure.PeakRSS() as peak:
         engine.submit(GenerationRequest(messages, settings), on_event)
         result = await ended
     await engine.close()

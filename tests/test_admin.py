@@ -30,9 +30,11 @@ from websockets.sync.client import connect as ws_connect
 from llmwsctl import adminclient
 from llmwsctl import format as fmt
 from llmwsctl.adminclient import PermissionDenied
-from llmwsd import __version__, adminproto, kernels
-from llmwsd.app import Daemon
-from llmwsd.generation import EngineLike
+from llmwsd import __version__
+from llmwsd.daemon import Daemon
+from llmwsd.engines.interface import EngineLike
+from llmwsd.engines.transformers import kernels
+from llmwsd.protocol import admin as adminproto
 from tests.conftest import DEFAULT_MODEL, REAL, ROOT, RunningDaemon, skip_or_fail, within
 from tests.fake_engine import FakeEngine
 

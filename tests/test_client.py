@@ -21,7 +21,7 @@ import pytest
 
 from llmwsctl import chat
 from llmwsctl.client import Client, ConnectionLost, SessionLost, SyncClient
-from llmwsd.app import Daemon
+from llmwsd.daemon import Daemon
 from llmwsd.errors import (
     BadRequest,
     Busy,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import websockets
 
-from llmwsd import defaults
+from llmwsd.catalogue.convert import DEFAULT_MODEL_SETTINGS, recommend
 from llmwsd.config import parse_config
-from llmwsd.convert import DEFAULT_MODEL_SETTINGS, recommend
+from llmwsd.service import defaults
 from tests.conftest import DEFAULT_MODEL, REAL, RunningDaemon, answer_text, recv_json, recv_until
 
 MODEL_CARD = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "eos_token_id": 2}

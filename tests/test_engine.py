@@ -18,21 +18,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmwsd import engine as engine_module
-from llmwsd import kernels
-from llmwsd.batch import Batch, prefill_groups
 from llmwsd.config import Config, EngineConfig, ModelConfig
-from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
-from llmwsd.engine import (
-    Engine,
-    choose_attention,
-    choose_device,
-    choose_dtype,
-    choose_max_batch_size,
-    template_ids,
-)
-from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     Failed,
     Finished,
     GenerationEvent,
@@ -41,7 +28,20 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
-from llmwsd.sampling import TokenSampler, choose_tokens
+from llmwsd.engines.transformers import engine as engine_module
+from llmwsd.engines.transformers import kernels
+from llmwsd.engines.transformers.batch import Batch, prefill_groups
+from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.transformers.engine import (
+    Engine,
+    choose_attention,
+    choose_device,
+    choose_dtype,
+    choose_max_batch_size,
+    template_ids,
+)
+from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
+from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
 from tests.conftest import REAL, eventually, skip_or_fail, within
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
@@ -299,7 +299,7 @@ def test_the_onednn_switch_is_restored():
 FLAG_FLIPPED_BESIDE_A_PROMPT = """
 import sys, threading, time, torch
 from transformers import AutoModelForCausalLM
-from llmwsd import kernels
+from llmwsd.engines.transformers import kernels
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
 stop = threading.Event()
 def other_engine():
@@ -369,7 +369,7 @@ async def test_paris_greedy_through_load():
         assert run.end.total_tokens > 0 and run.end.ttft_ms > 0 and run.end.tokens_per_s > 0
         stats = engine.stats()
         assert stats["active"] == 0 and stats["queued"] == 0 and stats["steps"] > 0
-        # The same answer whichever kernels decode it (llmwsd.kernels chose at load).
+        # The same answer whichever kernels decode it (the kernels module chose at load).
         chosen = engine._plain_decoding_rows
         engine._plain_decoding_rows = 0 if chosen else engine.max_batch_size
         assert (await generate(engine, PARIS)).text == run.text

@@ -22,9 +22,9 @@ import pytest
 import websockets
 from websockets.frames import Frame, Opcode
 
-from llmwsd.app import Daemon
 from llmwsd.config import parse_config
-from llmwsd.session_store import load_key, read_log
+from llmwsd.daemon import Daemon
+from llmwsd.sessions.files import load_key, read_log
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,

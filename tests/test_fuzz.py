@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from llmwsd import protocol
-from llmwsd.app import Daemon
+from llmwsd.daemon import Daemon
 from llmwsd.errors import LLMWSError
-from llmwsd.protocol import CLIENT_TYPES, GENERATION_TYPES
-from llmwsd.sessions import Session
+from llmwsd.protocol import wire
+from llmwsd.protocol.wire import CLIENT_TYPES, GENERATION_TYPES
+from llmwsd.sessions.session import Session
 from tests.conftest import FAST, within, ws_url
 
 # Cases print as their (cut) repr; hypothesis warns about the long strings all the same.
@@ -340,7 +340,7 @@ def decoded(frame: Frame) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        return protocol.decode_message(text)
+        return wire.decode_message(text)
     except LLMWSError:
         return None
 
@@ -758,9 +758,9 @@ def test_fuzzed_pull_arguments_never_become_options(
     revision,
     name,
 ) -> None:
-    from llmwsd import fetch
+    from llmwsd.catalogue import fetch
+    from llmwsd.catalogue.pull import Pulls
     from llmwsd.config import parse_config
-    from llmwsd.pull import Pulls
 
     started: list[list[str]] = []
 

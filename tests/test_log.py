@@ -10,7 +10,7 @@ import time
 
 import websockets
 
-from llmwsd.app import Daemon
+from llmwsd.daemon import Daemon
 from tests.conftest import LLMWSD, RunningDaemon, free_port, recv_json, recv_until, ws_url
 
 

@@ -19,9 +19,11 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoConfig, Gemma2Config, MistralConfig, Qwen2Config
 
-from llmwsd import memory, resources
-from llmwsd.app import Daemon
-from llmwsd.memory import KVLayout, MemoryEstimate
+from llmwsd import resources
+from llmwsd.daemon import Daemon
+from llmwsd.engines import memory
+from llmwsd.engines.memory import KVLayout, MemoryEstimate
+from llmwsd.engines.transformers import measure
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,
@@ -163,18 +165,18 @@ def test_a_short_prefill_takes_tensors_up_to_1_mib_from_the_heap(
     thresholds: list[int] = []
 
     def mallopt(parameter: int, value: int) -> int:
-        assert parameter == memory.M_MMAP_THRESHOLD
+        assert parameter == measure.M_MMAP_THRESHOLD
         thresholds.append(value)
         return 1
 
-    monkeypatch.setattr(memory, "_glibc_function", lambda name: mallopt)
-    monkeypatch.setattr(memory, "_large_allocations_mapped_apart", False)
-    with memory.short_prefill_on_the_heap(8):
+    monkeypatch.setattr(measure, "_glibc_function", lambda name: mallopt)
+    monkeypatch.setattr(measure, "_large_allocations_mapped_apart", False)
+    with measure.short_prefill_on_the_heap(8):
         assert thresholds == []  # the process never had large allocations mapped apart
-    assert memory.map_large_allocations_apart()
-    with memory.short_prefill_on_the_heap(memory.SHORT_PREFILL_TOKENS):
+    assert measure.map_large_allocations_apart()
+    with measure.short_prefill_on_the_heap(measure.SHORT_PREFILL_TOKENS):
         assert thresholds == [256 * 1024]  # a long prefill stays mapped apart
-    with pytest.raises(RuntimeError), memory.short_prefill_on_the_heap(100):
+    with pytest.raises(RuntimeError), measure.short_prefill_on_the_heap(100):
         assert thresholds[-1] == 1024 * 1024
         raise RuntimeError("the prefill failed")
     assert thresholds[-1] == 256 * 1024  # set back, even after a failure

@@ -28,10 +28,11 @@ from urllib.parse import urlparse
 import pytest
 import websockets
 
-from llmwsd import fetch, modelmanager
-from llmwsd.app import Daemon
 from llmwsd.auth import TokenStore
+from llmwsd.catalogue import fetch
+from llmwsd.daemon import Daemon
 from llmwsd.errors import LLMWSError
+from llmwsd.service import model_changes
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,
@@ -514,7 +515,7 @@ def test_pull_from_the_hub_resumes_after_a_dropped_connection(
 
 @pytest.mark.slow  # the conversion loads the whole model in a child process
 def test_pull_a_local_gguf_file_converts_it(idle: RunningDaemon) -> None:
-    from llmwsd.convert import default_gguf
+    from llmwsd.catalogue.convert import default_gguf
 
     sock = idle_sock(idle)
     relative = ctl(sock, "pull", "models/x.gguf")
@@ -674,7 +675,7 @@ async def test_public_port_management_with_an_admin_token(
 
 def short_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """No room for a second model beside the first: switches must unload first."""
-    monkeypatch.setattr(modelmanager, "free_memory", lambda device: 0)
+    monkeypatch.setattr(model_changes, "free_memory", lambda device: 0)
 
 
 async def test_switch_unloads_first_when_memory_is_short_and_requests_wait(

@@ -1,4 +1,4 @@
-"""llmwsd.admission without a daemon: a stand-in engine and memory estimate.
+"""llmwsd.service.admission without a daemon: a stand-in engine and memory estimate.
 
 Written against the mutants `make mutate` found alive (docs/testing.md).
 """
@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from llmwsd.admission import Admission
 from llmwsd.config import LimitsConfig
-from llmwsd.errors import Busy
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     Failed,
     Finished,
     GenerationRequest,
     GenerationSettings,
     ModelInfo,
 )
+from llmwsd.errors import Busy
+from llmwsd.service.admission import Admission
 
 
 class Handle:

@@ -1,4 +1,4 @@
-"""llmwsd.protocol's parsing, exactly: what a client sends, what it is told back.
+"""llmwsd.protocol.wire's parsing, exactly: what a client sends, what it is told back.
 
 Written against the mutants `make mutate` found alive (docs/testing.md): each test is a
 behaviour a client relies on.
@@ -12,7 +12,7 @@ import math
 import pytest
 
 from llmwsd.errors import BadRequest, InvalidJSON
-from llmwsd.protocol import (
+from llmwsd.protocol.wire import (
     decode_message,
     encode_message,
     is_legacy_end_frame,

@@ -1,4 +1,4 @@
-"""llmwsd.security: what the public port lets in, and what a refused client reads.
+"""The public port's gate: what it lets in, and what a refused client reads.
 
 Written against the mutants `make mutate` found alive (docs/testing.md). Requests to a
 daemon go over real sockets on 127.0.0.1, each wait with its own short timeout.
@@ -21,7 +21,7 @@ from websockets.http11 import Request
 
 from llmwsd.config import ApiConfig, Config, LimitsConfig, ServerConfig
 from llmwsd.errors import ConfigError
-from llmwsd.security import (
+from llmwsd.frontends.websocket.security import (
     Gatekeeper,
     HostAllowList,
     MessageRate,
@@ -119,7 +119,7 @@ def test_a_star_allows_every_origin_and_a_listed_one_matches_whole():
 
 def test_the_bucket_refills_at_the_rate_up_to_the_burst(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("llmwsd.security.time", clock)
+    monkeypatch.setattr("llmwsd.frontends.websocket.security.time", clock)
     rate = MessageRate(rate=2.0, burst=2)
     assert [rate.allow() for _ in range(3)] == [True, True, False]
     clock.now += 0.5  # one message's worth
@@ -157,7 +157,7 @@ def test_the_allow_list_from_the_configuration():
 
 
 def test_localhost_is_always_allowed(monkeypatch):
-    monkeypatch.setattr("llmwsd.security.machine_names", lambda: frozenset())
+    monkeypatch.setattr("llmwsd.frontends.websocket.security.machine_names", lambda: frozenset())
     hosts = HostAllowList.from_config(Config())
     assert hosts.names == {"localhost"}
     assert hosts.allows("localhost") and not hosts.allows("my-laptop")

@@ -1,4 +1,4 @@
-"""llmwsd.sessions: what a client is told, and what survives a restart.
+"""llmwsd.sessions.session: what a client is told, and what survives a restart.
 
 Written against the mutants `make mutate` found alive (docs/testing.md). The store is
 driven directly, as the engine and the connection would; a restart is a second store
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from llmwsd.config import SessionsConfig
+from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
 from llmwsd.errors import Busy, Interrupted, NotFound
-from llmwsd.generation import Failed, Finished, GenerationSettings, Started, TokenText
-from llmwsd.sessions import Session, SessionStore, client_of
+from llmwsd.sessions.session import Session, SessionStore, client_of
 from tests.conftest import FAST, eventually, within
 
 

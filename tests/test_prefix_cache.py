@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmwsd.prefix_cache import PrefixCache, shared_length
+from llmwsd.engines.transformers.prefix_cache import PrefixCache, shared_length
 
 
 def kv(tokens: int) -> torch.Tensor:

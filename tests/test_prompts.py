@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from llmwsd.app import Daemon
-from llmwsd.detokenize import StopStringFilter
+from llmwsd.daemon import Daemon
+from llmwsd.engines.transformers.detokenize import StopStringFilter
 from tests.conftest import RunningDaemon, answer_text, recv_json, recv_until, ws_url
 
 SETTINGS = settings(

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import websockets
 
-from llmwsd.app import Daemon
+from llmwsd.daemon import Daemon
 from tests.conftest import FAST, ROOT, answer_text, collect, recv_json, recv_until, ws_url
 
 WS_UPGRADE = (

@@ -1,6 +1,6 @@
 """Sampling is numerically safe for every setting a client may send (issue #17, point 4).
 
-The unit sweep runs every edge of the ranges that llmwsd.generation accepts through
+The unit sweep runs every edge of the ranges that llmwsd.engines.interface accepts through
 ``choose_tokens``; the daemon test sends the tiniest values to the real model.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 import websockets
 
-from llmwsd.generation import GenerationSettings
-from llmwsd.sampling import TokenSampler, choose_tokens
+from llmwsd.engines.interface import GenerationSettings
+from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from tests.conftest import RunningDaemon, recv_json, recv_until
 
 VOCAB = 32

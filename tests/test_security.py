@@ -25,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 
 from llmwsd import auth
 from llmwsd.errors import ConfigError
-from llmwsd.security import host_name
+from llmwsd.frontends.websocket.security import host_name
 from tests.conftest import (
     FAST,
     REAL,

@@ -23,9 +23,9 @@ import pytest
 import websockets
 
 from llmwsd.config import SessionsConfig
+from llmwsd.engines.interface import Finished, GenerationSettings, Started, TokenText
 from llmwsd.errors import Busy, ConfigError
-from llmwsd.generation import Finished, GenerationSettings, Started, TokenText
-from llmwsd.session_store import (
+from llmwsd.sessions.files import (
     HEADER_SIZE,
     RECORD_LENGTH,
     LogCorrupt,
@@ -33,7 +33,7 @@ from llmwsd.session_store import (
     load_key,
     read_log,
 )
-from llmwsd.sessions import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
+from llmwsd.sessions.session import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,
@@ -370,7 +370,7 @@ async def test_sessions_that_expired_while_the_daemon_was_down_are_removed(
 ):
     store = await open_store(tmp_path)
     with monkeypatch.context() as m:
-        m.setattr("llmwsd.sessions.time", TwoHoursAgo)
+        m.setattr("llmwsd.sessions.session.time", TwoHoursAgo)
         old = store.create()
         generate(old, "cut off", ["part"], finish=False)
     recent = store.create()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from llmwsd.errors import BadRequest, LLMWSError
 
 if TYPE_CHECKING:
-    from llmwsd.memory import MemoryEstimate
+    from llmwsd.engines.memory import MemoryEstimate
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -179,7 +179,7 @@ class ModelInfo:
     compute_capability: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     memory: MemoryEstimate | None = None  # how max_context was derived; None: not measured
-    # Sampling settings from the model's generation_config.json (llmwsd.defaults).
+    # Sampling settings from the model's generation_config.json (llmwsd.service.defaults).
     recommended: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> dict[str, Any]:
@@ -203,7 +203,7 @@ class GenerationHandle(Protocol):
 
 
 class EngineLike(Protocol):
-    """What the daemon needs of an engine (llmwsd.engine.Engine, or a test's fake)."""
+    """What the daemon needs of an engine (the transformers engine, or a test's fake)."""
 
     info: ModelInfo
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llmwsd import memory
+from llmwsd.engines import memory
 
 Row = TypeVar("Row")
 

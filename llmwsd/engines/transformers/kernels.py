@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional
 from transformers import DynamicCache
 
-from llmwsd import memory
+from llmwsd.engines.transformers import measure
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _step_seconds(model: Any, rows: int, use_onednn: bool) -> float:
     """The best of a few decoding steps of ``rows`` rows (after one untimed step)."""
     with onednn(use_onednn):
         cache = DynamicCache(config=model.config)
-        prompt = memory.random_prompts(model, rows, CALIBRATION_PROMPT_TOKENS)
+        prompt = measure.random_prompts(model, rows, CALIBRATION_PROMPT_TOKENS)
         model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         token = prompt[:, -1:]
         model(input_ids=token, cache=cache, use_cache=True)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from llmwsd import protocol
 from llmwsd.auth import Identity
 from llmwsd.errors import (
     BadRequest,
@@ -30,12 +29,13 @@ from llmwsd.errors import (
     UnknownType,
     Unsupported,
 )
-from llmwsd.security import client_address
-from llmwsd.sessions import Session
+from llmwsd.frontends.websocket.security import client_address
+from llmwsd.protocol import wire
+from llmwsd.sessions.session import Session
 
 if TYPE_CHECKING:
-    from llmwsd.app import Daemon
-    from llmwsd.pull import Pull
+    from llmwsd.catalogue.pull import Pull
+    from llmwsd.daemon import Daemon
 
 log = logging.getLogger("llmwsd.connection")
 
@@ -83,7 +83,7 @@ class JsonConnection:
         }
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(protocol.encode_message(message))
+        await self.ws.send(wire.encode_message(message))
 
     async def send_error(self, error: LLMWSError, **extra: Any) -> None:
         await self.send({**error.to_message(), **extra})
@@ -140,8 +140,8 @@ class JsonConnection:
             await self.dispatch_frame(frame)
 
     def _attach(self, hello: dict[str, Any]) -> tuple[Session, bool, int | None]:
-        session_id = protocol.parse_session_id(hello.get("session_id"))
-        last_seq = protocol.parse_seq(hello.get("last_seq"))
+        session_id = wire.parse_session_id(hello.get("session_id"))
+        last_seq = wire.parse_seq(hello.get("last_seq"))
         session = self.daemon.sessions.get(session_id) if session_id else None
         if session is not None and session.token_id != self.identity.token_id:
             # Another token's session: as good as unknown, without saying whether it exists.
@@ -193,7 +193,7 @@ class JsonConnection:
                     f"too many messages: at most {limits.messages_per_second:g} per second "
                     f"(bursts of {limits.message_burst}); this one was dropped"
                 )
-            message = protocol.decode_message(frame)
+            message = wire.decode_message(frame)
         except LLMWSError as e:
             await self.send_error(e)
             return
@@ -239,7 +239,7 @@ class JsonConnection:
         await self.send({"type": "config_ack", "config": self.current.settings.to_dict()})
 
     async def on_inference(self, message: dict[str, Any]) -> None:
-        prompt = protocol.parse_prompt(message.get("prompt"))
+        prompt = wire.parse_prompt(message.get("prompt"))
         length = len(prompt["system"]) + len(prompt["user"])
         limit = self.daemon.config.limits.max_prompt_chars
         if length > limit:
@@ -256,7 +256,7 @@ class JsonConnection:
         await self.send({"type": "cancel_ack", "cancelled": True, "request_id": running.request_id})
 
     async def on_ack(self, message: dict[str, Any]) -> None:
-        seq = protocol.parse_seq(message.get("seq"), "seq")
+        seq = wire.parse_seq(message.get("seq"), "seq")
         through, dropped = self.current.ack(seq)
         await self.send({"type": "ack_received", "seq": through, "dropped": dropped})
 

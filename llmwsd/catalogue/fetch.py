@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from llmwsd import models
+from llmwsd.catalogue import models
 from llmwsd.errors import BadRequest, DiskFull, InternalError, LLMWSError, NotFound
 
 log = logging.getLogger("llmwsd.pull")
@@ -567,7 +567,14 @@ def import_gguf(pull: Pull) -> None:
     shutil.rmtree(pull.model_dir, ignore_errors=True)
     pull.set_stage("converting", f"converting {gguf.name} to safetensors")
     pull.start_file(gguf.name, pull.total)
-    argv = [sys.executable, "-m", "llmwsd.convert", str(pull.model_dir), "--gguf", str(gguf)]
+    argv = [
+        sys.executable,
+        "-m",
+        "llmwsd.catalogue.convert",
+        str(pull.model_dir),
+        "--gguf",
+        str(gguf),
+    ]
     run_child(pull, argv, pull.folder)
     pull.add_bytes(pull.total)
 

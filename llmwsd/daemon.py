@@ -19,12 +19,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from llmwsd import __version__, defaults, models, resources
-from llmwsd.admin import AdminServer
-from llmwsd.admission import Admission, QueuedCallback, Ticket
+from llmwsd import __version__, resources
+from llmwsd.catalogue import models
 from llmwsd.config import Config, load_config
-from llmwsd.errors import ConfigError, LLMWSError, NoModel
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     EngineLike,
     EventCallback,
     Failed,
@@ -33,11 +31,15 @@ from llmwsd.generation import (
     GenerationRequest,
     GenerationSettings,
 )
+from llmwsd.errors import ConfigError, LLMWSError, NoModel
+from llmwsd.frontends.admin.server import AdminServer
+from llmwsd.frontends.websocket.server import PublicServer
 from llmwsd.metrics import Metrics
-from llmwsd.modelmanager import ModelManager
-from llmwsd.protocol import PROTOCOL_VERSION
-from llmwsd.server import PublicServer
-from llmwsd.sessions import Session, SessionStore
+from llmwsd.protocol.wire import PROTOCOL_VERSION
+from llmwsd.service import defaults
+from llmwsd.service.admission import Admission, QueuedCallback, Ticket
+from llmwsd.service.model_changes import ModelManager
+from llmwsd.sessions.session import Session, SessionStore
 from llmwsd.systemd import Notifier
 
 log = logging.getLogger("llmwsd")
@@ -49,7 +51,9 @@ LOAD_TIMEOUT_EXTENSION_S = 90.0
 
 
 async def load_transformers_engine(config: Config, path: Path) -> EngineLike:
-    from llmwsd.engine import Engine  # torch is imported only when a model is loaded
+    from llmwsd.engines.transformers.engine import (
+        Engine,  # torch is imported only when a model is loaded
+    )
 
     return await Engine.load(config, path)
 

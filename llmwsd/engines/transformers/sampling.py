@@ -8,7 +8,7 @@ costs as much as a good part of a decoding step on a small CPU. The order is
 that of transformers' ``generate()``: repetition penalty, minimum length,
 temperature, top-k, top-p.
 
-Every setting the ranges of llmwsd.generation accept samples a valid token: the
+Every setting the ranges of llmwsd.engines.interface accept samples a valid token: the
 settings are float64 and the logits float32, where 1e-300 is 0.0, so a divisor
 (temperature, repetition penalty) is at least the smallest normal float32, logits
 are clamped to finite values and shifted so that the best one is 0 before the
@@ -21,7 +21,7 @@ import secrets
 
 import torch
 
-from llmwsd.generation import GenerationSettings
+from llmwsd.engines.interface import GenerationSettings
 
 _FLOAT32 = torch.finfo(torch.float32)
 

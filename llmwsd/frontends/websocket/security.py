@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from llmwsd.auth import Authenticator, Identity
 from llmwsd.config import Config
 from llmwsd.errors import ConfigError
-from llmwsd.http import response
+from llmwsd.frontends.websocket.http import response
 
 log = logging.getLogger("llmwsd.security")
 

@@ -27,10 +27,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from llmwsd import models
-from llmwsd.config import Config
-from llmwsd.errors import BadRequest, Busy, InternalError, LLMWSError, NotFound
-from llmwsd.fetch import (
+from llmwsd.catalogue import models
+from llmwsd.catalogue.fetch import (
     Progress,
     Pull,
     PullStopped,
@@ -45,6 +43,8 @@ from llmwsd.fetch import (
     parse_source,
     verify_model,
 )
+from llmwsd.config import Config
+from llmwsd.errors import BadRequest, Busy, InternalError, LLMWSError, NotFound
 
 log = logging.getLogger("llmwsd.pull")
 

@@ -116,7 +116,7 @@ def find_web_root(configured: str) -> Path | None:
     candidates = [Path(configured)] if configured else []
     candidates += [
         Path("/usr/share/llmws/web"),
-        Path(__file__).resolve().parent.parent / "share" / "web",
+        Path(__file__).resolve().parents[3] / "share" / "web",  # the source tree
     ]
     for candidate in candidates:
         if (candidate / "index.html").is_file():

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import SessionsConfig
-from llmwsd.errors import Busy, EventsDropped, Interrupted, NotFound
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     Failed,
     Finished,
     GenerationEvent,
@@ -34,7 +33,8 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
-from llmwsd.session_store import SessionFiles, encode_record
+from llmwsd.errors import Busy, EventsDropped, Interrupted, NotFound
+from llmwsd.sessions.files import SessionFiles, encode_record
 
 log = logging.getLogger("llmwsd.sessions")
 

@@ -4,8 +4,8 @@ The admin socket calls these, and so does the public port's ``switch_model``,
 ``download_model`` and ``delete_model`` where the operator allows them, which is
 why they live here. One switch or delete runs at a time; a second is refused
 with ``busy`` rather than queued behind a load that can take minutes (pulls run
-beside them, see :mod:`llmwsd.pull`). Names are checked with
-:func:`llmwsd.models.validate_model_name` before any filesystem call.
+beside them, see :mod:`llmwsd.catalogue.pull`). Names are checked with
+:func:`llmwsd.catalogue.models.validate_model_name` before any filesystem call.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from llmwsd import models
+from llmwsd.catalogue import models
+from llmwsd.catalogue.pull import Pulls
+from llmwsd.engines.interface import EngineLike
 from llmwsd.errors import Busy, Forbidden, InternalError
-from llmwsd.generation import EngineLike
-from llmwsd.pull import Pulls
 
 if TYPE_CHECKING:
-    from llmwsd.app import Daemon
+    from llmwsd.daemon import Daemon
 
 log = logging.getLogger("llmwsd.models")
 

@@ -4,7 +4,7 @@ Everything here runs on the event loop, before any compute. A request first
 meets the context limit (:meth:`Admission.allowed_new_tokens`): a prompt that
 leaves no room is ``context_too_long``; one that leaves less room than its
 ``max_new_tokens`` is refused or gets fewer (``[limits] on_overflow``). Then it
-reserves its worst case in memory (:class:`~llmwsd.memory.MemoryEstimate`):
+reserves its worst case in memory (:class:`~llmwsd.engines.memory.MemoryEstimate`):
 while the running requests and it would not fit together, it waits in a bounded
 FIFO queue and hears its position. Its reservation is released by its last
 event (done, error, cancelled), whoever ended it.
@@ -18,8 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmwsd.config import LimitsConfig
-from llmwsd.errors import Busy, ContextTooLong, Interrupted
-from llmwsd.generation import (
+from llmwsd.engines.interface import (
     EngineLike,
     EventCallback,
     Failed,
@@ -28,7 +27,8 @@ from llmwsd.generation import (
     GenerationHandle,
     GenerationRequest,
 )
-from llmwsd.memory import MemoryEstimate
+from llmwsd.engines.memory import MemoryEstimate
+from llmwsd.errors import Busy, ContextTooLong, Interrupted
 
 log = logging.getLogger("llmwsd.admission")
 

@@ -1,7 +1,7 @@
 """The admin socket: llmwsctl's way into the daemon, a Unix socket for root and the daemon's group.
 
 The socket is ``<runtime_dir>/admin.sock``, mode 0660, group the daemon's own.
-The framing is in :mod:`llmwsd.adminproto`. One request runs at a time per
+The framing is in :mod:`llmwsd.protocol.admin`. One request runs at a time per
 connection; a command keeps running when its client leaves (a half-done model
 switch would help nobody), its answer is then dropped. Who sent each command
 that changes something (SO_PEERCRED uid and pid) goes to the log.
@@ -19,8 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmwsd import __version__, adminproto
-from llmwsd.connection import CLOSE_SESSION_DROPPED
+from llmwsd import __version__
 from llmwsd.errors import (
     BadRequest,
     ConfigError,
@@ -29,10 +28,12 @@ from llmwsd.errors import (
     NotFound,
     UnknownType,
 )
-from llmwsd.modelmanager import Progress
+from llmwsd.frontends.websocket.connection import CLOSE_SESSION_DROPPED
+from llmwsd.protocol import admin as adminproto
+from llmwsd.service.model_changes import Progress
 
 if TYPE_CHECKING:
-    from llmwsd.app import Daemon
+    from llmwsd.daemon import Daemon
 
 log = logging.getLogger("llmwsd.admin")
 

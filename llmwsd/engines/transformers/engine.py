@@ -5,7 +5,7 @@ engine thread takes the requests that arrived (tokenizes them, answers
 ``Started``), prefills the ones that fit into the batch, decodes one token for
 every running request in a single forward pass, and drops the ones that
 finished or were cancelled. The running requests share one left-padded KV cache
-(:mod:`llmwsd.batch`). On the 2-core development CPU this beat transformers'
+(:mod:`llmwsd.engines.transformers.batch`). On the 2-core development CPU this beat transformers'
 own continuous batching (``generate_batch``, built for CUDA paged attention) by
 about 1.6x for 8 prompts (bf16, greedy, 128 new tokens each).
 
@@ -30,13 +30,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmwsd import kernels, memory
-from llmwsd.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.config import Config
-from llmwsd.defaults import model_recommendation
-from llmwsd.detokenize import IncrementalDetokenizer, StopStringFilter
-from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
-from llmwsd.generation import (
+from llmwsd.engines import memory
+from llmwsd.engines.interface import (
     EventCallback,
     Failed,
     Finished,
@@ -46,8 +42,13 @@ from llmwsd.generation import (
     Started,
     TokenText,
 )
-from llmwsd.prefix_cache import PrefixCache
-from llmwsd.sampling import TokenSampler, choose_tokens
+from llmwsd.engines.transformers import kernels, measure
+from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, rows_can_join
+from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.transformers.prefix_cache import PrefixCache
+from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
+from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
+from llmwsd.service.defaults import model_recommendation
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def choose_max_batch_size(configured: int, device: str) -> int:
 
 
 def max_context_of(model_config: Any) -> int:
-    """The model's own longest prompt plus answer, in tokens (memory.estimate may lower it)."""
+    """The model's own longest prompt plus answer, in tokens (measure.estimate may lower it)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(model_config, key, None)
         if isinstance(value, int) and value > 0:
@@ -207,7 +208,7 @@ class Engine:
     ) -> None:
         self.info = info
         self.max_batch_size = max_batch_size
-        self._plain_decoding_rows = plain_decoding_rows  # see llmwsd.kernels
+        self._plain_decoding_rows = plain_decoding_rows  # see llmwsd.engines.transformers.kernels
         self._model = model
         self._tokenizer = tokenizer  # used by the engine thread only
         self._count_tokenizer = count_tokenizer  # a second instance: tokenizers are not thread-safe
@@ -265,7 +266,7 @@ class Engine:
             config.engine.attention, device, capability, flash_attn_importable()
         )
         log.info("loading %s on %s (%s, %s attention)", path, device, dtype, attention)
-        if device == "cpu" and not memory.map_large_allocations_apart():
+        if device == "cpu" and not measure.map_large_allocations_apart():
             log.warning("cannot tune the C allocator (not glibc): memory figures are rougher")
         tokenizer = AutoTokenizer.from_pretrained(path)
         count_tokenizer = AutoTokenizer.from_pretrained(path)
@@ -281,7 +282,7 @@ class Engine:
         # After the layout work, so that the memory it took is not counted as free.
         # Cached prefixes are spliced into the shared cache: only where rows can join.
         with kernels.onednn(True):  # its probes are forwards (see kernels._FLAG_LOCK)
-            estimate = memory.estimate(
+            estimate = measure.estimate(
                 model,
                 config.memory,
                 device,
@@ -500,7 +501,7 @@ class Engine:
             prefix_kv = self._cached_prefix(prompts)
             reused = 0 if prefix_kv is None else prefix_kv.shape[-2]
             new_tokens = len(prompts) * max(len(p) - reused for p in prompts)
-            with kernels.onednn(True), memory.short_prefill_on_the_heap(new_tokens):
+            with kernels.onednn(True), measure.short_prefill_on_the_heap(new_tokens):
                 batch, logits = Batch.prefill(
                     self._model, newcomers, prompts, self._pad_id, prefix_kv
                 )

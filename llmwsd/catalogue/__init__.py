@@ -1,0 +1,1 @@
+"""Model folders: finding, pulling, fetching and converting models."""

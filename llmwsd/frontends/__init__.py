@@ -1,0 +1,1 @@
+"""What clients talk to: the public WebSocket port and the admin socket."""

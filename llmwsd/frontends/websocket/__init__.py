@@ -1,0 +1,1 @@
+"""The public port: HTTP routes, the gate (hosts, origins, tokens, limits), connections."""

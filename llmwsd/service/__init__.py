@@ -1,0 +1,1 @@
+"""The generation service: model changes, admission, generation defaults."""

@@ -1,0 +1,1 @@
+"""Sessions: the resumable event buffers and their encrypted on-disk log."""
