@@ -1,9 +1,13 @@
-"""The daemon: owns the configuration, the engine, the sessions and the listeners.
+"""The daemon: lifecycle and wiring. Start, reload, shut down; nothing else.
 
-Start-up order: folders, public socket, model (READY=1 only once it is
-loaded), then serve until SIGTERM/SIGINT. :meth:`Daemon.shutdown` is the one
-idempotent way out: stop listening, close clients with 1001, let running
-generations finish within ``[server] drain_timeout``, free the model.
+The parts, from the top down: the frontends (the public port, the admin socket)
+call the service (:mod:`llmwsd.service`: the model slot and its changes, the
+generation path, the reports), which drives the engine and the sessions.
+
+Start-up order: the port, folders, the admin socket, sessions, the model (READY=1
+only once it is loaded), then serve until SIGTERM/SIGINT. :meth:`Daemon.shutdown`
+is the one idempotent way out: stop listening, close clients with 1001, let
+running generations finish within ``[server] drain_timeout``, free the model.
 """
 
 from __future__ import annotations
@@ -15,45 +19,35 @@ import errno
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from llmwsd import __version__, resources
+from llmwsd.auth import Authenticator
 from llmwsd.catalogue import models
 from llmwsd.config import Config, load_config
-from llmwsd.engines.interface import (
-    EngineLike,
-    EventCallback,
-    Failed,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    GenerationSettings,
-)
-from llmwsd.errors import ConfigError, LLMWSError, NoModel
+from llmwsd.engines.interface import EngineLike
+from llmwsd.errors import ConfigError, LLMWSError
 from llmwsd.frontends.admin.server import AdminServer
 from llmwsd.frontends.websocket.server import PublicServer
 from llmwsd.metrics import Metrics
-from llmwsd.protocol.wire import PROTOCOL_VERSION
 from llmwsd.service import defaults
-from llmwsd.service.admission import Admission, QueuedCallback, Ticket
-from llmwsd.service.model_changes import ModelManager
-from llmwsd.sessions.session import Session, SessionStore
+from llmwsd.service.generation import GenerationService
+from llmwsd.service.model_changes import EngineLoader, ModelChanges
+from llmwsd.service.model_slot import ModelSlot, ModelState
+from llmwsd.service.reports import Reports
+from llmwsd.service.services import Services
+from llmwsd.sessions.session import SessionStore
 from llmwsd.systemd import Notifier
 
 log = logging.getLogger("llmwsd")
-
-EngineLoader = Callable[[Config, Path], Awaitable[EngineLike]]
 
 # systemd's start timeout is extended by this much, again and again, while a model loads.
 LOAD_TIMEOUT_EXTENSION_S = 90.0
 
 
 async def load_transformers_engine(config: Config, path: Path) -> EngineLike:
-    from llmwsd.engines.transformers.engine import (
-        Engine,  # torch is imported only when a model is loaded
-    )
+    # torch is imported only when a model is loaded.
+    from llmwsd.engines.transformers.engine import Engine
 
     return await Engine.load(config, path)
 
@@ -66,44 +60,49 @@ class Daemon:
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
-        self.engine_loader = engine_loader
         self.notifier = notifier or Notifier()
-        self.metrics = Metrics(self.live_figures)
-        self._engine: EngineLike | None = None
         self.defaults = defaults.resolve(config, {})
         self.sessions = SessionStore(self.defaults.settings, config.sessions, config.state_dir)
-        self._admission: Admission | None = None
-        self.model_state = "loading"  # loading, ready, none, failed
-        self.model_error = ""
-        self.started_at = time.time()
-        self.server = PublicServer(self)
-        self.admin = AdminServer(self)
-        self.model_manager = ModelManager(self)
+        self.slot = ModelSlot(config.limits, self._model_changed)
+        self.models = ModelChanges(self.slot, lambda: self.config, engine_loader, self._status)
+        self.reports = Reports(self.slot, self.sessions, lambda: self.config, lambda: self.defaults)
+        self.metrics = Metrics(self.reports.live_figures)
+        self.generation = GenerationService(self.slot, config.limits, self.metrics)
+        api = config.api
+        services = Services(
+            config=lambda: self.config,
+            defaults=lambda: self.defaults,
+            sessions=self.sessions,
+            slot=self.slot,
+            models=self.models,
+            generation=self.generation,
+            reports=self.reports,
+            metrics=self.metrics,
+            auth=Authenticator(api.tokens_file, api.admin_tokens_file, api.max_auth_failures),
+        )
+        self.server = PublicServer(services)
+        self.admin = AdminServer(services, self.reload, self._listen_address)
         self._stop_requested = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
 
-    @property
-    def engine(self) -> EngineLike | None:
-        return self._engine
+    def _model_changed(self, engine: EngineLike | None) -> None:
+        """Every model change comes here: new sessions get that model's defaults."""
+        recommended = engine.info.recommended if engine is not None else {}
+        self._refresh_defaults(recommended)
 
-    @engine.setter
-    def engine(self, engine: EngineLike | None) -> None:
-        """Every model change goes through here: new sessions get that model's defaults."""
-        self._engine = engine
-        self._refresh_defaults()
-
-    @property
-    def default_settings(self) -> GenerationSettings:
-        return self.defaults.settings
-
-    def _refresh_defaults(self) -> None:
-        recommended = self._engine.info.recommended if self._engine is not None else {}
+    def _refresh_defaults(self, recommended: dict[str, Any]) -> None:
         fresh = defaults.resolve(self.config, recommended)
         if fresh != self.defaults:
             log.info("generation defaults for new sessions: %s", fresh.describe())
         self.defaults = fresh
         self.sessions.default_settings = fresh.settings
+
+    def _listen_address(self) -> str:
+        return f"{self.server.scheme}://{self.config.server.host}:{self.server.port}/"
+
+    def _status(self, text: str | None) -> None:
+        self.notifier.status(text if text is not None else self.reports.status_line())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -116,7 +115,7 @@ class Daemon:
         # The port first, before anything is written: a busy one stops here, leaving no trace.
         await self.bind_port()
         self.prepare_folders()
-        self.model_manager.pulls.open()
+        self.models.pulls.open()
         # Then the admin socket: a second daemon on this runtime folder stops here.
         await self.admin.start()
         await self.sessions.open()  # before clients come, so that they can resume
@@ -131,9 +130,11 @@ class Daemon:
         )
         self.notifier.start_watchdog()
         await self.load_initial_model()
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.reports.status_line())
         self._status_task = asyncio.create_task(self._refresh_status())
-        log.info("ready: %s; the web page is at %s", self.status_line(), self.server.page_url)
+        log.info(
+            "ready: %s; the web page is at %s", self.reports.status_line(), self.server.page_url
+        )
 
     async def bind_port(self) -> None:
         try:
@@ -191,10 +192,9 @@ class Daemon:
             self._status_task.cancel()
         await self.server.close()
         await self.admin.close()
-        await self.model_manager.pulls.close()  # their staging stays: pulled again, they resume
-        if self._admission is not None:
-            self._admission.close()
-        engine, self.engine = self.engine, None
+        await self.models.pulls.close()  # their staging stays: pulled again, they resume
+        self.slot.close()
+        engine = self.slot.vacate(ModelState.NONE)
         if engine is not None:
             drain = self.config.server.drain_timeout
             log.info("draining running generations (up to %g s)", drain)
@@ -234,7 +234,8 @@ class Daemon:
                 models=new.models,
                 sessions=new.sessions,
             )
-            self._refresh_defaults()
+            engine = self.slot.engine
+            self._refresh_defaults(engine.info.recommended if engine is not None else {})
             self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart
@@ -244,7 +245,7 @@ class Daemon:
         except (OSError, ValueError, LLMWSError) as e:
             log.error("reload: keeping the previous tokens and TLS files: %s", e)
             report["error"] = report["error"] or str(e)
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.reports.status_line())
         return report
 
     # -- the model -------------------------------------------------------------------
@@ -253,7 +254,7 @@ class Daemon:
         remembered = models.remembered_model(self.config.state_dir)
         path = await asyncio.to_thread(models.select_model, self.config, remembered)
         if path is None:
-            self.model_state = "none"
+            self.slot.vacate(ModelState.NONE)
             log.warning(
                 "no model found in %s: serving without one",
                 ", ".join(str(d) for d in self.config.model_dirs),
@@ -264,15 +265,15 @@ class Daemon:
         extender = asyncio.create_task(self._extend_start_timeout())
         started = time.monotonic()
         try:
-            self.engine = await self.engine_loader(self.config, path)
+            engine = await self.models.loader(self.config, path)
         except Exception as e:
-            self.model_state, self.model_error = "failed", f"{path.name} failed to load: {e}"
+            self.slot.vacate(ModelState.FAILED, f"{path.name} failed to load: {e}")
             log.error("loading %s failed; serving without a model", path, exc_info=True)
             return
         finally:
             extender.cancel()
-        self.model_state = "ready"
-        info = self.engine.info
+        await self.slot.serve(engine)
+        info = engine.info
         self.metrics.model_load_seconds.set(time.monotonic() - started)
         log.info(
             "loaded %s on %s (%s, %s attention, max context %d) in %.1f s",
@@ -289,255 +290,15 @@ class Daemon:
             await asyncio.sleep(LOAD_TIMEOUT_EXTENSION_S / 3)
             self.notifier.extend_timeout(LOAD_TIMEOUT_EXTENSION_S)
 
-    def no_model_reason(self) -> str:
-        if self.model_state == "loading":
-            return "the model is still loading; retry in a moment"
-        if self.model_state == "failed":
-            return self.model_error
-        return "no model is loaded: add one to a model folder or pull one with llmwsctl"
-
-    def require_engine(self) -> EngineLike:
-        if self.engine is None:
-            raise NoModel(self.no_model_reason())
-        return self.engine
-
-    # -- generations -----------------------------------------------------------------
-
-    async def start_generation(
-        self, session: Session, prompt: dict[str, str], overrides: Any = None
-    ) -> None:
-        """Submit one turn of ``session``; its events flow into the session's buffer."""
-        await self.model_manager.wait_settled()  # during a switch that had to unload first
-        engine = self.require_engine()
-        settings = session.settings.merge(overrides) if overrides is not None else session.settings
-        running = session.begin_generation(prompt["user"], prompt["system"])
-
-        def on_event(event: GenerationEvent) -> None:
-            session.on_generation_event(running, event)
-
-        def on_queued(position: int) -> None:
-            message = {"type": "queued", "request_id": running.request_id, "position": position}
-            session.append_event(message)
-
-        try:
-            messages, dropped, tokens = await asyncio.to_thread(
-                fit_context, engine, session.history(), prompt["user"], settings
-            )
-            running.dropped_turns = dropped
-            request = GenerationRequest(messages, settings, running.request_id)
-            who = f"session {session.id} {running.request_id}"
-            ticket = await self.submit(request, on_event, on_queued, tokens, who)
-        except BaseException:
-            session.abandon_generation(running)
-            raise
-        granted = ticket.request.settings.max_new_tokens
-        if granted < settings.max_new_tokens:
-            running.requested_max_tokens = settings.max_new_tokens
-        running.cancel = ticket.cancel
-
-    @property
-    def admission(self) -> Admission:
-        """The loaded engine's admission control (a new engine starts with a fresh one)."""
-        engine = self.require_engine()
-        if self._admission is None or self._admission.engine is not engine:
-            self._admission = Admission(engine, self.config.limits, engine.info.memory)
-        return self._admission
-
-    async def submit(
-        self,
-        request: GenerationRequest,
-        on_event: EventCallback,
-        on_queued: QueuedCallback | None = None,
-        prompt_tokens: int | None = None,
-        who: str = "a request",
-    ) -> Ticket:
-        """Admit ``request`` (now, or after the memory queue) and run it on the engine.
-
-        Refusals (context_too_long, busy) are raised before any compute. A
-        ``max_new_tokens`` that does not fit is lowered in the returned ticket's
-        request when ``[limits] on_overflow`` is "truncate".
-        """
-        await self.model_manager.wait_settled()
-        try:
-            admission = self.admission
-            if prompt_tokens is None:
-                prompt_tokens = await asyncio.to_thread(
-                    admission.engine.count_tokens, request.messages
-                )
-            settings = request.settings
-            allowed = admission.allowed_new_tokens(prompt_tokens, settings.max_new_tokens)
-            if allowed < settings.max_new_tokens:
-                settings = dataclasses.replace(
-                    settings,
-                    max_new_tokens=allowed,
-                    min_new_tokens=min(settings.min_new_tokens, allowed),
-                )
-                request = dataclasses.replace(request, settings=settings)
-            observe = self.metrics.track()
-            outcome = log_outcome(who, prompt_tokens)
-
-            def deliver(event: GenerationEvent) -> None:
-                observe(event)
-                outcome(event)
-                on_event(event)
-
-            return admission.submit(request, prompt_tokens, deliver, on_queued or (lambda _: None))
-        except LLMWSError as e:
-            self.metrics.refused(e)
-            log.info("%s: refused (%s)", who, e.code)
-            raise
-
-    # -- reports ---------------------------------------------------------------------
-
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        if self.engine is not None:
-            return True, {"status": "ok", "model": self.engine.info.name}
-        return False, {"status": self.model_state, "model": None, "reason": self.no_model_reason()}
-
-    def status_line(self) -> str:
-        n = len(self.sessions)
-        sessions = f"{n} session{'s' if n != 1 else ''}"
-        if self.engine is None:
-            return f"no model ({self.model_state}), {sessions}"
-        return f"serving {self.engine.info.name} on {self.engine.info.device}, {sessions}"
-
     async def _refresh_status(self) -> None:
         last = ""
         while True:
-            line = self.status_line()
+            line = self.reports.status_line()
             if line != last:
                 self.notifier.status(line)
                 last = line
             await asyncio.sleep(2)
 
-    def engine_figures(self) -> dict[str, Any]:
-        """The engine's live figures; empty without a model."""
-        engine = self.engine
-        if engine is None:
-            return {}
-        stats = engine.stats()
-        admission = self.admission.stats()
-        memory = engine.info.memory
-        return {
-            "model": engine.info.name,
-            "device": engine.info.device,
-            "dtype": engine.info.dtype,
-            "max_context": engine.info.max_context,
-            "kv_bytes_per_token": memory.layout.bytes_per_token if memory else None,
-            **stats,
-            **admission,
-            # Waiting for memory (admission) or for a batch slot (the engine).
-            "queued": stats.get("queued", 0) + admission["waiting_for_memory"],
-            "memory": memory.to_dict() if memory else None,
-        }
-
-    def live_figures(self) -> dict[str, Any]:
-        """What /metrics reads at scrape time."""
-        engine = self.engine_figures()
-        return {
-            "active": engine.get("active", 0),
-            "queued": engine.get("queued", 0),
-            "sessions": len(self.sessions),
-            "max_context": engine.get("max_context", 0),
-            "kv_usage_ratio": engine.get("kv_usage_ratio", 0.0),
-            "prefix_cache": engine.get("prefix_cache"),
-            "gpus": resources.GPUS.report()[0],
-        }
-
-    def status(self) -> dict[str, Any]:
-        engine = self.engine_figures()
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "model": engine.get("model"),
-            "model_state": self.model_state,
-            "device": engine.get("device"),
-            "max_context": engine.get("max_context"),
-            "sessions": len(self.sessions),
-            "queue": engine.get("queued", 0),
-            "active": engine.get("active", 0),
-            "memory": resources.host_report(),
-            "context_limit": engine.get("memory"),
-        }
-
-    def device(self) -> str:
-        return self.engine.info.device if self.engine is not None else "cpu"
-
-    async def resources(self) -> dict[str, Any]:
-        report = await asyncio.to_thread(resources.report, self.device())
-        engine = self.engine_figures()
-        if engine:
-            report["engine"] = engine
-        return report
-
-    def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
-        engine = self.engine
-        return {
-            "type": "welcome",
-            "protocol": PROTOCOL_VERSION,
-            "server": f"llmwsd/{__version__}",
-            "session_id": session.id,
-            "resumed": resumed,
-            # The newest event's seq at this moment: what a resuming client's replay ends at.
-            "last_seq": session.next_seq - 1,
-            "model": engine.info.name if engine else None,
-            "model_state": self.model_state,
-            "capabilities": engine.info.capabilities() if engine else {"device": self.device()},
-            "resources": resources.report(self.device()),
-            "config": session.settings.to_dict(),
-            # Where each default of a new session comes from: llmws, the model or the config.
-            "defaults_from": self.defaults.sources,
-        }
-
-    async def list_models(self) -> list[dict[str, Any]]:
-        entries = await asyncio.to_thread(models.scan, self.config.model_dirs)
-        loaded = Path(self.engine.info.path) if self.engine is not None else None
-        return [entry.to_dict(loaded) for entry in entries]
-
 
 class StartFailed(Exception):
     """The daemon could not start; the reason (its ``__cause__``) is logged already."""
-
-
-def log_outcome(who: str, tokens_in: int) -> Callable[[GenerationEvent], None]:
-    """One log line when a request ends: its size, speed and outcome, never its text."""
-
-    def observe(event: GenerationEvent) -> None:
-        if isinstance(event, Finished):
-            log.info(
-                "%s: %s, %d tokens in, %d out, %.1f tokens/s, first token after %.0f ms",
-                who,
-                event.finish_reason,
-                tokens_in,
-                event.total_tokens,
-                event.tokens_per_s,
-                event.ttft_ms,
-            )
-        elif isinstance(event, Failed):
-            log.info("%s: ended with %s, %d tokens in", who, event.error.code, tokens_in)
-
-    return observe
-
-
-def fit_context(
-    engine: EngineLike, history: list[dict[str, str]], user: str, settings: GenerationSettings
-) -> tuple[list[dict[str, str]], int, int]:
-    """The messages to send: drop the oldest turns (never the system message) until they fit.
-
-    Room is left for the answer: up to max_new_tokens, but at most half the context,
-    so a huge max_new_tokens does not erase the whole conversation. Returns the
-    messages, how many turns were dropped, and the messages' length in tokens.
-    """
-    max_context = engine.info.max_context
-    budget = max_context - min(settings.max_new_tokens, max_context // 2)
-    system = [m for m in history if m["role"] == "system"]
-    turns = [m for m in history if m["role"] != "system"]
-    dropped = 0
-    while True:
-        messages = [*system, *turns, {"role": "user", "content": user}]
-        tokens = engine.count_tokens(messages)
-        if not turns or tokens <= budget:
-            return messages, dropped, tokens
-        # Drop a whole exchange (user + assistant) at a time.
-        turns = turns[2:]
-        dropped += 1

@@ -51,8 +51,8 @@ class FakeEngine:
 
         return load
 
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return sum(len(m["content"].split()) + 4 for m in messages)
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(range(sum(len(m["content"].split()) + 4 for m in messages)))
 
     def answer(self, request: GenerationRequest) -> list[str]:
         words = ["echo:", *request.messages[-1]["content"].split()]
@@ -68,7 +68,8 @@ class FakeEngine:
 
     async def _run(self, request: GenerationRequest, on_event: EventCallback, handle: FakeHandle):
         # No context check here: admission enforces it, and its tests must see that.
-        tokens_in = self.count_tokens(request.messages)
+        ids = request.prompt_ids
+        tokens_in = len(ids if ids is not None else self.tokenize(request.messages))
         started = time.monotonic()
         on_event(Started(tokens_in, request.settings.max_new_tokens))
         pieces = self.answer(request)[: request.settings.max_new_tokens]

@@ -33,7 +33,7 @@ async def main(model: Path, prompt_words: int) -> None:
     assert estimate is not None
     text = " ".join(f"word{i % 97}" for i in range(prompt_words))
     messages = [{"role": "user", "content": f"Summarize: {text}"}]
-    prompt_tokens = engine.count_tokens(messages)
+    prompt_tokens = len(engine.tokenize(messages))
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     ended: asyncio.Future[GenerationEvent] = asyncio.get_running_loop().create_future()
 

@@ -649,7 +649,7 @@ async def test_a_second_model_change_is_refused_while_one_runs(fake_daemon: Daem
         await release.wait()
         return FakeEngine(path)
 
-    fake_daemon.engine_loader = slow_loader
+    fake_daemon.models.loader = slow_loader
     first, _ = await RawAdmin.open(fake_daemon.admin.path)
     second, _ = await RawAdmin.open(fake_daemon.admin.path)
     try:
@@ -663,7 +663,10 @@ async def test_a_second_model_change_is_refused_while_one_runs(fake_daemon: Daem
         while "progress" in (answer := await first.read()):
             pass
         assert answer["ok"] is True and answer["result"]["previous"] == "fake-model"
-        assert fake_daemon.engine is not None and fake_daemon.engine.info.name == "slow-model"
+        assert (
+            fake_daemon.slot.engine is not None
+            and fake_daemon.slot.engine.info.name == "slow-model"
+        )
     finally:
         release.set()
         await first.close()
@@ -672,12 +675,12 @@ async def test_a_second_model_change_is_refused_while_one_runs(fake_daemon: Daem
 
 async def test_a_failed_load_keeps_the_old_engine(fake_daemon: Daemon) -> None:
     add_fake_model(fake_daemon, "bad-model")
-    old = fake_daemon.engine
+    old = fake_daemon.slot.engine
 
     async def failing_loader(config: Any, path: Path) -> EngineLike:
         raise OSError("weights are corrupt")
 
-    fake_daemon.engine_loader = failing_loader
+    fake_daemon.models.loader = failing_loader
     admin, _ = await RawAdmin.open(fake_daemon.admin.path)
     try:
         answer = await admin.call(adminproto.SWITCH, model="bad-model")
@@ -686,7 +689,7 @@ async def test_a_failed_load_keeps_the_old_engine(fake_daemon: Daemon) -> None:
     assert answer["error"]["message"] == (
         "loading bad-model failed: weights are corrupt; still serving fake-model"
     )
-    assert fake_daemon.engine is old and fake_daemon.model_state == "ready"
+    assert fake_daemon.slot.engine is old and fake_daemon.slot.state == "ready"
 
 
 async def ctl_async(sock: Path | str, *args: str) -> tuple[int, str, str]:

@@ -176,7 +176,7 @@ async def test_server_errors_are_typed_exceptions(fake_client: Client):
 
 
 async def test_cancel_ends_the_answer(fake_daemon: Daemon, fake_client: Client):
-    fake_daemon.engine.token_delay = 0.05
+    fake_daemon.slot.engine.token_delay = 0.05
     words = "a b c d e f g h i j k l m n o p"
     pieces = []
     async with deadline(FAST, "end of the cancelled answer"):
@@ -190,7 +190,7 @@ async def test_cancel_ends_the_answer(fake_daemon: Daemon, fake_client: Client):
 
 
 async def test_one_answer_at_a_time(fake_daemon: Daemon, fake_client: Client):
-    fake_daemon.engine.token_delay = 0.05
+    fake_daemon.slot.engine.token_delay = 0.05
     first = fake_client.stream("a b c d")
     assert await within(anext(first), FAST, "first piece") == "echo:"
     with pytest.raises(Busy):
@@ -199,7 +199,7 @@ async def test_one_answer_at_a_time(fake_daemon: Daemon, fake_client: Client):
 
 
 async def test_resume_after_the_network_drops(fake_daemon: Daemon):
-    fake_daemon.engine.token_delay = 0.02
+    fake_daemon.slot.engine.token_delay = 0.02
     words = " ".join(f"w{i}" for i in range(40))
     async with (
         CuttableProxy(fake_daemon.server.port) as proxy,
@@ -225,7 +225,7 @@ async def test_drop_right_after_sending_the_question(fake_daemon: Daemon, monkey
     began answering it, and once it had answered it whole. The client resends it only in
     the first case, where it learns from the resumed session that no answer started.
     """
-    engine = fake_daemon.engine
+    engine = fake_daemon.slot.engine
 
     def server_has(question: str, kind: str) -> bool:
         """The session's buffer holds the ``kind`` event of the answer to ``question``."""
@@ -275,7 +275,7 @@ async def test_drop_right_after_sending_the_question(fake_daemon: Daemon, monkey
 
 async def test_an_answer_with_dropped_events_fails(fake_daemon_factory):
     daemon = await fake_daemon_factory(sessions={"max_buffered_events": 5})
-    daemon.engine.token_delay = 0.01
+    daemon.slot.engine.token_delay = 0.01
     words = " ".join(f"w{i}" for i in range(30))
 
     async def outage() -> None:
@@ -300,7 +300,7 @@ async def test_an_answer_with_dropped_events_fails(fake_daemon_factory):
 
 
 async def test_gives_up_after_resume_timeout(fake_daemon: Daemon):
-    fake_daemon.engine.token_delay = 0.05
+    fake_daemon.slot.engine.token_delay = 0.05
     async with Client(ws_url(fake_daemon), resume_timeout=1) as client:
         loop = asyncio.get_running_loop()
         with pytest.raises(ConnectionLost, match="within 1 s"):
@@ -407,7 +407,7 @@ async def test_options_and_per_call_settings_leave_the_session_alone(fake_daemon
     assert events[0]["type"] == "start" and events[0]["max_tokens"] == 5
     assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
     assert "".join(e["data"] for e in events if e["type"] == "token") == "echo: one two three four"
-    request = fake_daemon.engine.submitted[-1]
+    request = fake_daemon.slot.engine.submitted[-1]
     assert (request.settings.max_new_tokens, request.settings.do_sample) == (5, False)
     # The session's settings are as they were: on resume (the welcome) and when asked.
     resumed = Client(url, resume_timeout=5)
@@ -439,7 +439,7 @@ async def test_chat_config_command_changes_the_session_and_beats_the_options(
     await within(asyncio.to_thread(interactive), FAST, "the chat's answers")
     out = capsys.readouterr().out
     assert "echo: one\n" in out and "echo: one two\n" in out
-    assert [r.settings.max_new_tokens for r in fake_daemon.engine.submitted[-2:]] == [2, 3]
+    assert [r.settings.max_new_tokens for r in fake_daemon.slot.engine.submitted[-2:]] == [2, 3]
 
 
 # -- the real model ----------------------------------------------------------------------

@@ -365,7 +365,7 @@ async def test_paris_greedy_through_load():
         run = await generate(engine, PARIS)
         assert "Paris" in run.text
         assert run.end.finish_reason == "stop"
-        assert run.started.tokens_in == engine.count_tokens([{"role": "user", "content": PARIS}])
+        assert run.started.tokens_in == len(engine.tokenize([{"role": "user", "content": PARIS}]))
         assert run.end.total_tokens > 0 and run.end.ttft_ms > 0 and run.end.tokens_per_s > 0
         stats = engine.stats()
         assert stats["active"] == 0 and stats["queued"] == 0 and stats["steps"] > 0
@@ -562,7 +562,7 @@ async def test_context_too_long_and_lowered_max_tokens(engine, monkeypatch):
     assert isinstance(run.end, Failed) and isinstance(run.end.error, ContextTooLong)
     assert run.end.error.max_context == engine.info.max_context
 
-    tokens_in = engine.count_tokens([{"role": "user", "content": PARIS}])
+    tokens_in = len(engine.tokenize([{"role": "user", "content": PARIS}]))
     monkeypatch.setattr(engine.info, "max_context", tokens_in + 3)
     run = await generate(engine, PARIS, max_new_tokens=100)
     assert run.started.max_tokens == 3

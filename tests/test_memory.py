@@ -221,7 +221,7 @@ async def test_a_prompt_over_max_context_is_refused_before_compute(fake_daemon: 
     assert error["code"] == "context_too_long"
     assert error["max_context"] == 4096
     assert error["input_length"] == 5000 + 4  # the fake engine counts words + 4
-    assert fake_daemon.engine.submitted == []  # type: ignore[union-attr]
+    assert fake_daemon.slot.engine.submitted == []  # type: ignore[union-attr]
     await ws.close()
 
 
@@ -230,7 +230,7 @@ async def test_the_context_limit_at_its_exact_edge(fake_daemon_factory: Any, on_
     """Admission enforces the limit (the fake engine does not): max_context tokens is one
     too many, one fewer leaves room for exactly one new token."""
     daemon = await fake_daemon_factory(limits={"on_overflow": on_overflow})
-    engine = daemon.engine
+    engine = daemon.slot.engine
     ws = await connect(daemon)
     await ask(ws, 4096 - 4)  # exactly max_context tokens
     error = await recv_json(ws, timeout=5)
@@ -284,7 +284,7 @@ async def test_requests_over_the_budget_queue_and_the_queue_is_bounded(
 ) -> None:
     daemon = await fake_daemon_factory(limits={"max_queue": 1})
     # Each request: 10 prompt tokens + 30 new = 40 tokens at 2 bytes; two fit, not three.
-    daemon.engine.info.memory = estimate_for_tests(budget=2 * 80 + 79)
+    daemon.slot.engine.info.memory = estimate_for_tests(budget=2 * 80 + 79)
     sockets = [await connect(daemon) for _ in range(4)]
     for ws in sockets[:3]:
         await ask(ws, 6, max_new_tokens=30, min_new_tokens=30)
@@ -294,7 +294,7 @@ async def test_requests_over_the_budget_queue_and_the_queue_is_bounded(
     await ask(sockets[3], 6, max_new_tokens=30)
     busy = await recv_json(sockets[3])
     assert busy["code"] == "busy"
-    assert daemon.status()["queue"] == 1
+    assert daemon.reports.status()["queue"] == 1
     # The queued one starts once another is done, and is done after both.
     done_order = []
 
@@ -306,13 +306,13 @@ async def test_requests_over_the_budget_queue_and_the_queue_is_bounded(
     waited = await asyncio.gather(*(until_done(i) for i in range(3)))
     assert done_order[-1] == 2
     assert [m["type"] for m in waited[2]][:1] == ["start"]
-    assert daemon.admission.stats()["reserved_bytes"] == 0
+    assert daemon.slot.admission.stats()["reserved_bytes"] == 0
     for ws in sockets:
         await ws.close()
 
 
 async def test_a_queued_request_can_be_cancelled(fake_daemon: Daemon) -> None:
-    fake_daemon.engine.info.memory = estimate_for_tests(budget=80)  # type: ignore[union-attr]
+    fake_daemon.slot.engine.info.memory = estimate_for_tests(budget=80)  # type: ignore[union-attr]
     running, waiting = await connect(fake_daemon), await connect(fake_daemon)
     await ask(running, 6, max_new_tokens=30, min_new_tokens=30)
     await ask(waiting, 6, max_new_tokens=30)
@@ -320,9 +320,9 @@ async def test_a_queued_request_can_be_cancelled(fake_daemon: Daemon) -> None:
     await waiting.send(json.dumps({"type": "cancel"}))
     messages = await recv_until(waiting, {"done"})
     assert messages[-1]["finish_reason"] == "cancelled"
-    assert fake_daemon.admission.stats()["waiting_for_memory"] == 0
+    assert fake_daemon.slot.admission.stats()["waiting_for_memory"] == 0
     await recv_until(running, {"done"})
-    assert fake_daemon.admission.stats()["reserved_bytes"] == 0
+    assert fake_daemon.slot.admission.stats()["reserved_bytes"] == 0
     await running.close()
     await waiting.close()
 

@@ -693,18 +693,18 @@ async def test_switch_unloads_first_when_memory_is_short_and_requests_wait(
         loaded.append(FakeEngine(path))
         return loaded[-1]
 
-    fake_daemon.engine_loader = slow_loader
-    old = fake_daemon.engine
+    fake_daemon.models.loader = slow_loader
+    old = fake_daemon.slot.engine
     assert isinstance(old, FakeEngine)
-    switch = asyncio.create_task(fake_daemon.model_manager.switch("big-model"))
+    switch = asyncio.create_task(fake_daemon.models.switch("big-model"))
     async with websockets.connect(ws_url(fake_daemon), open_timeout=FAST) as ws:
         await ws.send("{}")
         await recv_until(ws, {"welcome"})
         wait_for_unload = time.monotonic() + 10
-        while fake_daemon.engine is not None:
+        while fake_daemon.slot.engine is not None:
             assert time.monotonic() < wait_for_unload
             await asyncio.sleep(0.01)
-        assert fake_daemon.model_state == "switching"
+        assert fake_daemon.slot.state == "switching"
         prompt = {"type": "inference", "prompt": {"system": "", "user": "during the switch"}}
         await ws.send(json.dumps(prompt))
         with pytest.raises(AssertionError, match=r"^no error or start within 0.3 s; got nothing"):
@@ -730,21 +730,21 @@ async def test_a_failed_load_after_unloading_reloads_the_old_model(
             raise OSError("weights are corrupt")
         return FakeEngine(path)
 
-    fake_daemon.engine_loader = loader
+    fake_daemon.models.loader = loader
     with pytest.raises(LLMWSError) as failed:
-        await fake_daemon.model_manager.switch("bad-model")
+        await fake_daemon.models.switch("bad-model")
     assert failed.value.message == (
         "loading bad-model failed: weights are corrupt; still serving fake-model"
     )
-    assert fake_daemon.engine is not None and fake_daemon.engine.info.name == "fake-model"
-    assert fake_daemon.model_state == "ready"
+    assert fake_daemon.slot.engine is not None and fake_daemon.slot.engine.info.name == "fake-model"
+    assert fake_daemon.slot.state == "ready"
 
 
 async def test_rm_force_of_the_only_model_unloads_it(fake_daemon: Daemon) -> None:
     folder = fake_daemon.config.model_dirs[0] / "fake-model"  # a configured folder, loaded
-    result = await fake_daemon.model_manager.remove("fake-model", force=True)
+    result = await fake_daemon.models.remove("fake-model", force=True)
     assert result["removed"] == "fake-model" and not folder.exists()
-    assert fake_daemon.engine is None and fake_daemon.model_state == "none"
+    assert fake_daemon.slot.engine is None and fake_daemon.slot.state == "none"
     assert os.listdir(folder.parent) == []
 
 

@@ -17,7 +17,7 @@ from llmwsd.engines.interface import (
     GenerationSettings,
     ModelInfo,
 )
-from llmwsd.errors import Busy
+from llmwsd.errors import Busy, Interrupted
 from llmwsd.service.admission import Admission
 
 
@@ -33,8 +33,8 @@ class Handle:
 class Engine:
     """Takes requests and holds them; ``refuse`` makes submit raise."""
 
-    def __init__(self, refuse: bool = False) -> None:
-        self.info = ModelInfo("m", "/m", "cpu", "float32", 4096, "sdpa")
+    def __init__(self, memory: Any = None, refuse: bool = False) -> None:
+        self.info = ModelInfo("m", "/m", "cpu", "float32", 4096, "sdpa", memory=memory)
         self.refuse = refuse
         self.callbacks: dict[str, Any] = {}
 
@@ -55,11 +55,12 @@ class Estimate:
         return sum(longest for _, longest in shapes)
 
 
-def request(request_id: str, max_new_tokens: int = 10) -> GenerationRequest:
+def request(request_id: str, prompt_tokens: int, max_new_tokens: int = 10) -> GenerationRequest:
     return GenerationRequest(
         [{"role": "user", "content": "hi"}],
         GenerationSettings(max_new_tokens=max_new_tokens),
         request_id,
+        [0] * prompt_tokens,
     )
 
 
@@ -76,10 +77,10 @@ class Client:
 
 
 def test_a_cancelled_queued_request_reports_nothing_generated():
-    admission = Admission(Engine(), LimitsConfig(max_queue=4), Estimate(30))
+    admission = Admission(Engine(Estimate(30)), LimitsConfig(max_queue=4))
     first, second = Client(), Client()
-    admission.submit(request("r1"), 10, first.on_event, first.on_queued)  # 20 of 30 bytes
-    waiting = admission.submit(request("r2"), 10, second.on_event, second.on_queued)
+    admission.submit(request("r1", 10), first.on_event, first.on_queued)  # 20 of 30 bytes
+    waiting = admission.submit(request("r2", 10), second.on_event, second.on_queued)
     assert second.positions == [1]
     waiting.cancel()
     assert second.events == [Finished(0, "cancelled", 0.0, 0.0)]
@@ -87,9 +88,9 @@ def test_a_cancelled_queued_request_reports_nothing_generated():
 
 def test_a_request_ends_once_whoever_ends_it():
     engine = Engine()
-    admission = Admission(engine, LimitsConfig(), None)
+    admission = Admission(engine, LimitsConfig())
     client = Client()
-    admission.submit(request("r1"), 5, client.on_event, client.on_queued)
+    admission.submit(request("r1", 5), client.on_event, client.on_queued)
     on_event = engine.callbacks["r1"]
     on_event(Finished(3, "stop", 1.0, 2.0))
     on_event(Finished(3, "stop", 1.0, 2.0))  # a late second end, e.g. a cancel's
@@ -99,22 +100,22 @@ def test_a_request_ends_once_whoever_ends_it():
 
 
 def test_a_full_queue_says_how_many_wait():
-    admission = Admission(Engine(), LimitsConfig(max_queue=2), Estimate(20))
+    admission = Admission(Engine(Estimate(20)), LimitsConfig(max_queue=2))
     client = Client()
-    admission.submit(request("r1"), 10, client.on_event, client.on_queued)
-    admission.submit(request("r2"), 10, client.on_event, client.on_queued)
-    admission.submit(request("r3"), 10, client.on_event, client.on_queued)
+    admission.submit(request("r1", 10), client.on_event, client.on_queued)
+    admission.submit(request("r2", 10), client.on_event, client.on_queued)
+    admission.submit(request("r3", 10), client.on_event, client.on_queued)
     with pytest.raises(Busy) as refused:
-        admission.submit(request("r4"), 10, client.on_event, client.on_queued)
+        admission.submit(request("r4", 10), client.on_event, client.on_queued)
     assert refused.value.message == (
         "the server is at its memory limit and 2 requests are waiting: retry later"
     )
 
 
 def test_a_request_the_engine_refuses_fails_interrupted_and_frees_its_place():
-    admission = Admission(Engine(refuse=True), LimitsConfig(), Estimate(100))
+    admission = Admission(Engine(Estimate(100), refuse=True), LimitsConfig())
     client = Client()
-    ticket = admission.submit(request("r1"), 10, client.on_event, client.on_queued)
+    ticket = admission.submit(request("r1", 10), client.on_event, client.on_queued)
     [failed] = client.events
     assert isinstance(failed, Failed)
     assert failed.error.code == "interrupted"
@@ -125,11 +126,11 @@ def test_a_request_the_engine_refuses_fails_interrupted_and_frees_its_place():
 
 
 def test_whoever_waits_at_shutdown_is_told_so():
-    admission = Admission(Engine(), LimitsConfig(), Estimate(20))
+    admission = Admission(Engine(Estimate(20)), LimitsConfig())
     running, waiting = Client(), Client()
-    admission.submit(request("r1"), 10, running.on_event, running.on_queued)
-    admission.submit(request("r2"), 10, waiting.on_event, waiting.on_queued)
-    admission.close()
+    admission.submit(request("r1", 10), running.on_event, running.on_queued)
+    admission.submit(request("r2", 10), waiting.on_event, waiting.on_queued)
+    admission.close(Interrupted("the daemon is shutting down"))
     assert running.events == []  # the engine's drain ends it
     [failed] = waiting.events
     assert isinstance(failed, Failed)
@@ -139,17 +140,17 @@ def test_whoever_waits_at_shutdown_is_told_so():
 
 
 def test_stats_report_the_reservations():
-    admission = Admission(Engine(), LimitsConfig(), Estimate(300))
+    admission = Admission(Engine(Estimate(300)), LimitsConfig())
     client = Client()
-    admission.submit(request("r1"), 90, client.on_event, client.on_queued)  # 100 bytes
+    admission.submit(request("r1", 90), client.on_event, client.on_queued)  # 100 bytes
     assert admission.stats() == {
         "admitted": 1,
         "waiting_for_memory": 0,
         "reserved_bytes": 100,
         "kv_usage_ratio": 0.3333,
     }
-    without_estimate = Admission(Engine(), LimitsConfig(), None)
-    without_estimate.submit(request("r1"), 90, client.on_event, client.on_queued)
+    without_estimate = Admission(Engine(), LimitsConfig())
+    without_estimate.submit(request("r1", 90), client.on_event, client.on_queued)
     assert without_estimate.stats() == {
         "admitted": 1,
         "waiting_for_memory": 0,

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
+from llmwsd.auth import Authenticator
 from llmwsd.config import ApiConfig, Config, LimitsConfig, ServerConfig
 from llmwsd.errors import ConfigError
 from llmwsd.frontends.websocket.security import (
@@ -45,7 +46,11 @@ def gatekeeper(
         api=ApiConfig(allowed_origins=list(allowed_origins), **api),
         limits=LimitsConfig(**limits),
     )
-    return Gatekeeper(config)
+    api_config = config.api
+    authenticator = Authenticator(
+        api_config.tokens_file, api_config.admin_tokens_file, api_config.max_auth_failures
+    )
+    return Gatekeeper(config, authenticator)
 
 
 class Connection:

@@ -115,7 +115,7 @@ def test_legacy_prompts_with_several_sections_reach_the_model_whole(
     user = joined([b for role, b in parts if role == "user"])
 
     async def case() -> None:
-        engine = daemon.engine
+        engine = daemon.slot.engine
         assert engine is not None
         before = len(engine.submitted)  # type: ignore[attr-defined]
         async with websockets.connect(ws_url(daemon)) as ws:
@@ -178,7 +178,7 @@ async def test_a_json_legacy_prompt_string_reaches_the_model_the_same_way(
         await ws.send(json.dumps({"type": "inference", "prompt": text}))
         events = await recv_until(ws, {"done", "error"}, timeout=10)
     assert answer_text(events) == "echo: one two"
-    (request,) = fake_daemon.engine.submitted  # type: ignore[union-attr]
+    (request,) = fake_daemon.slot.engine.submitted  # type: ignore[union-attr]
     assert request.messages == [
         {"role": "system", "content": "Be brief\nand kind"},
         {"role": "user", "content": "one\ntwo"},

@@ -170,7 +170,7 @@ async def test_config_history_reset_status(fake_daemon):
 
 
 async def test_cancel_ends_with_cancelled(fake_daemon):
-    fake_daemon.engine.token_delay = 0.05
+    fake_daemon.slot.engine.token_delay = 0.05
     ws, _ = await hello(fake_daemon)
     prompt = " ".join(["word"] * 200)
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": prompt}}))
@@ -182,7 +182,7 @@ async def test_cancel_ends_with_cancelled(fake_daemon):
 
 
 async def test_second_inference_while_running_is_busy(fake_daemon):
-    fake_daemon.engine.token_delay = 0.05
+    fake_daemon.slot.engine.token_delay = 0.05
     ws, _ = await hello(fake_daemon)
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": "one two three four"}}))
     await ws.send(json.dumps({"type": "inference", "prompt": {"user": "again"}}))
@@ -218,7 +218,7 @@ async def test_text_mode(fake_daemon):
     frames = await collect(ws, FAST, "text answer ending in a close")
     assert "".join(frames) == "echo: Hello world"
     assert ws.close_code == 1000
-    assert fake_daemon.engine.submitted[-1].messages[0] == {
+    assert fake_daemon.slot.engine.submitted[-1].messages[0] == {
         "role": "system",
         "content": "You are helpful",
     }

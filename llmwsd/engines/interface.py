@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmwsd.errors import BadRequest, LLMWSError
+from llmwsd.errors import BadRequest, ContextTooLong, LLMWSError
 
 if TYPE_CHECKING:
     from llmwsd.engines.memory import MemoryEstimate
@@ -131,11 +131,35 @@ def _validate_setting(key: str, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: the chat messages (role/content dicts) and its settings."""
+    """One generation: the chat messages (role/content dicts) and its settings.
+
+    ``prompt_ids`` are the messages through the model's chat template, as the service
+    counted them to fit the context (``EngineLike.tokenize``): the engine runs those,
+    and tokenizes the messages itself only when a caller gave none.
+    """
 
     messages: list[dict[str, str]]
     settings: GenerationSettings
     request_id: str = ""
+    prompt_ids: list[int] | None = None
+
+
+def new_token_budget(
+    prompt_tokens: int, max_new_tokens: int, max_context: int, on_overflow: str
+) -> int:
+    """``max_new_tokens``, or fewer so that the answer fits; ContextTooLong when none fits.
+
+    ``on_overflow`` is ``[limits] on_overflow``: "refuse" a request whose answer does
+    not fit whole, or "truncate" its max_new_tokens to what fits.
+    """
+    if prompt_tokens >= max_context:
+        raise ContextTooLong(prompt_tokens, max_context)
+    room = max_context - prompt_tokens
+    if max_new_tokens <= room:
+        return max_new_tokens
+    if on_overflow == "refuse":
+        raise ContextTooLong(prompt_tokens, max_context, max_new_tokens)
+    return room
 
 
 @dataclass(frozen=True)
@@ -207,7 +231,9 @@ class EngineLike(Protocol):
 
     info: ModelInfo
 
-    def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        """The messages through the chat template; thread-safe, called off the event loop."""
+        ...
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle: ...
 

@@ -1,13 +1,13 @@
-"""Admission control: refuse what can never fit, queue what cannot fit yet.
+"""Admission control: queue what cannot fit in memory yet.
 
-Everything here runs on the event loop, before any compute. A request first
-meets the context limit (:meth:`Admission.allowed_new_tokens`): a prompt that
-leaves no room is ``context_too_long``; one that leaves less room than its
-``max_new_tokens`` is refused or gets fewer (``[limits] on_overflow``). Then it
-reserves its worst case in memory (:class:`~llmwsd.engines.memory.MemoryEstimate`):
-while the running requests and it would not fit together, it waits in a bounded
-FIFO queue and hears its position. Its reservation is released by its last
-event (done, error, cancelled), whoever ended it.
+Everything here runs on the event loop, before any compute. A request comes with
+its prompt's ids and a max_new_tokens that fits the context
+(:func:`llmwsd.service.context.with_budget`). It reserves its worst case in memory
+(:class:`~llmwsd.engines.memory.MemoryEstimate`): while the running requests and it
+would not fit together, it waits in a bounded FIFO queue and hears its position.
+Its reservation is released by its last event (done, error, cancelled), whoever
+ended it. When the engine changes, the waiting requests move to the next engine's
+admission (:class:`~llmwsd.service.model_slot.ModelSlot`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from llmwsd.engines.interface import (
     GenerationRequest,
 )
 from llmwsd.engines.memory import MemoryEstimate
-from llmwsd.errors import Busy, ContextTooLong, Interrupted
+from llmwsd.errors import Busy, Interrupted, LLMWSError
 
 log = logging.getLogger("llmwsd.admission")
 
@@ -42,20 +42,25 @@ class Ticket:
         self,
         admission: Admission,
         request: GenerationRequest,
-        prompt_tokens: int,
         on_event: EventCallback,
         on_queued: QueuedCallback,
     ) -> None:
         self.admission = admission
-        self.request = request
         self.request_id = request.request_id
-        # What it may grow to: the prompt plus every token it may generate.
-        self.shape = (prompt_tokens, prompt_tokens + request.settings.max_new_tokens)
         self.on_event = on_event
         self.on_queued = on_queued
         self.state = "new"  # new, waiting, running, done
         self.position = 0
         self.handle: GenerationHandle | None = None
+        self.retarget(request)
+
+    def retarget(self, request: GenerationRequest) -> None:
+        """Take ``request`` (the same one, tokenized for another engine) as what to run."""
+        assert request.prompt_ids is not None  # counted by the service
+        self.request = request
+        prompt = len(request.prompt_ids)
+        # What it may grow to: the prompt plus every token it may generate.
+        self.shape = (prompt, prompt + request.settings.max_new_tokens)
 
     def cancel(self) -> None:
         if self.state == "waiting":
@@ -73,41 +78,20 @@ class Ticket:
 
 
 class Admission:
-    def __init__(
-        self, engine: EngineLike, limits: LimitsConfig, estimate: MemoryEstimate | None
-    ) -> None:
+    def __init__(self, engine: EngineLike, limits: LimitsConfig) -> None:
         self.engine = engine
         self.max_queue = limits.max_queue
-        self.on_overflow = limits.on_overflow
-        self.estimate = estimate  # None (a fake engine): no memory reservations
         self._running: dict[Ticket, None] = {}  # insertion-ordered set
         self._waiting: collections.deque[Ticket] = collections.deque()
-
-    # -- the context limit -----------------------------------------------------------
-
-    def allowed_new_tokens(self, input_length: int, max_new_tokens: int) -> int:
-        """``max_new_tokens``, or fewer so that the answer fits; ContextTooLong when none fits."""
-        max_context = self.engine.info.max_context
-        if input_length >= max_context:
-            raise ContextTooLong(input_length, max_context)
-        room = max_context - input_length
-        if max_new_tokens <= room:
-            return max_new_tokens
-        if self.on_overflow == "refuse":
-            raise ContextTooLong(input_length, max_context, max_new_tokens)
-        return room
+        self._held = False  # the engine is going: nobody else starts on it
 
     # -- memory reservations ---------------------------------------------------------
 
     def submit(
-        self,
-        request: GenerationRequest,
-        prompt_tokens: int,
-        on_event: EventCallback,
-        on_queued: QueuedCallback,
+        self, request: GenerationRequest, on_event: EventCallback, on_queued: QueuedCallback
     ) -> Ticket:
         """Start ``request`` now, or queue it until memory frees up (Busy: the queue is full)."""
-        ticket = Ticket(self, request, prompt_tokens, on_event, on_queued)
+        ticket = Ticket(self, request, on_event, on_queued)
         if not self._waiting and self._fits(ticket):
             self._start(ticket)
             return ticket
@@ -116,11 +100,29 @@ class Admission:
                 f"the server is at its memory limit and {len(self._waiting)} requests are "
                 "waiting: retry later"
             )
+        self._wait(ticket)
+        return ticket
+
+    def _wait(self, ticket: Ticket) -> None:
         ticket.state = "waiting"
         self._waiting.append(ticket)
         log.info("request %s waits for memory (position %d)", ticket.request_id, len(self._waiting))
         self._announce_positions()
-        return ticket
+
+    def adopt(self, ticket: Ticket) -> None:
+        """Take over a ticket that waited in the previous engine's admission (in order)."""
+        if ticket.state == "done":
+            return  # cancelled while it moved
+        ticket.admission = self
+        if not self._waiting and self._fits(ticket):
+            self._start(ticket)
+        else:
+            self._wait(ticket)  # already queued once: not refused for a full queue
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        """The engine's memory estimate; None (a fake engine): no memory reservations."""
+        return self.engine.info.memory
 
     def _fits(self, ticket: Ticket) -> bool:
         if self.estimate is None:
@@ -140,10 +142,11 @@ class Admission:
     def release(self, ticket: Ticket) -> None:
         """The ticket is done: free its place and start whoever now fits, in order."""
         if ticket.state == "waiting":
-            self._waiting.remove(ticket)
+            if ticket in self._waiting:  # else it is moving to the next engine's admission
+                self._waiting.remove(ticket)
         elif ticket.state == "running":
             del self._running[ticket]
-            while self._waiting and self._fits(self._waiting[0]):
+            while not self._held and self._waiting and self._fits(self._waiting[0]):
                 self._start(self._waiting.popleft())
         ticket.state = "done"
         self._announce_positions()
@@ -154,10 +157,21 @@ class Admission:
                 ticket.position = position
                 ticket.on_queued(position)
 
-    def close(self) -> None:
-        """Shutting down: whoever still waits will not start."""
+    def hold(self) -> None:
+        """The engine is going away: whoever waits stays waiting, for the next one."""
+        self._held = True
+
+    def hand_over(self) -> list[Ticket]:
+        """The waiting tickets, in order, for the next engine's admission; none left here."""
+        self._held = True
+        waiting, self._waiting = list(self._waiting), collections.deque()
+        return waiting
+
+    def close(self, reason: LLMWSError) -> None:
+        """No engine will come for whoever still waits: they end with ``reason``."""
+        self._held = True
         for ticket in list(self._waiting):
-            ticket.deliver(Failed(Interrupted("the daemon is shutting down")))
+            ticket.deliver(Failed(reason))
 
     # -- reports ---------------------------------------------------------------------
 

@@ -16,23 +16,25 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from llmwsd.catalogue import models
 from llmwsd.catalogue.pull import Pulls
+from llmwsd.config import Config
 from llmwsd.engines.interface import EngineLike
 from llmwsd.errors import Busy, Forbidden, InternalError
-
-if TYPE_CHECKING:
-    from llmwsd.daemon import Daemon
+from llmwsd.service.model_slot import ModelSlot, ModelState
 
 log = logging.getLogger("llmwsd.models")
 
 Progress = Callable[[dict[str, Any]], None]
+EngineLoader = Callable[[Config, Path], Awaitable[EngineLike]]
+# What the service manager is told while a change runs; None: back to the usual status.
+StatusCallback = Callable[[str | None], None]
 
 # A model in memory takes about its size on disk; this much more is asked for before
 # loading it beside the current one (activations, allocator slack, the warm-up probe).
@@ -53,18 +55,20 @@ def _no_progress(data: dict[str, Any]) -> None:
     """The progress callback of callers that show none."""
 
 
-class ModelManager:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.pulls = Pulls(lambda: daemon.config)
+class ModelChanges:
+    def __init__(
+        self,
+        slot: ModelSlot,
+        config: Callable[[], Config],
+        loader: EngineLoader,
+        status: StatusCallback,
+    ) -> None:
+        self.slot = slot
+        self.config = config  # read at each use: a reload may change [models]
+        self.loader = loader
+        self.status = status
+        self.pulls = Pulls(config)
         self._lock = asyncio.Lock()
-        # Cleared while no engine can take requests (a switch that had to unload first);
-        # new requests wait on it and are then served by the new model.
-        self._settled = asyncio.Event()
-        self._settled.set()
-
-    async def wait_settled(self) -> None:
-        await self._settled.wait()
 
     # -- switch ----------------------------------------------------------------------
 
@@ -78,29 +82,28 @@ class ModelManager:
         reload the old one if the new one fails). Either way a failed load leaves the
         old model serving.
         """
-        daemon = self.daemon
         if path is None:
             name = models.validate_model_name(name)
-        if daemon.model_state == "loading":
+        if self.slot.state == ModelState.LOADING:
             raise Busy("the first model is still loading: retry when `llmwsctl status` says ready")
         async with self._exclusive("switch"):
             if path is None:
-                entry = await asyncio.to_thread(models.find, daemon.config, name)
+                entry = await asyncio.to_thread(models.find, self.config(), name)
             else:
-                entry = await asyncio.to_thread(models.find_by_path, daemon.config, path)
+                entry = await asyncio.to_thread(models.find_by_path, self.config(), path)
                 name = entry.name
-            old = daemon.engine
+            old = self.slot.engine
             if old is not None and Path(old.info.path).resolve() == entry.path.resolve():
                 return {"model": name, "previous": name, "changed": False}
             previous = old.info.name if old is not None else None
-            daemon.notifier.status(f"switching to {name}")
+            self.status(f"switching to {name}")
             try:
                 if old is None or self._fits_beside(entry, old):
                     result = await self._load_beside(entry, old, progress)
                 else:
                     result = await self._unload_then_load(entry, old, progress)
             finally:
-                daemon.notifier.status(daemon.status_line())
+                self.status(None)
             result["previous"] = previous
             result["remembered"] = self._remember(name)
             return result
@@ -125,9 +128,8 @@ class ModelManager:
     async def _load_beside(
         self, entry: models.ModelEntry, old: EngineLike | None, progress: Progress
     ) -> dict[str, Any]:
-        daemon = self.daemon
         new, load_s = await self._load(entry, progress, old.info.name if old else None)
-        daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
+        await self.slot.serve(new)
         log.info("switched to %s, loaded beside the old model in %.1f s", entry.name, load_s)
         if old is not None:
             progress(
@@ -137,16 +139,15 @@ class ModelManager:
                     "message": f"unloading {old.info.name}",
                 }
             )
-            await old.drain(daemon.config.server.drain_timeout)
+            await old.drain(self.config().server.drain_timeout)
             await old.close()
         return {"model": entry.name, "changed": True, "load_s": load_s, "unloaded_first": False}
 
     async def _unload_then_load(
         self, entry: models.ModelEntry, old: EngineLike, progress: Progress
     ) -> dict[str, Any]:
-        daemon = self.daemon
-        drain = daemon.config.server.drain_timeout
-        self._settled.clear()  # new requests wait from here on
+        drain = self.config().server.drain_timeout
+        self.slot.unsettle()  # new requests wait from here on, and so do the queued ones
         try:
             progress(
                 {
@@ -157,26 +158,25 @@ class ModelManager:
                 }
             )
             await old.drain(drain)
-            daemon.engine, daemon.model_state = None, "switching"
+            self.slot.vacate(ModelState.SWITCHING)
             await old.close()
             try:
                 new, load_s = await self._load(entry, progress, old.info.name)
             except InternalError as e:
                 progress({"stage": "loading", "message": f"reloading {old.info.name}"})
                 try:
-                    daemon.engine = await daemon.engine_loader(daemon.config, Path(old.info.path))
+                    await self.slot.serve(await self.loader(self.config(), Path(old.info.path)))
                 except Exception:
                     log.error("switch: reloading %s failed", old.info.path, exc_info=True)
-                    daemon.model_state = "failed"
-                    daemon.model_error = f"{e.message}; reloading {old.info.name} failed too"
-                    raise InternalError(daemon.model_error) from e
-                daemon.model_state = "ready"
+                    error = f"{e.message}; reloading {old.info.name} failed too"
+                    self.slot.vacate(ModelState.FAILED, error)
+                    raise InternalError(error) from e
                 raise
-            daemon.engine, daemon.model_state, daemon.model_error = new, "ready", ""
+            await self.slot.serve(new)
             log.info("switched to %s after unloading the old model, in %.1f s", entry.name, load_s)
             return {"model": entry.name, "changed": True, "load_s": load_s, "unloaded_first": True}
         finally:
-            self._settled.set()
+            self.slot.settle()
 
     async def _load(
         self, entry: models.ModelEntry, progress: Progress, serving: str | None
@@ -184,7 +184,7 @@ class ModelManager:
         progress({"stage": "loading", "model": entry.name, "message": f"loading {entry.name}"})
         started = time.monotonic()
         try:
-            engine = await self.daemon.engine_loader(self.daemon.config, entry.path)
+            engine = await self.loader(self.config(), entry.path)
         except Exception as e:
             log.error("switch: loading %s failed", entry.path, exc_info=True)
             still = f"still serving {serving}" if serving else "no model is loaded"
@@ -194,7 +194,7 @@ class ModelManager:
 
     def _remember(self, name: str) -> bool:
         """Keep the choice for the next start, unless ``[model] path`` decides that."""
-        config = self.daemon.config
+        config = self.config()
         if config.model.path:
             log.info("[model] path pins the model served at start; not remembering %s", name)
             return False
@@ -219,21 +219,21 @@ class ModelManager:
         name = models.validate_model_name(name)
         if self._lock.locked():
             raise Busy("another model change is running; retry rm when it is done")
-        daemon = self.daemon
-        entry = await asyncio.to_thread(models.find, daemon.config, name)
-        downloads = daemon.config.state_dir / "models"
+        config = self.config()
+        entry = await asyncio.to_thread(models.find, config, name)
+        downloads = config.state_dir / "models"
         if entry.path.parent.resolve() != downloads.resolve() and not force:
             raise Forbidden(
                 f"{name} is in {entry.source}, not in {downloads}: llmwsctl rm only deletes "
                 "downloaded models unless --force"
             )
-        engine = daemon.engine
+        engine = self.slot.engine
         if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
             if not force:
                 raise Busy(f"{name} is the loaded model: switch to another one first, or --force")
             await self._leave(entry, progress)
         async with self._exclusive("rm"):
-            engine = daemon.engine
+            engine = self.slot.engine
             if engine is not None and Path(engine.info.path).resolve() == entry.path.resolve():
                 raise Busy(f"{name} was loaded again meanwhile; nothing removed")
             # A leading dot hides it from the catalogue (models.is_model_folder).
@@ -247,7 +247,7 @@ class ModelManager:
         """Stop serving ``entry`` for rm --force: switch to another model that loads, or unload."""
         others = [
             e
-            for e in await asyncio.to_thread(models.scan, self.daemon.config.model_dirs)
+            for e in await asyncio.to_thread(models.scan, self.config().model_dirs)
             if e.path.resolve() != entry.path.resolve()
         ]
         for other in others:
@@ -256,15 +256,13 @@ class ModelManager:
                 return
             except InternalError as e:  # that one does not load: try the next
                 progress({"stage": "loading", "message": e.message})
-        daemon = self.daemon
         async with self._exclusive("rm"):
-            engine, daemon.engine = daemon.engine, None
-            daemon.model_state = "none"
+            engine = self.slot.vacate(ModelState.NONE)
             if engine is not None:
                 progress({"stage": "draining", "message": f"unloading {engine.info.name}"})
-                await engine.drain(daemon.config.server.drain_timeout)
+                await engine.drain(self.config().server.drain_timeout)
                 await engine.close()
-            daemon.notifier.status(daemon.status_line())
+            self.status(None)
             log.info("unloaded %s to delete it; no other model to serve", entry.name)
 
     @contextlib.asynccontextmanager

@@ -41,6 +41,7 @@ from llmwsd.engines.interface import (
     ModelInfo,
     Started,
     TokenText,
+    new_token_budget,
 )
 from llmwsd.engines.transformers import kernels, measure
 from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, rows_can_join
@@ -201,7 +202,7 @@ class Engine:
         self,
         model: Any,
         tokenizer: Any,
-        count_tokenizer: Any,
+        prompt_tokenizer: Any,
         info: ModelInfo,
         max_batch_size: int,
         plain_decoding_rows: int = 0,
@@ -211,8 +212,10 @@ class Engine:
         self._plain_decoding_rows = plain_decoding_rows  # see llmwsd.engines.transformers.kernels
         self._model = model
         self._tokenizer = tokenizer  # used by the engine thread only
-        self._count_tokenizer = count_tokenizer  # a second instance: tokenizers are not thread-safe
-        self._count_lock = threading.Lock()
+        # Prompts are tokenized in worker threads, on a second instance: tokenizers are not
+        # thread-safe, and the engine thread's detokenizers use the first.
+        self._prompt_tokenizer = prompt_tokenizer
+        self._prompt_lock = threading.Lock()
         self._device = next(model.parameters()).device
         self._vocab_size = int(model.config.get_text_config().vocab_size)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -269,7 +272,7 @@ class Engine:
         if device == "cpu" and not measure.map_large_allocations_apart():
             log.warning("cannot tune the C allocator (not glibc): memory figures are rougher")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        count_tokenizer = AutoTokenizer.from_pretrained(path)
+        prompt_tokenizer = AutoTokenizer.from_pretrained(path)
         model: Any = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), attn_implementation=attention
         )
@@ -304,13 +307,13 @@ class Engine:
             },
             memory=estimate,
         )
-        return cls(model, tokenizer, count_tokenizer, info, max_batch_size, plain_rows)
+        return cls(model, tokenizer, prompt_tokenizer, info, max_batch_size, plain_rows)
 
     # -- the event loop's side -----------------------------------------------------
 
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        with self._count_lock:
-            return len(template_ids(self._count_tokenizer, messages))
+    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._prompt_lock:
+            return template_ids(self._prompt_tokenizer, messages)
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle:
         """Queue ``request``; its events go to ``on_event`` on the calling event loop."""
@@ -454,19 +457,24 @@ class Engine:
 
     def _admit(self, generation: _Generation) -> None:
         """Tokenize a new request and answer Started (or Failed); queue it for the batch."""
-        settings = generation.request.settings
+        request = generation.request
+        settings = request.settings
         try:
-            prompt = template_ids(self._tokenizer, generation.request.messages)
+            prompt = request.prompt_ids or template_ids(self._tokenizer, request.messages)
         except Exception as e:
             log.error("cannot apply the chat template", exc_info=True)
             self._fail(generation, InternalError(f"cannot apply the chat template: {e}"))
             return
-        max_context = self.info.max_context
-        if len(prompt) >= max_context:
-            self._fail(generation, ContextTooLong(len(prompt), max_context))
+        try:
+            # The service budgeted the request already; this holds direct callers to it.
+            budget = new_token_budget(
+                len(prompt), settings.max_new_tokens, self.info.max_context, "truncate"
+            )
+        except ContextTooLong as e:
+            self._fail(generation, e)
             return
-        generation.prompt_ids = prompt
-        generation.max_new_tokens = min(settings.max_new_tokens, max_context - len(prompt))
+        generation.prompt_ids = list(prompt)
+        generation.max_new_tokens = budget
         generation.sampler = TokenSampler(
             settings, prompt, self._vocab_size, self._end_ids, self._device
         )

@@ -33,7 +33,7 @@ from llmwsd.protocol import admin as adminproto
 from llmwsd.service.model_changes import Progress
 
 if TYPE_CHECKING:
-    from llmwsd.daemon import Daemon
+    from llmwsd.service.services import Services
 
 log = logging.getLogger("llmwsd.admin")
 
@@ -106,9 +106,16 @@ def claim_socket_path(path: Path) -> None:
 
 
 class AdminServer:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.path = daemon.config.runtime_dir / adminproto.SOCKET_NAME
+    def __init__(
+        self,
+        services: Services,
+        reload: Callable[[], dict[str, Any]],
+        listen: Callable[[], str],
+    ) -> None:
+        self.services = services
+        self.reload_daemon = reload  # SIGHUP's work, for `llmwsctl reload`
+        self.listen = listen  # the public port's address, for `llmwsctl status`
+        self.path = services.config().runtime_dir / adminproto.SOCKET_NAME
         self.server: asyncio.Server | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we made
         self._connections: set[asyncio.Task[None]] = set()
@@ -259,56 +266,56 @@ class AdminServer:
     # -- reports ---------------------------------------------------------------------
 
     async def on_status(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        daemon = self.daemon
+        slot = self.services.slot
         return {
-            **daemon.status(),
-            "model_reason": daemon.no_model_reason() if daemon.engine is None else None,
+            **self.services.reports.status(),
+            "model_reason": slot.no_model_reason() if slot.engine is None else None,
             "pid": os.getpid(),
-            "listen": f"ws://{daemon.config.server.host}:{daemon.server.port}/",
-            "config": daemon.config.source,
+            "listen": self.listen(),
+            "config": self.services.config().source,
         }
 
     async def on_models(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
-        return await self.daemon.list_models()
+        return await self.services.reports.list_models()
 
     async def on_resources(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return await self.daemon.resources()
+        return await self.services.reports.resources()
 
     async def on_sessions(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
-        return [session.summary() for session in self.daemon.sessions.list()]
+        return [session.summary() for session in self.services.sessions.list()]
 
     # -- changes ---------------------------------------------------------------------
 
     async def on_session_drop(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         session_id = _string_arg(args, "id")
-        session = self.daemon.sessions.drop(session_id)
+        session = self.services.sessions.drop(session_id)
         connected = session.owner is not None
         if connected:
             session.owner.detach(CLOSE_SESSION_DROPPED, "session dropped by the operator")
         return {"dropped": session.id, "was_connected": connected}
 
     async def on_reload(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        report = self.daemon.reload()
+        report = self.reload_daemon()
         if report.get("error"):
             raise ConfigError(f"{report['error']}; the running configuration is kept")
         return report
 
     async def on_tokens(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        auth = self.daemon.server.gate.auth
+        auth = self.services.auth
         return {
             "required": auth.required,
             "tokens": [e.public() for store in (auth.access, auth.admin) for e in store.entries],
         }
 
     async def on_token_add(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        store = self.daemon.server.gate.auth.store(admin=bool(args.get("admin")))
+        store = self.services.auth.store(admin=bool(args.get("admin")))
         entry, token = store.add(_string_arg(args, "name"))
         # The plain token leaves the daemon this once; only its salted hash is kept.
         return {**entry.public(), "token": token}
 
     async def on_token_revoke(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = _string_arg(args, "name")
-        auth = self.daemon.server.gate.auth
+        auth = self.services.auth
         for store in (auth.access, auth.admin):
             if any(name in (e.name, e.id) for e in store.entries):
                 return store.revoke(name).public()
@@ -318,29 +325,29 @@ class AdminServer:
 
     async def on_pull(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Start a pull; follow it to its end, or (``detach``) answer with its id at once."""
-        pulls = self.daemon.model_manager.pulls
+        pulls = self.services.models.pulls
         pull = await pulls.start(args.get("source"), args.get("name"), args.get("revision"))
         if args.get("detach"):
             return pull.summary()
         return await pulls.follow(pull, progress)
 
     async def on_pulls(self, args: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
-        return self.daemon.model_manager.pulls.summaries()
+        return self.services.models.pulls.summaries()
 
     async def on_pull_cancel(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return await self.daemon.model_manager.pulls.cancel(args.get("id"))
+        return await self.services.models.pulls.cancel(args.get("id"))
 
     async def on_pulls_clean(
         self, args: dict[str, Any], progress: Progress
     ) -> list[dict[str, Any]]:
-        return await self.daemon.model_manager.pulls.clean()
+        return await self.services.models.pulls.clean()
 
     async def on_switch(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return await self.daemon.model_manager.switch(args.get("model"), progress)
+        return await self.services.models.switch(args.get("model"), progress)
 
     async def on_rm(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         force = args.get("force", False) is True
-        return await self.daemon.model_manager.remove(args.get("model"), force, progress)
+        return await self.services.models.remove(args.get("model"), force, progress)
 
 
 def _string_arg(args: dict[str, Any], key: str) -> str:

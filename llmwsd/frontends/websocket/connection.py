@@ -29,13 +29,13 @@ from llmwsd.errors import (
     UnknownType,
     Unsupported,
 )
-from llmwsd.frontends.websocket.security import client_address
+from llmwsd.frontends.websocket.security import MessageRate, client_address
 from llmwsd.protocol import wire
 from llmwsd.sessions.session import Session
 
 if TYPE_CHECKING:
     from llmwsd.catalogue.pull import Pull
-    from llmwsd.daemon import Daemon
+    from llmwsd.service.services import Services
 
 log = logging.getLogger("llmwsd.connection")
 
@@ -48,14 +48,19 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 class JsonConnection:
     def __init__(
-        self, daemon: Daemon, ws: ServerConnection, peer: str, identity: Identity | None = None
+        self,
+        services: Services,
+        ws: ServerConnection,
+        peer: str,
+        identity: Identity,
+        rate: MessageRate,
     ) -> None:
-        self.daemon = daemon
+        self.services = services
         self.ws = ws
         self.peer = peer
         self.address = client_address(ws)
-        self.identity = identity or Identity()
-        self.rate = daemon.server.gate.message_rate()
+        self.identity = identity
+        self.rate = rate
         self.session: Session | None = None
         self._streamer: asyncio.Task[None] | None = None
         self._resources: asyncio.Task[None] | None = None
@@ -106,7 +111,7 @@ class JsonConnection:
             return
         self.session = session
         log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")
-        welcome = self.daemon.welcome(session, resumed)
+        welcome = self.services.reports.welcome(session, resumed)
         # A last_seq past the session's newest event would wait forever for events it
         # claims to have: stream from the newest one instead, and say so.
         last_seq = asked if asked is None else min(asked, welcome["last_seq"])
@@ -127,7 +132,7 @@ class JsonConnection:
 
     async def _receive(self) -> None:
         """Handle frames until the client leaves or stays idle too long with nothing running."""
-        idle_timeout = self.daemon.config.limits.idle_timeout or None
+        idle_timeout = self.services.config().limits.idle_timeout or None
         while True:
             try:
                 async with asyncio.timeout(idle_timeout):
@@ -142,14 +147,14 @@ class JsonConnection:
     def _attach(self, hello: dict[str, Any]) -> tuple[Session, bool, int | None]:
         session_id = wire.parse_session_id(hello.get("session_id"))
         last_seq = wire.parse_seq(hello.get("last_seq"))
-        session = self.daemon.sessions.get(session_id) if session_id else None
+        session = self.services.sessions.get(session_id) if session_id else None
         if session is not None and session.token_id != self.identity.token_id:
             # Another token's session: as good as unknown, without saying whether it exists.
             log.info("%s: refused to resume a session made with another token", self.peer)
             session = None
         resumed = session is not None
         if session is None:
-            session = self.daemon.sessions.create(self.identity.token_id, self.address)
+            session = self.services.sessions.create(self.identity.token_id, self.address)
             last_seq = None
         previous = session.owner
         session.owner = self
@@ -188,7 +193,7 @@ class JsonConnection:
     async def dispatch_frame(self, frame: str | bytes) -> None:
         try:
             if not self.rate.allow():
-                limits = self.daemon.config.limits
+                limits = self.services.config().limits
                 raise RateLimited(
                     f"too many messages: at most {limits.messages_per_second:g} per second "
                     f"(bursts of {limits.message_burst}); this one was dropped"
@@ -241,11 +246,11 @@ class JsonConnection:
     async def on_inference(self, message: dict[str, Any]) -> None:
         prompt = wire.parse_prompt(message.get("prompt"))
         length = len(prompt["system"]) + len(prompt["user"])
-        limit = self.daemon.config.limits.max_prompt_chars
+        limit = self.services.config().limits.max_prompt_chars
         if length > limit:
             raise BadRequest(f"prompt too long: {length} characters, at most {limit}")
         overrides = message.get("config")
-        await self.daemon.start_generation(self.current, prompt, overrides)
+        await self.services.generation.start_turn(self.current, prompt, overrides)
 
     async def on_cancel(self, message: dict[str, Any]) -> None:
         running = self.current.running
@@ -268,7 +273,7 @@ class JsonConnection:
         await self.send({"type": "history", "messages": self.current.history()})
 
     async def on_get_resources(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "resources", **await self.daemon.resources()})
+        await self.send({"type": "resources", **await self.services.reports.resources()})
 
     async def on_subscribe_resources(self, message: dict[str, Any]) -> None:
         interval = message.get("interval", 2)
@@ -289,23 +294,25 @@ class JsonConnection:
     async def _send_resources(self, interval: float) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await self.send({"type": "resources", **await self.daemon.resources()})
+                await self.send({"type": "resources", **await self.services.reports.resources()})
                 await asyncio.sleep(interval)
 
     async def on_get_status(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "status", **self.daemon.status()})
+        await self.send({"type": "status", **self.services.reports.status()})
 
     async def on_list_models(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "models_list", "models": await self.daemon.list_models()})
+        await self.send(
+            {"type": "models_list", "models": await self.services.reports.list_models()}
+        )
 
     async def on_recheck_model(self, message: dict[str, Any]) -> None:
-        models = await self.daemon.list_models()
+        models = await self.services.reports.list_models()
         await self.send({"type": "recheck_complete", "models": models})
 
     async def on_model_management(self, message: dict[str, Any]) -> None:
         """switch/download/delete: only where the operator allows it, and with an admin token."""
         kind = message["type"]
-        if not self.daemon.config.api.allow_model_management:
+        if not self.services.config().api.allow_model_management:
             raise Forbidden(
                 f"{kind} changes the server for everyone and is not allowed on the public "
                 "port; the operator can use llmwsctl"
@@ -313,7 +320,7 @@ class JsonConnection:
         if not self.identity.admin:
             raise Forbidden(f"{kind} needs an admin token ([api] admin_tokens_file)")
         log.info("%s: %s by admin token %s", self.peer, kind, self.identity.token_id)
-        manager = self.daemon.model_manager
+        manager = self.services.models
         if kind == "switch_model":
 
             def report(progress: dict[str, Any]) -> None:
@@ -359,7 +366,7 @@ class JsonConnection:
 
         async def follow() -> dict[str, Any]:
             try:
-                return await self.daemon.model_manager.pulls.follow(pull, updates.put_nowait)
+                return await self.services.models.pulls.follow(pull, updates.put_nowait)
             finally:
                 updates.put_nowait(None)
 

@@ -154,11 +154,9 @@ class MessageRate:
 
 
 class Gatekeeper:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, auth: Authenticator) -> None:
         self.config = config
-        self.auth = Authenticator(
-            config.api.tokens_file, config.api.admin_tokens_file, config.api.max_auth_failures
-        )
+        self.auth = auth
         self.hosts = HostAllowList.from_config(config)  # [server] applies at start only
         log.info("the public port answers to %s", self.hosts.describe())
         self.open_by_address: Counter[str] = Counter()

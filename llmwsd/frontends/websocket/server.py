@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from llmwsd.engines.interface import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
-from llmwsd.errors import LLMWSError, Unauthorized
+from llmwsd.errors import LLMWSError, NoModel, Unauthorized
 from llmwsd.frontends.websocket.connection import JsonConnection
 from llmwsd.frontends.websocket.http import (
     HttpRoutes,
@@ -28,7 +28,7 @@ from llmwsd.frontends.websocket.security import Gatekeeper, build_ssl_context
 from llmwsd.protocol import wire
 
 if TYPE_CHECKING:
-    from llmwsd.daemon import Daemon
+    from llmwsd.service.services import Services
 
 log = logging.getLogger("llmwsd.server")
 
@@ -41,13 +41,14 @@ def peer_name(ws: ServerConnection) -> str:
 
 
 class PublicServer:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.config = daemon.config.server
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        config = services.config()
+        self.config = config.server  # [server] applies at start only
         self.routes = HttpRoutes(
-            find_web_root(self.config.web_root), daemon.health, daemon.metrics.render
+            find_web_root(self.config.web_root), services.reports.health, services.metrics.render
         )
-        self.gate = Gatekeeper(daemon.config)
+        self.gate = Gatekeeper(config, services.auth)
         self.ssl_context = build_ssl_context(self.config.tls_cert, self.config.tls_key)
         self.server: Server | None = None
 
@@ -114,7 +115,7 @@ class PublicServer:
 
     async def handle(self, ws: ServerConnection) -> None:
         peer = peer_name(ws)
-        self.daemon.metrics.connections.inc()
+        self.services.metrics.connections.inc()
         self.gate.opened(ws)
         try:
             first = await self._first_frame(ws, peer)
@@ -132,7 +133,10 @@ class PublicServer:
             if isinstance(identity, str):
                 await self._refuse(ws, peer, identity, json_mode=hello is not None)
             elif hello is not None:
-                await JsonConnection(self.daemon, ws, peer, identity).run(hello, hello_error)
+                connection = JsonConnection(
+                    self.services, ws, peer, identity, self.gate.message_rate()
+                )
+                await connection.run(hello, hello_error)
             else:
                 await self._text_mode(ws, peer, first)
         except ConnectionClosed:
@@ -142,7 +146,7 @@ class PublicServer:
             await ws.close(1011, "internal error")
         finally:
             self.gate.closed(ws)
-            self.daemon.metrics.connections.dec()
+            self.services.metrics.connections.dec()
             log.info("%s: closed (%s)", peer, ws.close_code)
 
     async def _refuse(self, ws: ServerConnection, peer: str, reason: str, json_mode: bool) -> None:
@@ -175,20 +179,19 @@ class PublicServer:
         if not prompt["user"]:
             await ws.close(1008, "empty prompt")
             return
-        engine = self.daemon.engine
-        if engine is None:
-            await ws.send(f"error: {self.daemon.no_model_reason()}")
-            await ws.close(1013, "no model loaded")
-            return
         log.info("%s: text-mode prompt (%d characters)", peer, len(text))
         messages = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
         messages.append({"role": "user", "content": prompt["user"]})
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        request = GenerationRequest(messages, self.daemon.default_settings)
+        request = GenerationRequest(messages, self.services.defaults().settings)
         try:
-            handle = await self.daemon.submit(
+            handle = await self.services.generation.submit(
                 request, events.put_nowait, who=f"{peer}: text-mode request"
             )
+        except NoModel as e:
+            await ws.send(f"error: {e.message}")
+            await ws.close(1013, "no model loaded")
+            return
         except LLMWSError as e:  # refused before any compute: context_too_long, busy
             await ws.send(f"error: {e.message}")
             await ws.close(1000)
