@@ -1,19 +1,19 @@
 """The client's own install: `pip install llmws` without the server's dependencies.
 
 A laptop that only chats gets llmwsctl and the Python client with websockets, not torch
-(pyproject.toml: the daemon's dependencies are the `server` extra). The slow test installs
+(pyproject.toml: the daemon's dependencies are the `server` extra). The slow tests install
 the project the way a user does, into a fresh venv, and chats from there with a daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,15 @@ def pip(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT)
 
 
+def setuptools_builds_wheels() -> bool:
+    """Whether this venv's setuptools builds wheels by itself (70 and later; older ones need
+    the `wheel` package, and pyproject.toml asks for 68 or later)."""
+    try:
+        return int(metadata.version("setuptools").split(".")[0]) >= 70
+    except metadata.PackageNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with only ``pip install llmws``, built from this checkout."""
@@ -70,8 +79,8 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(ROOT / name, source)
     for package in ("llmwsd", "llmwsctl"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__py*"))
-    # setuptools from this venv, where there is one: no download for the build.
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    # This venv's setuptools, where it can build a wheel alone: no download for the build.
+    isolation = ["--no-build-isolation"] if setuptools_builds_wheels() else []
     wheels = work / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", wheels, source],
