@@ -2,7 +2,7 @@
 
 A laptop that only chats gets llmwsctl and the Python client with websockets, not torch
 (pyproject.toml: the daemon's dependencies are the `server` extra). The slow tests install
-the project the way a user does, into a fresh venv, and chats from there with a daemon.
+the project the way a user does, into a fresh venv, and chat from there with a daemon.
 """
 
 from __future__ import annotations
