@@ -33,15 +33,23 @@ def gated_loader(release: asyncio.Event, loaded: list[FakeEngine], **engine: Any
     return load
 
 
+async def switch_held_after_unloading(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Task[dict[str, Any]], asyncio.Event, list[FakeEngine]]:
+    """A switch to "next-model" that had to unload first, its load held until ``release``."""
+    add_fake_model(daemon, "next-model")
+    short_of_memory(monkeypatch)
+    release, loaded = asyncio.Event(), []
+    daemon.models.loader = gated_loader(release, loaded)
+    switch = asyncio.create_task(daemon.models.switch("next-model"))
+    await eventually(lambda: daemon.slot.engine is None, FAST, "the old model unloaded")
+    return switch, release, loaded
+
+
 async def test_during_a_switch_that_unloaded_first_everyone_is_told_it_is_switching(
     fake_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    add_fake_model(fake_daemon, "next-model")
-    short_of_memory(monkeypatch)
-    release, loaded = asyncio.Event(), []
-    fake_daemon.models.loader = gated_loader(release, loaded)
-    switch = asyncio.create_task(fake_daemon.models.switch("next-model"))
-    await eventually(lambda: fake_daemon.slot.engine is None, FAST, "the old model unloaded")
+    switch, release, _ = await switch_held_after_unloading(fake_daemon, monkeypatch)
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     status, _, body = await http_exchange(fake_daemon.server.port, request)
     assert status == 503
@@ -115,12 +123,7 @@ async def test_a_prompt_is_tokenized_once_and_its_ids_reach_the_engine(
 async def test_text_mode_waits_for_a_switch_instead_of_refusing(
     fake_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    add_fake_model(fake_daemon, "next-model")
-    short_of_memory(monkeypatch)
-    release, loaded = asyncio.Event(), []
-    fake_daemon.models.loader = gated_loader(release, loaded)
-    switch = asyncio.create_task(fake_daemon.models.switch("next-model"))
-    await eventually(lambda: fake_daemon.slot.engine is None, FAST, "the old model unloaded")
+    switch, release, loaded = await switch_held_after_unloading(fake_daemon, monkeypatch)
     async with websockets.connect(ws_url(fake_daemon), open_timeout=FAST) as ws:
         await ws.send("hello there")
         await asyncio.sleep(0.2)
