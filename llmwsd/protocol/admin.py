@@ -51,25 +51,6 @@ TOKENS = "tokens"
 TOKEN_ADD = "token_add"
 TOKEN_REVOKE = "token_revoke"
 
-COMMANDS = frozenset(
-    {
-        STATUS,
-        MODELS,
-        SWITCH,
-        PULL,
-        PULLS,
-        PULL_CANCEL,
-        PULLS_CLEAN,
-        RM,
-        RESOURCES,
-        SESSIONS,
-        SESSION_DROP,
-        RELOAD,
-        TOKENS,
-        TOKEN_ADD,
-        TOKEN_REVOKE,
-    }
-)
 # Commands that change the server: the daemon logs who sent them (SO_PEERCRED).
 CHANGING_COMMANDS = frozenset(
     {SWITCH, PULL, PULL_CANCEL, PULLS_CLEAN, RM, SESSION_DROP, RELOAD, TOKEN_ADD, TOKEN_REVOKE}
