@@ -257,6 +257,34 @@ def test_the_reference_lists_every_close_code():
     assert codes == set(CloseCode)
 
 
+# -- the admin socket's lines -----------------------------------------------------------
+
+
+def admin_line(message: dict) -> dict:
+    return adminproto.decode(adminproto.encode(message))
+
+
+def test_an_admin_greeting_reads_back():
+    hello = adminproto.Greeting.from_wire(admin_line(adminproto.greeting("0.1.0")))
+    assert hello == adminproto.Greeting(protocol=adminproto.ADMIN_PROTOCOL_VERSION, version="0.1.0")
+    with pytest.raises(BadRequest):
+        adminproto.Greeting.from_wire({"hello": "sshd"})
+
+
+def test_admin_answers_read_back():
+    read = adminproto.Answer.from_wire
+    assert read(admin_line(adminproto.ok(7, {"model": "x"}))) == adminproto.Answer(
+        7, result={"model": "x"}
+    )
+    assert read(admin_line(adminproto.ok("a", None))) == adminproto.Answer("a")
+    assert read(admin_line(adminproto.progress(7, {"stage": "loading"}))) == adminproto.Answer(
+        7, progress={"stage": "loading"}
+    )
+    failed = read(admin_line(adminproto.failed(None, DiskFull("full", needed_bytes=9))))
+    assert failed.id is None and isinstance(failed.error, DiskFull)
+    assert (failed.error.message, failed.error.details) == ("full", {"needed_bytes": 9})
+
+
 async def test_every_changing_admin_command_is_a_command(fake_daemon: Daemon):
     assert set(fake_daemon.admin.handlers) >= adminproto.CHANGING_COMMANDS
 
