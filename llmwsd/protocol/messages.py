@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from llmwsd.errors import BadRequest, LLMWSError, UnknownType, error_from_message
 from llmwsd.protocol import wire
-from llmwsd.protocol.shape import OMITTED, SPREAD, Message, checked
+from llmwsd.protocol.shape import OMITTED, SPREAD, Message
 
 # -- from the client --------------------------------------------------------------------
 
@@ -31,18 +31,17 @@ class Hello:
 
     session_id: str | None = None
     last_seq: int | None = None
-    token: str | None = None
+    token: Any = None  # the gatekeeper checks it, before the hello is read as a message
 
     def to_wire(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_wire(cls, message: dict[str, Any]) -> Self:
-        token = message.get("token")
         return cls(
             session_id=wire.parse_session_id(message.get("session_id")),
             last_seq=wire.parse_seq(message.get("last_seq")),
-            token=checked("hello", "token", token, str | None),
+            token=message.get("token"),
         )
 
 

@@ -53,7 +53,7 @@ class Message:
             if f.metadata == SPREAD:
                 spread_into = f.name
             elif f.name in message:
-                values[f.name] = checked(cls.TYPE, f.name, message[f.name], hints[f.name])
+                values[f.name] = _checked(cls.TYPE, f.name, message[f.name], hints[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise BadRequest(f"{cls.TYPE} needs {f.name!r}")
         if spread_into is not None:
@@ -72,7 +72,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def checked(kind: str, name: str, value: Any, hint: Any) -> Any:
+def _checked(kind: str, name: str, value: Any, hint: Any) -> Any:
     if not _conforms(value, hint):
         raise BadRequest(f"{kind}'s {name!r} must be {_describe(hint)}")
     return value
