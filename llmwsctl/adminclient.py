@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from llmwsd.errors import LLMWSError, Unsupported, error_from_message
+from llmwsd.errors import BadRequest, LLMWSError, Unsupported
 from llmwsd.protocol import admin as adminproto
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -132,16 +132,18 @@ class AdminClient:
             raise
         return client
 
-    def _check_greeting(self, hello: dict[str, Any]) -> None:
-        if hello.get("hello") != "llmwsd":
-            raise ProtocolError(f"{self.path} is not an llmwsd admin socket")
-        if hello.get("protocol") != adminproto.ADMIN_PROTOCOL_VERSION:
+    def _check_greeting(self, message: dict[str, Any]) -> None:
+        try:
+            hello = adminproto.Greeting.from_wire(message)
+        except BadRequest:
+            raise ProtocolError(f"{self.path} is not an llmwsd admin socket") from None
+        if hello.protocol != adminproto.ADMIN_PROTOCOL_VERSION:
             raise Unsupported(
-                f"llmwsd {hello.get('version', '?')} speaks admin protocol "
-                f"{hello.get('protocol')}, this llmwsctl speaks "
+                f"llmwsd {hello.version or '?'} speaks admin protocol "
+                f"{hello.protocol}, this llmwsctl speaks "
                 f"{adminproto.ADMIN_PROTOCOL_VERSION}: use the llmwsctl installed with llmwsd"
             )
-        self.server_version = str(hello.get("version", ""))
+        self.server_version = hello.version
 
     def call(
         self,
@@ -162,17 +164,16 @@ class AdminClient:
         except BrokenPipeError:
             raise ProtocolError("llmwsd closed the admin connection") from None
         while True:
-            message = self._read()
-            if message.get("id") != request_id:
+            answer = adminproto.Answer.from_wire(self._read())
+            if answer.id != request_id:
                 continue  # an answer to an earlier request that this client gave up on
-            if "progress" in message:
+            if answer.progress is not None:
                 if on_progress is not None:
-                    on_progress(message["progress"])
+                    on_progress(answer.progress)
                 continue
-            if message.get("ok"):
-                return message.get("result")
-            error = message.get("error")
-            raise error_from_message(error if isinstance(error, dict) else {})
+            if answer.error is not None:
+                raise answer.error
+            return answer.result
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -20,7 +20,8 @@ from typing import Any
 
 from llmwsctl import format as fmt
 from llmwsctl.client import DEFAULT_URL, SyncClient
-from llmwsd.errors import BadRequest, LLMWSError, error_from_message
+from llmwsd.errors import BadRequest, LLMWSError
+from llmwsd.protocol import messages
 
 try:
     import readline
@@ -195,11 +196,12 @@ def stream_answer(
         while True:
             # Ctrl-C may come while waiting for an event or while printing one.
             try:
-                event = next(events)
+                received = next(events)
+                event = messages.parse_server_message(received)
                 if as_json:
-                    print(json.dumps(event, ensure_ascii=False), flush=True)
-                elif event["type"] == "token":
-                    sys.stdout.write(event["data"])
+                    print(json.dumps(received, ensure_ascii=False), flush=True)
+                elif isinstance(event, messages.Token):
+                    sys.stdout.write(event.data)
                     sys.stdout.flush()
             except StopIteration:
                 break
@@ -210,10 +212,10 @@ def stream_answer(
                 cancelling = True
                 client.cancel()  # the answer ends with finish_reason "cancelled"
                 continue
-            if event["type"] == "error":
-                raise error_from_message(event)
-            if event["type"] == "done":
-                finish = str(event.get("finish_reason", ""))
+            if isinstance(event, messages.Error):
+                raise event.exception()
+            if isinstance(event, messages.Done):
+                finish = event.finish_reason
     finally:
         if not as_json:
             sys.stdout.write("\n")

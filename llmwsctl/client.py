@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -34,8 +35,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from llmwsd.errors import Busy, EventsDropped, LLMWSError, Unauthorized, error_from_message
-from llmwsd.protocol import wire
+from llmwsd.errors import Busy, EventsDropped, LLMWSError, Unauthorized
+from llmwsd.protocol import messages, wire
+from llmwsd.protocol.close_codes import CloseCode
 
 __all__ = [
     "DEFAULT_URL",
@@ -51,11 +53,8 @@ log = logging.getLogger("llmwsctl.client")
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
-# Close codes after which reconnecting cannot help (the session moved, or we were refused).
-CLOSE_TAKEN_OVER = 4000
-CLOSE_POLICY = 1008
-
 T = TypeVar("T")
+M = TypeVar("M", bound=messages.Message)
 
 
 class ConnectionLost(LLMWSError):
@@ -141,15 +140,15 @@ class Client:
         session_id = wire.parse_session_id(session_id)
         self._closing = False
         self.last_seq = 0
-        ws, welcome = await self._open(session_id, None)
-        self._adopt(ws, welcome)
+        ws, welcome, received = await self._open(session_id, None)
+        self._adopt(ws, welcome, received)
         self._settled.set()
         self._supervisor = asyncio.create_task(self._supervise())
-        if welcome.get("resumed"):
+        if welcome.resumed:
             # The server replays what an earlier client left unacknowledged; a round
             # trip makes sure it has been read (into `backlog`) before we ask anything.
-            await self._request({"type": "ping"}, "pong")
-        return welcome
+            await self._request(messages.Ping(), messages.Pong)
+        return self.welcome
 
     async def disconnect(self) -> None:
         """Close the connection; the session stays on the server until it expires."""
@@ -180,9 +179,9 @@ class Client:
 
     async def _open(
         self, session_id: str | None, last_seq: int | None
-    ) -> tuple[ClientConnection, dict[str, Any]]:
+    ) -> tuple[ClientConnection, messages.Welcome, dict[str, Any]]:
         """Connect, say hello, and read the welcome (or the error that refuses us)."""
-        hello = {"session_id": session_id, "last_seq": last_seq, "token": self.token}
+        hello = messages.Hello(session_id=session_id, last_seq=last_seq, token=self.token)
         try:
             ws = await websockets.connect(
                 self.url, open_timeout=self.open_timeout, max_size=64 * 2**20
@@ -190,24 +189,27 @@ class Client:
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise ConnectionLost(f"cannot connect to {self.url}: {e}") from e
         try:
-            await ws.send(wire.encode_message({k: v for k, v in hello.items() if v is not None}))
+            await ws.send(wire.encode_message(hello.to_wire()))
             first = wire.decode_message(await asyncio.wait_for(ws.recv(), self.open_timeout))
+            kind = first.get("type")
+            if kind == messages.Welcome.TYPE:
+                return ws, messages.Welcome.from_wire(first), first
         except (ConnectionClosed, TimeoutError, LLMWSError) as e:
             await ws.close()
             raise ConnectionLost(f"{self.url} did not welcome us: {e}") from e
-        if first.get("type") != "welcome":
-            await ws.close()
-            if first.get("type") == "error":
-                raise error_from_message(first)
-            raise LLMWSError(f"expected a welcome from the server, got {first.get('type')!r}")
-        return ws, first
+        await ws.close()
+        if kind == messages.Error.TYPE:
+            raise messages.Error.from_wire(first).exception()
+        raise LLMWSError(f"expected a welcome from the server, got {kind!r}")
 
-    def _adopt(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
-        if welcome["session_id"] != self.session_id:
+    def _adopt(
+        self, ws: ClientConnection, welcome: messages.Welcome, received: dict[str, Any]
+    ) -> None:
+        if welcome.session_id != self.session_id:
             self.last_seq = 0  # seqs count per session
         self._ws = ws
-        self.welcome = welcome
-        self.session_id = welcome["session_id"]
+        self.welcome = received  # as sent: with the fields a newer server may add
+        self.session_id = welcome.session_id
 
     # -- the connection's life: read, and reconnect when it drops ---------------------
 
@@ -234,9 +236,10 @@ class Client:
             self._settled.clear()
             self._replies.put_nowait(None)  # wake a waiting request so it can resend
             try:
-                if ws.close_code == CLOSE_TAKEN_OVER:
+                # Close codes after which reconnecting cannot help: moved, or refused.
+                if ws.close_code == CloseCode.TAKEN_OVER:
                     raise SessionLost(f"session {self.session_id} was taken over by another client")
-                if ws.close_code == CLOSE_POLICY:
+                if ws.close_code == CloseCode.POLICY:
                     raise ConnectionLost(f"the server closed the connection: {ws.close_reason}")
                 await self._reconnect()
             except LLMWSError as e:
@@ -252,13 +255,13 @@ class Client:
                 except LLMWSError:
                     log.warning("ignoring a frame that is not a JSON object: %.80r", frame)
                     continue
-                if message.get("type") in wire.GENERATION_TYPES and "seq" in message:
+                if messages.is_generation_event(message):
                     self._on_event(message)
                 elif message.get("code") == EventsDropped.code:
                     # No request's answer: the server's buffer cap lost events of an answer,
                     # so the running one (if any) cannot be whole.
                     if self._generation is not None:
-                        self._fail_generation(error_from_message(message))
+                        self._fail_generation(messages.Error.from_wire(message).exception())
                     else:
                         self.notifications.append(message)
                 else:
@@ -283,7 +286,7 @@ class Client:
         delay = 0.1
         while True:
             try:
-                ws, welcome = await self._open(self.session_id, self.last_seq)
+                ws, welcome, received = await self._open(self.session_id, self.last_seq)
             except Unauthorized:
                 raise  # trying again cannot help
             except LLMWSError as e:
@@ -297,8 +300,8 @@ class Client:
                 delay = min(delay * 2, 2.0)
                 continue
             lost = self.session_id
-            self._adopt(ws, welcome)
-            if not welcome.get("resumed"):
+            self._adopt(ws, welcome, received)
+            if not welcome.resumed:
                 # The server forgot the session (expired, or restarted without it): the
                 # conversation goes on in a new session, but a running answer is gone.
                 log.warning("session %s is gone; continuing in session %s", lost, self.session_id)
@@ -349,29 +352,29 @@ class Client:
 
     async def _exchange(
         self,
-        messages: list[dict[str, Any]],
-        reply_type: str,
+        outgoing: list[messages.Message],
+        reply_type: type[M],
         on_other: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Send ``messages`` and return the reply of type ``reply_type``; hold the lock.
+    ) -> M:
+        """Send ``outgoing`` and return the reply of type ``reply_type``; hold the lock.
 
         An ``error`` reply raises it. Raises ``_Resumed`` when the connection
         dropped and came back, since the messages may not have arrived.
         """
-        for message in messages:
-            await self._send(message)
+        for message in outgoing:
+            await self._send(message.to_wire())
         while True:
             reply = await self._replies.get()
             if reply is None:
                 await self._wait_settled()
                 raise _Resumed
-            if reply.get("type") == "error":
-                raise error_from_message(reply)
-            if reply.get("type") == reply_type:
-                return reply
+            if reply.get("type") == messages.Error.TYPE:
+                raise messages.Error.from_wire(reply).exception()
+            if reply.get("type") == reply_type.TYPE:
+                return reply_type.from_wire(reply)
             (on_other or self.notifications.append)(reply)
 
-    async def _request(self, message: dict[str, Any], reply_type: str) -> dict[str, Any]:
+    async def _request(self, message: messages.Message, reply_type: type[M]) -> M:
         """One request and its reply; resent after a resume (every request but inference
         is safe to repeat)."""
         async with self._lock:
@@ -382,24 +385,30 @@ class Client:
                     return await self._exchange([message], reply_type)
 
     async def ping(self) -> None:
-        await self._request({"type": "ping"}, "pong")
+        await self._request(messages.Ping(), messages.Pong)
 
     async def get_resources(self) -> dict[str, Any]:
         """Device and memory figures (``device``, ``free_gb``, ``total_gb``, ...)."""
-        reply = await self._request({"type": "get_resources"}, "resources")
-        return {k: v for k, v in reply.items() if k != "type"}
+        return (await self._request(messages.GetResources(), messages.Resources)).report
 
     async def get_status(self) -> dict[str, Any]:
-        reply = await self._request({"type": "get_status"}, "status")
-        return {k: v for k, v in reply.items() if k != "type"}
+        status = await self._request(messages.GetStatus(), messages.Status)
+        return dataclasses.asdict(status)
 
     async def list_models(self) -> list[dict[str, Any]]:
-        return list((await self._request({"type": "list_models"}, "models_list"))["models"])
+        return (await self._request(messages.ListModels(), messages.ModelsList)).models
 
     async def switch_model(self, path: str) -> dict[str, Any]:
-        """Load another model: a folder path, or a name from :meth:`list_models`."""
-        key = "model_path" if "/" in path else "model"
-        return await self._request({"type": "switch_model", key: path}, "model_switched")
+        """Load another model: a folder path, or a name from :meth:`list_models`.
+
+        Returns the ``model_switched`` message (``model``, ``changed``, ...).
+        """
+        switch = (
+            messages.SwitchModel(model_path=path)
+            if "/" in path
+            else messages.SwitchModel(model=path)
+        )
+        return (await self._request(switch, messages.ModelSwitched)).to_wire()
 
     async def download_model(
         self,
@@ -411,13 +420,14 @@ class Client:
 
         ``on_progress`` receives the server's ``log`` and ``download_progress`` messages.
         """
-        message = {"type": "download_model", "repo": repo, "target_dir": target_dir}
+        message = messages.DownloadModel(repo=repo, target_dir=target_dir)
         async with self._lock:  # held throughout, so the final error cannot be mistaken
             await self._ensure_connected()
             self._set_aside_unsolicited()
             try:
-                await self._exchange([message], "download_started", on_progress)
-                return await self._exchange([], "download_done", on_progress)
+                await self._exchange([message], messages.DownloadStarted, on_progress)
+                done = await self._exchange([], messages.DownloadDone, on_progress)
+                return done.to_wire()
             except _Resumed:
                 # The download's messages went to the lost connection and are not buffered.
                 raise ConnectionLost(
@@ -426,7 +436,9 @@ class Client:
                 ) from None
 
     async def delete_model(self, name: str) -> dict[str, Any]:
-        return await self._request({"type": "delete_model", "model_name": name}, "model_deleted")
+        """Returns the ``model_deleted`` message (``removed``, ``path``, ``size_bytes``)."""
+        deleted = await self._request(messages.DeleteModel(model_name=name), messages.ModelDeleted)
+        return deleted.to_wire()
 
     async def set_config(self, **settings: Any) -> dict[str, Any]:
         """Change this session's generation settings; return all of them as merged.
@@ -435,24 +447,22 @@ class Client:
         whereas the ``settings`` of :meth:`inference`, :meth:`stream` and
         :meth:`events` apply to that one answer (the inference's ``config``).
         """
-        return dict(
-            (await self._request({"type": "config", "data": settings}, "config_ack"))["config"]
-        )
+        return (await self._request(messages.Config(data=settings), messages.ConfigAck)).config
 
     async def reset(self) -> None:
         """Forget the conversation (the session and its settings stay)."""
-        await self._request({"type": "reset"}, "reset_done")
+        await self._request(messages.Reset(), messages.ResetDone)
 
     async def history(self) -> list[dict[str, str]]:
-        return list((await self._request({"type": "history"}, "history"))["messages"])
+        return (await self._request(messages.GetHistory(), messages.History)).messages
 
     async def cancel(self) -> bool:
         """Stop the running answer; it ends with ``finish_reason`` "cancelled"."""
-        return bool((await self._request({"type": "cancel"}, "cancel_ack"))["cancelled"])
+        return (await self._request(messages.Cancel(), messages.CancelAck)).cancelled
 
     async def subscribe_resources(self, interval: float) -> None:
         """Have ``resources`` reports sent every ``interval`` s into :attr:`notifications`."""
-        await self._request({"type": "subscribe_resources", "interval": interval}, "subscribed")
+        await self._request(messages.SubscribeResources(interval=interval), messages.Subscribed)
 
     # -- answers ---------------------------------------------------------------------
 
@@ -470,12 +480,12 @@ class Client:
                 event = await generation.queue.get()
                 if isinstance(event, LLMWSError):
                     raise event
-                if event["type"] in ("done", "error"):
+                if event["type"] in (messages.Done.TYPE, messages.Error.TYPE):
                     # Settle the answer before handing out its last event: the caller
                     # may stop reading right there (an error raises in stream()).
                     generation.finished = True
                     self._generation = None
-                    if event["type"] == "done":
+                    if event["type"] == messages.Done.TYPE:
                         self.last_done = event
                     await self._acknowledge(event["seq"])
                     yield event
@@ -486,12 +496,12 @@ class Client:
                 self._generation = None
             if not generation.finished and self._ws is not None:
                 # Abandoned mid-answer (break, cancellation): stop it on the server too.
-                await self._send({"type": "cancel"})
+                await self._send(messages.Cancel().to_wire())
 
     async def _acknowledge(self, seq: int) -> None:
         """Let the server drop its buffer up to ``seq``; the answer is complete either way."""
         try:
-            await self._request({"type": "ack", "seq": seq}, "ack_received")
+            await self._request(messages.Ack(seq=seq), messages.AckReceived)
         except LLMWSError as e:
             log.warning("could not acknowledge event %d: %s", seq, e.message)
 
@@ -501,10 +511,11 @@ class Client:
         """The answer's text, piece by piece; a server error raises its exception."""
         async with contextlib.aclosing(self.events(prompt, system, **settings)) as events:
             async for event in events:
-                if event["type"] == "token":
-                    yield event["data"]
-                elif event["type"] == "error":
-                    raise error_from_message(event)
+                typed = messages.GENERATION_EVENTS[event["type"]].from_wire(event)
+                if isinstance(typed, messages.Token):
+                    yield typed.data
+                elif isinstance(typed, messages.Error):
+                    raise typed.exception()
 
     async def inference(self, prompt: str, system: str = "", **settings: Any) -> str:
         """The whole answer to ``prompt`` as one string (the original clients' API)."""
@@ -512,13 +523,10 @@ class Client:
 
     async def _start(self, prompt: str, system: str, settings: dict[str, Any]) -> _Generation:
         """Send the inference and return once the server has accepted it."""
-        message: dict[str, Any] = {
-            "type": "inference",
-            "prompt": {"system": system, "user": prompt},
-        }
-        if settings:
-            message["config"] = settings
-        ping = {"type": "ping"}
+        message = messages.Inference(
+            prompt=messages.Prompt(system=system, user=prompt), config=settings or None
+        )
+        ping = messages.Ping()
         async with self._lock:
             await self._ensure_connected()
             if self._generation is not None:
@@ -532,7 +540,7 @@ class Client:
             try:
                 while True:
                     try:
-                        await self._exchange(pending, "pong")
+                        await self._exchange(pending, messages.Pong)
                     except _Resumed:
                         pending = [ping]  # first read the replay: did the inference arrive?
                         continue

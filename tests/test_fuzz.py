@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from llmwsd.daemon import Daemon
 from llmwsd.errors import LLMWSError
 from llmwsd.protocol import wire
-from llmwsd.protocol.wire import CLIENT_TYPES, GENERATION_TYPES
+from llmwsd.protocol.messages import CLIENT_TYPES, GENERATION_TYPES
 from llmwsd.sessions.session import Session
 from tests.conftest import FAST, within, ws_url
 

@@ -25,7 +25,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from llmwsd.protocol.wire import GENERATION_TYPES
+from llmwsd.protocol.messages import GENERATION_TYPES
 from tests.conftest import DEFAULT_MODEL, FAST, eventually, recv_json, within, ws_url
 
 CONNECTIONS = 64

@@ -20,9 +20,10 @@ usable.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from llmwsd.errors import BadRequest, InvalidJSON, LLMWSError
+from llmwsd.errors import BadRequest, InvalidJSON, LLMWSError, error_from_message
 
 ADMIN_PROTOCOL_VERSION = 1
 
@@ -51,25 +52,6 @@ TOKENS = "tokens"
 TOKEN_ADD = "token_add"
 TOKEN_REVOKE = "token_revoke"
 
-COMMANDS = frozenset(
-    {
-        STATUS,
-        MODELS,
-        SWITCH,
-        PULL,
-        PULLS,
-        PULL_CANCEL,
-        PULLS_CLEAN,
-        RM,
-        RESOURCES,
-        SESSIONS,
-        SESSION_DROP,
-        RELOAD,
-        TOKENS,
-        TOKEN_ADD,
-        TOKEN_REVOKE,
-    }
-)
 # Commands that change the server: the daemon logs who sent them (SO_PEERCRED).
 CHANGING_COMMANDS = frozenset(
     {SWITCH, PULL, PULL_CANCEL, PULLS_CLEAN, RM, SESSION_DROP, RELOAD, TOKEN_ADD, TOKEN_REVOKE}
@@ -97,6 +79,21 @@ def decode(line: bytes) -> dict[str, Any]:
 
 def greeting(version: str) -> dict[str, Any]:
     return {"hello": "llmwsd", "protocol": ADMIN_PROTOCOL_VERSION, "version": version}
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """A greeting as a client reads it; ``protocol`` may be another version than ours."""
+
+    protocol: Any
+    version: str
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any]) -> Greeting:
+        """BadRequest when ``message`` is not llmwsd's greeting at all."""
+        if message.get("hello") != "llmwsd":
+            raise BadRequest("not an llmwsd admin greeting")
+        return cls(protocol=message.get("protocol"), version=str(message.get("version", "")))
 
 
 def request(request_id: RequestId, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -144,3 +141,24 @@ def failed(request_id: RequestId, error: LLMWSError) -> dict[str, Any]:
 
 def progress(request_id: RequestId, data: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "progress": data}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One line the daemon sends about a request, as a client reads it (see :func:`ok`,
+    :func:`failed` and :func:`progress`): a progress report, or the final result or error."""
+
+    id: RequestId
+    progress: dict[str, Any] | None = None
+    result: Any = None
+    error: LLMWSError | None = None
+
+    @classmethod
+    def from_wire(cls, message: dict[str, Any]) -> Answer:
+        request_id = message.get("id")
+        if "progress" in message:
+            return cls(request_id, progress=message["progress"])
+        if message.get("ok"):
+            return cls(request_id, result=message.get("result"))
+        error = message.get("error")
+        return cls(request_id, error=error_from_message(error if isinstance(error, dict) else {}))

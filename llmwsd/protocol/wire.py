@@ -1,8 +1,9 @@
-"""The public WebSocket protocol's shapes, shared by the daemon and the clients.
+"""The public WebSocket protocol's framing, field parsers and legacy text mode.
 
-See ``docs/protocol.md`` (the reference). Parsing here turns untrusted frames into
-checked Python values or raises a :class:`~llmwsd.errors.BadRequest` subclass;
-it never touches the filesystem or the model.
+See ``docs/protocol.md`` (the reference); the messages themselves are typed in
+:mod:`llmwsd.protocol.messages`. Parsing here turns untrusted frames into checked
+Python values or raises a :class:`~llmwsd.errors.BadRequest` subclass; it never
+touches the filesystem or the model.
 """
 
 from __future__ import annotations
@@ -15,34 +16,6 @@ from typing import Any
 from llmwsd.errors import BadRequest, InvalidJSON
 
 PROTOCOL_VERSION = 1
-
-# Every message type a JSON client may send; the server answers each one.
-CLIENT_TYPES = frozenset(
-    {
-        "ping",
-        "config",
-        "inference",
-        "cancel",
-        "ack",
-        "reset",
-        "history",
-        "get_resources",
-        "subscribe_resources",
-        "get_status",
-        "list_models",
-        "switch_model",
-        "download_model",
-        "delete_model",
-        "recheck_model",
-        # The old server's training features: answered with `unsupported`.
-        "train",
-        "train_status",
-        "save_snapshot",
-    }
-)
-
-# Generation events: they carry `seq` and `request_id` and are buffered per session.
-GENERATION_TYPES = frozenset({"start", "token", "done", "error", "queued"})
 
 _LEGACY_SECTION = re.compile(r"<\|(system|user)\|>(.*?)(?:<\|end\|>|(?=<\|)|\Z)", re.DOTALL)
 _LEGACY_TAG = re.compile(r"<\|[a-z_]+\|>")

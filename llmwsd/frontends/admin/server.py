@@ -28,8 +28,8 @@ from llmwsd.errors import (
     NotFound,
     UnknownType,
 )
-from llmwsd.frontends.websocket.connection import CLOSE_SESSION_DROPPED
 from llmwsd.protocol import admin as adminproto
+from llmwsd.protocol.close_codes import CloseCode
 from llmwsd.service.model_changes import Progress
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class AdminServer:
         session = self.services.sessions.drop(session_id)
         connected = session.owner is not None
         if connected:
-            session.owner.detach(CLOSE_SESSION_DROPPED, "session dropped by the operator")
+            session.owner.detach(CloseCode.SESSION_DROPPED, "session dropped by the operator")
         return {"dropped": session.id, "was_connected": connected}
 
     async def on_reload(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:

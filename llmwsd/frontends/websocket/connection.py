@@ -31,6 +31,7 @@ from llmwsd.errors import (
 )
 from llmwsd.frontends.websocket.security import MessageRate, client_address
 from llmwsd.protocol import wire
+from llmwsd.protocol.close_codes import CloseCode
 from llmwsd.sessions.session import Session
 
 if TYPE_CHECKING:
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     from llmwsd.service.services import Services
 
 log = logging.getLogger("llmwsd.connection")
-
-# Application close codes: the session moved to another connection, or the operator dropped it.
-CLOSE_TAKEN_OVER = 4000
-CLOSE_SESSION_DROPPED = 4001
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -107,7 +104,7 @@ class JsonConnection:
         except Busy as e:
             # Every session slot is in use: no session to welcome into (1013: try again later).
             await self.send_error(e)
-            await self.ws.close(1013, e.message[:120])
+            await self.ws.close(CloseCode.TRY_AGAIN_LATER, e.message[:120])
             return
         self.session = session
         log.info("%s: session %s (%s)", self.peer, session.id, "resumed" if resumed else "new")
@@ -140,7 +137,7 @@ class JsonConnection:
             except TimeoutError:
                 if self.session is not None and self.session.running is not None:
                     continue  # waiting for an answer is not idleness
-                await self.ws.close(1000, f"idle for {idle_timeout:g} s")
+                await self.ws.close(CloseCode.NORMAL, f"idle for {idle_timeout:g} s")
                 return
             await self.dispatch_frame(frame)
 
@@ -160,7 +157,7 @@ class JsonConnection:
         session.owner = self
         session.touch()
         if previous is not None and previous is not self:
-            previous.detach(CLOSE_TAKEN_OVER, "session taken over by another connection")
+            previous.detach(CloseCode.TAKEN_OVER, "session taken over by another connection")
         return session, resumed, last_seq
 
     def detach(self, code: int, reason: str) -> None:

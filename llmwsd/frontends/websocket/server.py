@@ -26,6 +26,7 @@ from llmwsd.frontends.websocket.http import (
 )
 from llmwsd.frontends.websocket.security import Gatekeeper, build_ssl_context
 from llmwsd.protocol import wire
+from llmwsd.protocol.close_codes import CloseCode
 
 if TYPE_CHECKING:
     from llmwsd.service.services import Services
@@ -143,7 +144,7 @@ class PublicServer:
             pass
         except Exception:
             log.error("%s: connection failed", peer, exc_info=True)
-            await ws.close(1011, "internal error")
+            await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self.gate.closed(ws)
             self.services.metrics.connections.dec()
@@ -154,7 +155,7 @@ class PublicServer:
         log.warning("%s: unauthorized: %s", peer, reason)
         if json_mode:
             await ws.send(wire.encode_message(Unauthorized(reason).to_message()))
-        await ws.close(1008, reason[:120])
+        await ws.close(CloseCode.POLICY, reason[:120])
 
     async def _first_frame(self, ws: ServerConnection, peer: str) -> str | None:
         timeout = self.config.hello_timeout
@@ -163,13 +164,15 @@ class PublicServer:
                 frame = await ws.recv()
         except TimeoutError:
             log.info("%s: no first frame within %s s", peer, timeout)
-            await ws.close(1008, f"no first frame within {timeout:g} s")
+            await ws.close(CloseCode.POLICY, f"no first frame within {timeout:g} s")
             return None
         if isinstance(frame, bytes):
             try:
                 return frame.decode("utf-8")
             except UnicodeDecodeError:
-                await ws.close(1007, "the first frame must be UTF-8 text or a JSON object")
+                await ws.close(
+                    CloseCode.INVALID_DATA, "the first frame must be UTF-8 text or a JSON object"
+                )
                 return None
         return frame
 
@@ -177,7 +180,7 @@ class PublicServer:
         """A legacy client: one prompt, plain text frames back, then close 1000."""
         prompt = wire.parse_legacy_prompt(text)
         if not prompt["user"]:
-            await ws.close(1008, "empty prompt")
+            await ws.close(CloseCode.POLICY, "empty prompt")
             return
         log.info("%s: text-mode prompt (%d characters)", peer, len(text))
         messages = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
@@ -190,11 +193,11 @@ class PublicServer:
             )
         except NoModel as e:
             await ws.send(f"error: {e.message}")
-            await ws.close(1013, "no model loaded")
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "no model loaded")
             return
         except LLMWSError as e:  # refused before any compute: context_too_long, busy
             await ws.send(f"error: {e.message}")
-            await ws.close(1000)
+            await ws.close(CloseCode.NORMAL)
             return
         try:
             while True:
@@ -208,4 +211,4 @@ class PublicServer:
                     break
         finally:
             handle.cancel()  # no-op when finished; frees the slot when the client left
-        await ws.close(1000)
+        await ws.close(CloseCode.NORMAL)
