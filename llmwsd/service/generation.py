@@ -25,6 +25,7 @@ from llmwsd.engines.interface import (
 )
 from llmwsd.errors import Busy, LLMWSError
 from llmwsd.metrics import Metrics
+from llmwsd.protocol import messages
 from llmwsd.service import context
 from llmwsd.service.admission import QueuedCallback, Ticket
 from llmwsd.service.model_slot import ModelSlot
@@ -55,15 +56,15 @@ class GenerationService:
             session.on_generation_event(running, event)
 
         def on_queued(position: int) -> None:
-            message = {"type": "queued", "request_id": running.request_id, "position": position}
-            session.append_event(message)
+            queued = messages.Queued(request_id=running.request_id, position=position)
+            session.append_event(queued.to_wire())
 
         try:
-            messages, dropped, ids = await asyncio.to_thread(
+            turns, dropped, ids = await asyncio.to_thread(
                 context.fit_history, engine, session.history(), prompt["user"], settings
             )
             running.dropped_turns = dropped
-            request = GenerationRequest(messages, settings, running.request_id, ids)
+            request = GenerationRequest(turns, settings, running.request_id, ids)
             who = f"session {session.id} {running.request_id}"
             ticket = await self.submit(request, on_event, on_queued, who, tokenized_by=engine)
         except BaseException:
