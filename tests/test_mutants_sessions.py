@@ -74,7 +74,7 @@ async def test_the_session_cap_says_so():
 
 async def test_a_full_state_folder_refuses_new_sessions(tmp_path: Path, monkeypatch):
     store = await open_store(tmp_path)
-    monkeypatch.setattr(store.files, "out_of_room", lambda: True)
+    monkeypatch.setattr(store.logs, "out_of_room", lambda: True)
     with pytest.raises(Busy) as refused:
         store.create()
     assert refused.value.message == (

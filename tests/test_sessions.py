@@ -148,7 +148,7 @@ async def test_acks_compact_the_log(tmp_path: Path):
         session.ack(None)
     expected = comparable(session)
     await store.close()
-    records = read_log(log_path.read_bytes(), store.files.key, session.id).records
+    records = read_log(log_path.read_bytes(), store.logs.key, session.id).records
     # Rewritten as a snapshot at times, not the ~7 records per turn all appended.
     assert records[0]["kind"] == "snapshot" and records[0]["messages"]
     assert len(records) < 7 * COMPACT_MIN_RECORDS / 2
@@ -165,7 +165,7 @@ async def test_a_torn_last_record_is_dropped_at_every_offset(tmp_path: Path):
     log_path = tmp_path / "sessions" / session.id / "log"
     data = log_path.read_bytes()
     last = frame_offsets(data)[-1]
-    key = store.files.key
+    key = store.logs.key
     whole = read_log(data, key, session.id).records
     for cut in range(last, len(data)):
         log_path.write_bytes(data[:cut])
@@ -194,12 +194,10 @@ async def test_a_changed_log_is_skipped_and_logged(tmp_path: Path, caplog):
     data[frame_offsets(bytes(data))[1] + 20] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(LogCorrupt):
-        read_log(bytes(data), store.files.key, changed.id)
+        read_log(bytes(data), store.logs.key, changed.id)
     # A log moved into another session's folder does not authenticate either.
     with pytest.raises(LogCorrupt):
-        read_log(
-            (tmp_path / "sessions" / kept.id / "log").read_bytes(), store.files.key, changed.id
-        )
+        read_log((tmp_path / "sessions" / kept.id / "log").read_bytes(), store.logs.key, changed.id)
     store = await open_store(tmp_path)
     assert [s.id for s in store.list()] == [kept.id]
     assert any(changed.id in r.message and "skipped" in r.message for r in caplog.records)
@@ -227,7 +225,7 @@ async def test_nothing_of_a_session_is_on_disk_in_plaintext(tmp_path: Path):
     for text in secrets + metadata:
         for encoded in {text.encode(), text.encode("utf-16-le"), base64.b64encode(text.encode())}:
             assert encoded not in data, text
-    assert store.files.key not in data and base64.b64encode(store.files.key) not in data
+    assert store.logs.key not in data and base64.b64encode(store.logs.key) not in data
 
 
 async def test_a_reordered_or_removed_record_is_refused(tmp_path: Path):
@@ -236,7 +234,7 @@ async def test_a_reordered_or_removed_record_is_refused(tmp_path: Path):
     generate(session, "hello", ["one", " two", " three"])
     await store.close()
     data = (tmp_path / "sessions" / session.id / "log").read_bytes()
-    key = store.files.key
+    key = store.logs.key
     starts = frame_offsets(data)
     frames = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
     assert len(frames) >= 4 and read_log(data, key, session.id).records
@@ -269,7 +267,7 @@ async def test_a_failed_write_is_repaired_by_a_rewrite(tmp_path: Path, caplog):
     await eventually((folder / "log").exists, FAST, "the new session's log on disk")
     shutil.rmtree(folder)  # the disk lost it: the next appends fail
     generate(session, "hello", ["one"])
-    await eventually(lambda: session.id in store.files.failed, FAST, "the failed write noticed")
+    await eventually(lambda: session.id in store.logs.failed, FAST, "the failed write noticed")
     assert sum("writing its file failed" in r.message for r in caplog.records) == 1
     session.set_settings(session.settings.merge({"top_k": 3}))  # written whole again
     expected = comparable(session)

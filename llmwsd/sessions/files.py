@@ -1,5 +1,7 @@
 """Sessions at rest: one encrypted, append-only log per session in ``state_dir/sessions/<id>/``.
 
+:class:`SessionFiles` is the files implementation of :class:`~llmwsd.sessions.store.SessionLogs`.
+
 A log file is a header (magic, random salt) and then records, each one
 ``length (4 bytes) | nonce (12) | AES-256-GCM ciphertext and tag``, holding one
 JSON object. The file's key is derived from the daemon's session key, the salt
@@ -46,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from llmwsd.errors import ConfigError
+from llmwsd.sessions.store import Record
 
 log = logging.getLogger("llmwsd.sessions")
 
@@ -213,7 +216,7 @@ class _Operation:
 
 
 class SessionFiles:
-    """The session folders, their key, and the thread that writes them."""
+    """The session folders, their key, and the thread that writes them (a ``SessionLogs``)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -227,7 +230,17 @@ class SessionFiles:
         # A set's add/discard are atomic, which is all the two threads share.
         self.failed: set[str] = set()
 
-    def open(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    @property
+    def location(self) -> str:
+        return str(self.folder)
+
+    def load(self) -> list[tuple[str, list[Record]]]:
+        """Every readable session's records; then the writer starts (blocking)."""
+        sessions = list(self.open())
+        self.start()
+        return sessions
+
+    def open(self) -> Iterator[tuple[str, list[Record]]]:
         """Load the key, then yield ``(session_id, records)`` for each readable session.
 
         Blocking: call it from a thread, then :meth:`start` the writer.
@@ -314,11 +327,12 @@ class SessionFiles:
 
     # -- what the event loop queues ----------------------------------------------------
 
-    def append(self, session_id: str, record: bytes, durable: bool) -> None:
-        self._queue.put(_Operation("append", session_id, record, durable))
+    # Encoded here, on the loop: a snapshot holds the session's live lists.
+    def append(self, session_id: str, record: Record, durable: bool) -> None:
+        self._queue.put(_Operation("append", session_id, encode_record(record), durable))
 
-    def rewrite(self, session_id: str, snapshot: bytes) -> None:
-        self._queue.put(_Operation("rewrite", session_id, snapshot))
+    def rewrite(self, session_id: str, snapshot: Record) -> None:
+        self._queue.put(_Operation("rewrite", session_id, encode_record(snapshot)))
 
     def remove(self, session_id: str) -> None:
         self._queue.put(_Operation("remove", session_id))
@@ -412,7 +426,7 @@ class SessionFiles:
             shutil.rmtree(self.folder / session_id)
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
+def encode_record(record: Record) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 
 

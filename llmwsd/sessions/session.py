@@ -3,9 +3,13 @@
 A generation writes its events into its session, never straight to a socket,
 so a client that reads slowly, disconnects or reconnects elsewhere loses
 nothing: whichever connection owns the session streams the buffer from its
-``last_seq``. Every change goes through :meth:`SessionStore.record`, which
-appends it to the session's encrypted log (session_store.py); at start,
-:meth:`Session.replay` rebuilds each session from its log.
+``last_seq``.
+
+Every change to a session is a record (a JSON object): a method builds it and
+:meth:`Session.apply` makes the change, then the store appends the record to the
+session's log (store.py: the interface; files.py: the encrypted files). At start
+the same :meth:`Session.apply` rebuilds each session from its log, so a change
+and its replay cannot drift apart.
 
 The buffer always holds a contiguous run of seqs: acks and the buffer cap only
 ever drop its oldest events.
@@ -34,7 +38,8 @@ from llmwsd.engines.interface import (
     TokenText,
 )
 from llmwsd.errors import Busy, EventsDropped, Interrupted, NotFound
-from llmwsd.sessions.files import SessionFiles, encode_record
+from llmwsd.sessions.files import SessionFiles
+from llmwsd.sessions.store import Record, SessionLogs
 
 log = logging.getLogger("llmwsd.sessions")
 
@@ -113,13 +118,13 @@ class Session:
         """Give ``message`` the next seq, buffer it, and wake the streaming connection."""
         running = self.running
         if running is not None and not running.on_disk:
-            # The generation's first event (queued or start): from now on it exists on disk.
-            running.on_disk = True
-            begin = {"kind": "begin", "request_id": running.request_id, "user": running.user_text}
-            self.store.record(self, begin)
+            # The generation's first event (queued, start or its error): from now on it is
+            # on disk, and a restart ends it `interrupted` unless its log has its end.
+            self._change(
+                {"kind": "begin", "request_id": running.request_id, "user": running.user_text}
+            )
         event = {**message, "seq": self.next_seq}
-        self._add_event(event)
-        self.store.record(self, {"kind": "event", "event": event})
+        self._change({"kind": "event", "event": event})
         self._wake()
         return event
 
@@ -151,9 +156,7 @@ class Session:
         """
         through = self.next_seq - 1 if seq is None else min(seq, self.next_seq - 1)
         before = len(self.events)
-        self._drop_through(through)
-        self.acked_through = max(self.acked_through, through)
-        self.store.record(self, {"kind": "ack", "seq": through})
+        self._change({"kind": "ack", "seq": through})
         return through, before - len(self.events)
 
     def events_after(self, seq: int | None) -> list[dict[str, Any]]:
@@ -201,32 +204,28 @@ class Session:
     # -- the conversation -------------------------------------------------------------
 
     def touch(self) -> None:
-        self.last_active = time.time()
-        if self.last_active - self._touch_recorded >= TOUCH_RECORD_INTERVAL:
-            self._touch_recorded = self.last_active
-            self.store.record(self, {"kind": "touch"})
+        # Activity is written down at most once a minute; in between it is only in memory.
+        touch: Record = {"kind": "touch"}
+        write = time.time() - self._touch_recorded >= TOUCH_RECORD_INTERVAL
+        self._change(touch, write)
+        if write:
+            self._touch_recorded = touch["t"]
 
     def set_settings(self, settings: GenerationSettings) -> None:
-        self.settings = settings
-        self.store.record(self, {"kind": "settings", "settings": settings.to_dict()})
+        self._change({"kind": "settings", "settings": settings.to_dict()})
 
     def reset(self) -> None:
-        self.system = ""
-        self.messages.clear()
-        self.store.record(self, {"kind": "reset"})
+        self._change({"kind": "reset"})
 
     def history(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + list(self.messages)
 
-    def _add_message(self, message: dict[str, str]) -> int:
-        """Remember ``message``; drop the oldest exchanges beyond the cap and return how many."""
+    def _add_message(self, message: dict[str, str]) -> None:
+        """Remember ``message``; drop the oldest exchanges beyond the cap."""
         self.messages.append(message)
-        dropped = 0
         while len(self.messages) > self.store.config.max_history_messages:
             del self.messages[:2]
-            dropped += 1
-        return dropped
 
     def begin_generation(self, user_text: str, system: str) -> RunningGeneration:
         """Reserve the session for one generation; a second one at a time is Busy."""
@@ -234,8 +233,9 @@ class Session:
             raise Busy("a generation is already running in this session: cancel it or wait")
         previous_system = self.system
         if system:
-            self.system = system
-            self.store.record(self, {"kind": "system", "content": system})
+            self._change({"kind": "system", "content": system})
+        # Only reserved, in memory: its "begin" record waits for its first event, so that a
+        # refusal leaves no trace.
         self.requests += 1
         self.running = RunningGeneration(
             f"r{self.requests}", user_text, previous_system=previous_system
@@ -253,8 +253,7 @@ class Session:
         self.running = None
         self.requests -= 1
         if self.system != running.previous_system:
-            self.system = running.previous_system
-            self.store.record(self, {"kind": "system", "content": self.system})
+            self._change({"kind": "system", "content": running.previous_system})
 
     def on_generation_event(self, running: RunningGeneration, event: GenerationEvent) -> None:
         """Turn an engine event into a buffered protocol event (runs on the event loop)."""
@@ -279,7 +278,6 @@ class Session:
                 }
             )
         elif isinstance(event, TokenText):
-            running.pieces.append(event.text)
             self.append_event({"type": "token", **base, "data": event.text})
         elif isinstance(event, Finished):
             history_dropped = self._finish(running)
@@ -299,6 +297,10 @@ class Session:
             self.append_event({**event.error.to_message(), **base})
 
     def _finish(self, running: RunningGeneration, keep_turn: bool = True) -> int:
+        """Keep the exchange; return how many old ones the history cap dropped for it.
+
+        The generation itself ends with its last event (done or error), which follows.
+        """
         dropped = 0
         if keep_turn:
             answer = "".join(running.pieces)
@@ -306,10 +308,9 @@ class Session:
                 {"role": "user", "content": running.user_text},
                 {"role": "assistant", "content": answer},
             ):
-                dropped += self._add_message(turn)
-                self.store.record(self, {"kind": "message", "message": turn})
-        if self.running is running:
-            self.running = None
+                before = len(self.messages)
+                self._change({"kind": "message", "message": turn})
+                dropped += (before + 1 - len(self.messages)) // 2  # the cap drops exchanges
         self.touch()
         return dropped
 
@@ -354,8 +355,19 @@ class Session:
             },
         }
 
-    def replay(self, record: dict[str, Any]) -> None:
-        """Apply one record of the session's log, as the change that wrote it did."""
+    def _change(self, record: Record, write: bool = True) -> None:
+        """Make the change ``record`` describes and (``write``) append it to the log."""
+        record["t"] = time.time()
+        self.apply(record)
+        if write:
+            self.store.record(self, record)
+
+    def apply(self, record: Record) -> None:
+        """Make the change one record describes: live, as it is made, and on replay.
+
+        The only code that changes a session's logged state, so that what is
+        replayed is what was done.
+        """
         kind = record["kind"]
         self.last_active = max(self.last_active, record.get("t", 0.0))
         if kind == "snapshot":
@@ -390,7 +402,10 @@ class Session:
                     self.running = None
         elif kind == "begin":
             self.requests = max(self.requests, int(record["request_id"].lstrip("r")))
-            self.running = RunningGeneration(record["request_id"], record["user"], on_disk=True)
+            running = self.running
+            if running is None or running.on_disk:  # replayed: the log's own generation
+                running = self.running = RunningGeneration(record["request_id"], record["user"])
+            running.on_disk = True  # live: the one begin_generation reserved
         elif kind == "ack":
             self._drop_through(record["seq"])
             self.acked_through = max(self.acked_through, record["seq"])
@@ -422,6 +437,8 @@ class Session:
 class SessionStore:
     """All sessions by id, their limits and expiry; persisted under ``state_dir`` when given.
 
+    The logs are kept by ``logs`` (any :class:`SessionLogs`), by default the
+    encrypted files under ``state_dir``; with neither, sessions live in memory only.
     ``list``, ``get`` and ``drop`` are what the admin channel uses.
     """
 
@@ -430,10 +447,14 @@ class SessionStore:
         default_settings: GenerationSettings,
         config: SessionsConfig | None = None,
         state_dir: Path | None = None,
+        *,
+        logs: SessionLogs | None = None,
     ) -> None:
         self.default_settings = default_settings
         self.config = config or SessionsConfig()
-        self.files = SessionFiles(state_dir) if state_dir is not None else None
+        if logs is None and state_dir is not None:
+            logs = SessionFiles(state_dir)
+        self.logs = logs
         self._sessions: dict[str, Session] = {}
         self._records_in_log: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -445,14 +466,13 @@ class SessionStore:
 
     async def open(self) -> None:
         """Load the stored sessions, end the generations a stop cut off, start the sweeper."""
-        if self.files is not None:
-            loaded = await asyncio.to_thread(self._load)
-            self.files.start()
+        if self.logs is not None:
+            loaded = await asyncio.to_thread(self._load, self.logs)
             deadline = time.time() - self.config.idle_ttl
             kept = [s for s in loaded if s.last_active >= deadline]
             for session in loaded:
                 if session.last_active < deadline:  # expired while the daemon was down
-                    self.files.remove(session.id)
+                    self.logs.remove(session.id)
             for session in kept:
                 self._sessions[session.id] = session
             for session in kept:
@@ -460,20 +480,20 @@ class SessionStore:
             log.info(
                 "%d stored sessions loaded from %s (%d expired)",
                 len(kept),
-                self.files.folder,
+                self.logs.location,
                 len(loaded) - len(kept),
             )
         self.sweep()
         self._sweeper = asyncio.create_task(self._sweep_periodically())
 
-    def _load(self) -> list[Session]:
-        assert self.files is not None
+    def _load(self, logs: SessionLogs) -> list[Session]:
+        """Rebuild every stored session from its records (blocking: runs in a thread)."""
         sessions = []
-        for session_id, records in self.files.open():
+        for session_id, records in logs.load():
             session = Session(self, session_id, self.default_settings)
             try:
                 for record in records:
-                    session.replay(record)
+                    session.apply(record)
             except Exception:
                 log.error("session %s: its log does not replay; skipped", session_id, exc_info=True)
                 continue
@@ -487,8 +507,8 @@ class SessionStore:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        if self.files is not None:
-            await asyncio.to_thread(self.files.close)
+        if self.logs is not None:
+            await asyncio.to_thread(self.logs.close)
 
     # -- the sessions -----------------------------------------------------------------
 
@@ -498,8 +518,8 @@ class SessionStore:
         The caps: ``max_sessions`` in all, ``max_per_client`` per token (per address
         when tokens are off), so that one client cannot push out everyone else's.
         """
-        if self.files is not None and self.files.out_of_room():
-            log.warning("refusing a new session: %s is full", self.files.folder)
+        if self.logs is not None and self.logs.out_of_room():
+            log.warning("refusing a new session: %s is full", self.logs.location)
             raise Busy(
                 "the server's state folder is full: no new session can be stored; try again later"
             )
@@ -535,8 +555,8 @@ class SessionStore:
         if session.running is not None:
             session.running.request_cancel()
         self._records_in_log.pop(session.id, None)
-        if self.files is not None:
-            self.files.remove(session.id)
+        if self.logs is not None:
+            self.logs.remove(session.id)
         return session
 
     def _evict_one(self, among: Iterable[Session] | None = None) -> bool:
@@ -575,24 +595,24 @@ class SessionStore:
 
     # -- persistence ------------------------------------------------------------------
 
-    def record(self, session: Session, record: dict[str, Any]) -> None:
-        """Append ``record`` (a change ``session`` already made) to the session's log.
+    def record(self, session: Session, record: Record) -> None:
+        """Append ``record`` (a change ``session`` already applied) to the session's log.
 
         When the log holds mostly garbage (acknowledged events, cleared history) or
         its last write failed, the session is written anew as one snapshot instead.
         """
-        if self.files is None or self._sessions.get(session.id) is not session:
+        if self.logs is None or self._sessions.get(session.id) is not session:
             return  # a dropped session's generation can still report in
         count = self._records_in_log.get(session.id, 0) + 1
         live = len(session.events) + len(session.messages) + 1
-        if session.id in self.files.failed or (count > COMPACT_MIN_RECORDS and count > 2 * live):
+        if session.id in self.logs.failed or (count > COMPACT_MIN_RECORDS and count > 2 * live):
             self._write_snapshot(session)
             return
         self._records_in_log[session.id] = count
         durable = not (record["kind"] == "event" and record["event"]["type"] == "token")
-        self.files.append(session.id, encode_record({**record, "t": time.time()}), durable)
+        self.logs.append(session.id, record, durable)
 
     def _write_snapshot(self, session: Session) -> None:
-        if self.files is not None:
+        if self.logs is not None:
             self._records_in_log[session.id] = 1
-            self.files.rewrite(session.id, encode_record(session.snapshot()))
+            self.logs.rewrite(session.id, session.snapshot())
