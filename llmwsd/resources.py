@@ -4,15 +4,22 @@ NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) and needs the
 driver's libnvidia-ml. Without either there is no GPU to report, which is an
 answer ("no NVIDIA GPU"), never an exception. The engine's own figures are added
 by the daemon (:meth:`llmwsd.daemon.Daemon.resources`).
+
+NVML calls can block (``nvmlInit`` takes a while, a sick driver longer), so the
+event loop never makes them: :data:`MONITOR` keeps the latest report, measured
+in a worker thread, and :func:`latest` answers from it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -21,6 +28,8 @@ import psutil
 log = logging.getLogger("llmwsd.resources")
 
 GIB = 1024**3
+# A report older than this is measured again, in a thread, when next asked for.
+REFRESH_AFTER_S = 5.0
 
 
 def _gb(n: float) -> float:
@@ -121,13 +130,26 @@ psutil.cpu_percent(interval=None)  # prime the CPU figure: its first call has no
 
 
 def report(device: str, gpus: GpuMonitor = GPUS) -> dict[str, Any]:
-    """One resources report.
+    """One resources report, measured now: it blocks on NVML (not for the event loop).
 
     The top-level ``device``/``total_gb``/``free_gb`` are what old clients read:
     the model's GPU when it runs on one, else the host's RAM.
     """
-    host = host_report()
-    gpu_list, gpu_status = gpus.report()
+    return _assemble(device, Measured(host_report(), *gpus.report()))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The machine's figures at one moment, for any device."""
+
+    host: dict[str, Any]
+    gpus: list[dict[str, Any]]
+    gpu_status: str
+    at: float = field(default_factory=time.monotonic)
+
+
+def _assemble(device: str, measured: Measured) -> dict[str, Any]:
+    host, gpu_list, gpu_status = measured.host, measured.gpus, measured.gpu_status
     total, free = host["ram_total_gb"], host["ram_available_gb"]
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
@@ -142,3 +164,74 @@ def report(device: str, gpus: GpuMonitor = GPUS) -> dict[str, Any]:
         "gpus": gpu_list,
         "gpu_status": gpu_status,
     }
+
+
+class ResourceMonitor:
+    """The latest report, for the event loop: NVML is asked only in a worker thread.
+
+    :meth:`latest` never blocks: it answers from the newest measurement (before the
+    first, a host-only one) and, when that is older than ``refresh_after`` seconds,
+    starts measuring again in a thread of its own, one at a time (a hung NVML call
+    holds one thread, never the loop nor a pile of threads).
+    """
+
+    def __init__(self, gpus: GpuMonitor = GPUS, refresh_after: float = REFRESH_AFTER_S) -> None:
+        self.gpus = gpus
+        self.refresh_after = refresh_after
+        self._lock = threading.Lock()
+        self._measured: Measured | None = None
+        self._measuring = False
+
+    def latest(self, device: str) -> dict[str, Any]:
+        """The newest report for ``device``, at once."""
+        measured = self._latest()
+        if measured is None:  # nothing measured yet: the host's figures are cheap (/proc)
+            measured = Measured(host_report(), [], "GPU figures are being measured")
+        return _assemble(device, measured)
+
+    def latest_gpus(self) -> list[dict[str, Any]]:
+        """The newest per-GPU figures (/metrics), at once; empty before the first."""
+        measured = self._latest()
+        return measured.gpus if measured is not None else []
+
+    async def refresh(self, device: str) -> dict[str, Any]:
+        """A report measured now, in a worker thread; it becomes the latest."""
+        return _assemble(device, await asyncio.to_thread(self._measure))
+
+    def _latest(self) -> Measured | None:
+        with self._lock:
+            measured = self._measured
+            stale = measured is None or time.monotonic() - measured.at > self.refresh_after
+            start = stale and not self._measuring
+            self._measuring = self._measuring or start
+        if start:
+            threading.Thread(target=self._measure_once, name="llmws-resources", daemon=True).start()
+        return measured
+
+    def _measure_once(self) -> None:
+        try:
+            self._measure()
+        except Exception:  # host_report's psutil calls: never seen failing, but not fatal
+            log.warning("measuring the resources failed", exc_info=True)
+        finally:
+            with self._lock:
+                self._measuring = False
+
+    def _measure(self) -> Measured:
+        measured = Measured(host_report(), *self.gpus.report())
+        with self._lock:
+            if self._measured is None or measured.at >= self._measured.at:
+                self._measured = measured
+        return measured
+
+
+MONITOR = ResourceMonitor()
+
+
+def latest(device: str) -> dict[str, Any]:
+    """The newest resources report for ``device``, without waiting (see ResourceMonitor)."""
+    return MONITOR.latest(device)
+
+
+def latest_gpus() -> list[dict[str, Any]]:
+    return MONITOR.latest_gpus()
