@@ -623,6 +623,17 @@ async def test_a_hung_step_is_seen_stuck_its_request_ends_and_the_engine_recover
     assert "Paris" in ok.text
 
 
+async def test_close_collects_garbage_off_the_event_loop(engine, tokenizer, monkeypatch):
+    """gc.collect (and on CUDA empty_cache) while a switched-to model serves: not on the loop."""
+    collected_in = []
+    monkeypatch.setattr(
+        engine_module.gc, "collect", lambda: collected_in.append(threading.current_thread())
+    )
+    twin = Engine(engine._model, tokenizer, tokenizer, engine.info, 1)  # shares the weights
+    await twin.close()
+    assert collected_in and threading.current_thread() not in collected_in
+
+
 async def test_a_raising_callback_does_not_hurt_others(engine):
     def broken(event: GenerationEvent) -> None:
         raise ValueError("client went away")
