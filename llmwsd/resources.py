@@ -13,13 +13,14 @@ in a worker thread, and :func:`latest` answers from it at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +31,8 @@ log = logging.getLogger("llmwsd.resources")
 GIB = 1024**3
 # A report older than this is measured again, in a thread, when next asked for.
 REFRESH_AFTER_S = 5.0
+# How long a request for fresh figures waits for NVML before it takes the latest.
+REFRESH_WAIT_S = 5.0
 
 
 def _gb(n: float) -> float:
@@ -169,24 +172,29 @@ def _assemble(device: str, measured: Measured) -> dict[str, Any]:
 class ResourceMonitor:
     """The latest report, for the event loop: NVML is asked only in a worker thread.
 
-    :meth:`latest` never blocks: it answers from the newest measurement (before the
-    first, a host-only one) and, when that is older than ``refresh_after`` seconds,
-    starts measuring again in a thread of its own, one at a time (a hung NVML call
-    holds one thread, never the loop nor a pile of threads).
+    One measurement runs at a time, in a thread of its own: a hung NVML call holds
+    that thread, never the loop, nor a pile of threads (nor the loop's executor,
+    which the daemon's file work shares). :meth:`latest` answers at once from the
+    newest measurement (before the first, a host-only one) and starts another when
+    that is older than ``refresh_after`` seconds; :meth:`refresh` waits for one.
     """
 
-    def __init__(self, gpus: GpuMonitor = GPUS, refresh_after: float = REFRESH_AFTER_S) -> None:
+    def __init__(
+        self,
+        gpus: GpuMonitor = GPUS,
+        refresh_after: float = REFRESH_AFTER_S,
+        wait_at_most: float = REFRESH_WAIT_S,
+    ) -> None:
         self.gpus = gpus
         self.refresh_after = refresh_after
+        self.wait_at_most = wait_at_most
         self._lock = threading.Lock()
         self._measured: Measured | None = None
-        self._measuring = False
+        self._measuring: concurrent.futures.Future[Measured] | None = None
 
     def latest(self, device: str) -> dict[str, Any]:
         """The newest report for ``device``, at once."""
-        measured = self._latest()
-        if measured is None:  # nothing measured yet: the host's figures are cheap (/proc)
-            measured = Measured(host_report(), [], "GPU figures are being measured")
+        measured = self._latest() or self._host_only("GPU figures are being measured")
         return _assemble(device, measured)
 
     def latest_gpus(self) -> list[dict[str, Any]]:
@@ -194,35 +202,58 @@ class ResourceMonitor:
         measured = self._latest()
         return measured.gpus if measured is not None else []
 
-    async def refresh(self, device: str) -> dict[str, Any]:
-        """A report measured now, in a worker thread; it becomes the latest."""
-        return _assemble(device, await asyncio.to_thread(self._measure))
-
     def _latest(self) -> Measured | None:
+        """The newest measurement; starts another when it is due."""
         with self._lock:
             measured = self._measured
-            stale = measured is None or time.monotonic() - measured.at > self.refresh_after
-            start = stale and not self._measuring
-            self._measuring = self._measuring or start
-        if start:
-            threading.Thread(target=self._measure_once, name="llmws-resources", daemon=True).start()
+            if measured is None or time.monotonic() - measured.at > self.refresh_after:
+                self._measure_soon()
         return measured
 
-    def _measure_once(self) -> None:
-        try:
-            self._measure()
-        except Exception:  # host_report's psutil calls: never seen failing, but not fatal
-            log.warning("measuring the resources failed", exc_info=True)
-        finally:
-            with self._lock:
-                self._measuring = False
+    async def refresh(self, device: str) -> dict[str, Any]:
+        """A report measured now (or by the measurement under way), without blocking the loop.
 
-    def _measure(self) -> Measured:
-        measured = Measured(host_report(), *self.gpus.report())
+        Past ``wait_at_most`` seconds (NVML hangs) it is the latest one, saying so.
+        """
         with self._lock:
-            if self._measured is None or measured.at >= self._measured.at:
-                self._measured = measured
-        return measured
+            measuring = self._measure_soon()
+        try:
+            measured = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(measuring)), self.wait_at_most
+            )
+        except TimeoutError:
+            measured = self._measured or self._host_only("GPU figures unavailable")
+            measured = replace(
+                measured, gpu_status=f"{measured.gpu_status} (NVML is not answering)"
+            )
+        return _assemble(device, measured)
+
+    @staticmethod
+    def _host_only(gpu_status: str) -> Measured:
+        return Measured(host_report(), [], gpu_status)  # psutil reads /proc: cheap
+
+    def _measure_soon(self) -> concurrent.futures.Future[Measured]:
+        """The measurement under way, or a new one (holding ``_lock``)."""
+        if self._measuring is None:
+            self._measuring = concurrent.futures.Future()
+            threading.Thread(target=self._measure, name="llmws-resources", daemon=True).start()
+        return self._measuring
+
+    def _measure(self) -> None:
+        future = self._measuring
+        assert future is not None
+        try:
+            measured = Measured(host_report(), *self.gpus.report())
+        except Exception as e:  # psutil's calls: never seen failing, but not fatal
+            log.warning("measuring the resources failed", exc_info=True)
+            with self._lock:
+                self._measuring = None
+            future.set_exception(e)
+            return
+        with self._lock:
+            self._measured = measured
+            self._measuring = None
+        future.set_result(measured)
 
 
 MONITOR = ResourceMonitor()

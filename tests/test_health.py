@@ -298,6 +298,22 @@ async def test_the_resources_report_never_waits_for_nvml() -> None:
     )
 
 
+async def test_fresh_figures_wait_for_nvml_only_so_long() -> None:
+    entered, release = threading.Event(), threading.Event()
+    monitor = resources.ResourceMonitor(
+        resources.GpuMonitor(lambda: blocking_nvml(entered, release)), wait_at_most=0.2
+    )
+    try:
+        report = await within(monitor.refresh("cpu"), FAST, "a report while NVML hangs")
+        assert report["gpus"] == [] and "NVML is not answering" in report["gpu_status"]
+        assert report["host"]["ram_total_gb"] > 0
+    finally:
+        release.set()
+    monitor.wait_at_most = FAST
+    report = await within(monitor.refresh("cpu"), FAST, "a report once NVML answers")
+    assert report["gpu_status"] == "no NVIDIA GPU (NVML sees none)"
+
+
 class HangingNvml:
     """The machine's GPU monitor made to hang in every NVML query, for a while."""
 
