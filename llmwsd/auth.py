@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -54,6 +55,10 @@ class TokenStore:
         self.path = Path(path) if path else None
         self.admin = admin
         self.entries: list[TokenEntry] = []
+        # add and revoke fsync, so they run in worker threads (never on the event loop):
+        # one at a time, each swapping in a new list once it is on disk, so that verify
+        # on the loop reads one list or the other, never a half-changed one.
+        self._writing = threading.Lock()
         self.load()
 
     @property
@@ -70,13 +75,14 @@ class TokenStore:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.path}: unreadable token file: {e}") from None
 
-    def _save(self) -> None:
+    def _save(self, entries: list[TokenEntry]) -> None:
+        """Write ``entries`` to the file and make them the store's (blocks: fsync)."""
         assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tokens.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"tokens": [asdict(e) for e in self.entries]}, f, indent=1)
+                json.dump({"tokens": [asdict(e) for e in entries]}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
@@ -84,6 +90,7 @@ class TokenStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self.entries = entries
 
     def off(self) -> BadRequest:
         """The error for managing tokens of a kind that is not used (no file configured)."""
@@ -91,28 +98,32 @@ class TokenStore:
         return BadRequest(f"tokens are off: set [api] {kind} in the configuration first")
 
     def add(self, name: str) -> tuple[TokenEntry, str]:
-        """Make a token called ``name``; return its entry and the plain token (shown once)."""
+        """Make a token called ``name``; return its entry and the plain token (shown once).
+
+        Blocks on the disk: call it in a worker thread.
+        """
         if self.path is None:
             raise self.off()
         if not name or len(name) > 64 or not set(name) <= _NAME_CHARS:
             raise BadRequest("a token name is 1-64 letters, digits, '.', '_', '@' or '-'")
-        if any(e.name == name for e in self.entries):
-            raise BadRequest(f"a token called {name!r} exists already")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        salt = secrets.token_hex(16)
-        entry = TokenEntry(
-            secrets.token_hex(4), name, salt, _digest(salt, token), time.time(), self.admin
-        )
-        self.entries.append(entry)
-        self._save()
+        with self._writing:
+            if any(e.name == name for e in self.entries):
+                raise BadRequest(f"a token called {name!r} exists already")
+            token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+            salt = secrets.token_hex(16)
+            entry = TokenEntry(
+                secrets.token_hex(4), name, salt, _digest(salt, token), time.time(), self.admin
+            )
+            self._save([*self.entries, entry])
         return entry, token
 
     def revoke(self, name_or_id: str) -> TokenEntry:
-        for entry in self.entries:
-            if name_or_id in (entry.name, entry.id):
-                self.entries.remove(entry)
-                self._save()
-                return entry
+        """Remove the token called (or with the id) ``name_or_id``; blocks like :meth:`add`."""
+        with self._writing:
+            for entry in self.entries:
+                if name_or_id in (entry.name, entry.id):
+                    self._save([e for e in self.entries if e is not entry])
+                    return entry
         raise NotFound(f"no token called {name_or_id!r}")
 
     def verify(self, token: str) -> TokenEntry | None:

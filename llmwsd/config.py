@@ -105,6 +105,9 @@ class EngineConfig:
     attention: str = "auto"  # auto, sdpa, eager, flash_attention_2
     # keys and values of recent prompts' beginnings; 0: off
     prefix_cache_mb: float = bounded(64.0, 0, MAX_MIB)
+    # seconds an engine with work may go without a turn of its loop before it counts as
+    # stuck (llmwsd.service.health); one step is a prefill of a whole batch of prompts
+    stuck_timeout: float = bounded(120.0, 0, DAY, lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from llmwsd.frontends.websocket.server import PublicServer
 from llmwsd.metrics import Metrics
 from llmwsd.service import defaults
 from llmwsd.service.generation import GenerationService
+from llmwsd.service.health import HealthMonitor
 from llmwsd.service.model_changes import EngineLoader, ModelChanges
 from llmwsd.service.model_slot import ModelSlot, ModelState
 from llmwsd.service.reports import Reports
@@ -65,7 +66,14 @@ class Daemon:
         self.sessions = SessionStore(self.defaults.settings, config.sessions, config.state_dir)
         self.slot = ModelSlot(config.limits, self._model_changed)
         self.models = ModelChanges(self.slot, lambda: self.config, engine_loader, self._status)
-        self.reports = Reports(self.slot, self.sessions, lambda: self.config, lambda: self.defaults)
+        self.health_monitor = HealthMonitor(lambda: self.slot.engine, config.engine.stuck_timeout)
+        self.reports = Reports(
+            self.slot,
+            self.sessions,
+            lambda: self.config,
+            lambda: self.defaults,
+            self.health_monitor,
+        )
         self.metrics = Metrics(self.reports.live_figures)
         self.generation = GenerationService(self.slot, config.limits, self.metrics)
         api = config.api
@@ -128,7 +136,8 @@ class Daemon:
             self.config.state_dir.resolve(),
             self.config.runtime_dir.resolve(),
         )
-        self.notifier.start_watchdog()
+        self.health_monitor.start()
+        self.notifier.start_watchdog(alive=self.health_monitor.alive)
         await self.load_initial_model()
         self.notifier.ready(self.reports.status_line())
         self._status_task = asyncio.create_task(self._refresh_status())
@@ -202,6 +211,7 @@ class Daemon:
             await engine.close()
         await self.sessions.close()
         self.notifier.stop_watchdog()
+        await self.health_monitor.close()
         log.info("stopped")
 
     def reload(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ class LiveCollector(Collector):
 
     ``figures()`` returns ``active``, ``queued``, ``sessions``, ``max_context``,
     ``kv_usage_ratio`` (reserved over budget), ``prefix_cache`` (the engine's figures, or
-    None) and ``gpus`` (resources.GpuMonitor's list).
+    None) and ``gpus`` (``resources.latest_gpus()``: read at once, measured in a thread).
     """
 
     def __init__(self, figures: LiveFigures) -> None:

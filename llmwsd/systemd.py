@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger("llmwsd.systemd")
 
@@ -31,7 +32,9 @@ class Notifier:
             return
         payload = "\n".join(fields).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: this runs on the event loop, and a full queue must not stall it.
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            with socket.socket(socket.AF_UNIX, kind) as sock:
                 sock.sendto(payload, self.address)
         except OSError:
             log.warning("could not notify the service manager (%s)", fields[0], exc_info=True)
@@ -51,18 +54,24 @@ class Notifier:
     def reloading(self) -> None:
         self.notify("RELOADING=1", "STATUS=reloading configuration")
 
-    def start_watchdog(self) -> None:
-        """Ping at half of $WATCHDOG_USEC from the event loop, so a stuck loop gets restarted."""
+    def start_watchdog(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """Ping at half of $WATCHDOG_USEC from the event loop while ``alive()`` says so.
+
+        A stuck loop sends nothing, and neither does a daemon whose ``alive()`` is false
+        (a stuck engine, llmwsd.service.health): systemd restarts it after WatchdogSec.
+        """
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         if not usec or not self.address or (pid and pid != str(os.getpid())):
             return
         interval = int(usec) / 2e6
-        self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog(interval))
+        loop = asyncio.get_running_loop()
+        self._watchdog_task = loop.create_task(self._watchdog(interval, alive))
 
-    async def _watchdog(self, interval: float) -> None:
+    async def _watchdog(self, interval: float, alive: Callable[[], bool]) -> None:
         while True:
-            self.notify("WATCHDOG=1")
+            if alive():
+                self.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
     def stop_watchdog(self) -> None:

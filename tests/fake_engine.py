@@ -1,7 +1,8 @@
 """A fast stand-in for the transformers engine, for protocol tests.
 
 It answers every prompt with "echo: <user text>" one word per token, with a
-configurable delay per token, and honours cancel and max_new_tokens.
+configurable delay per token, and honours cancel and max_new_tokens. ``wedge()``
+makes its steps block, as a hung engine thread's would, until ``release()``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from typing import Any
 from llmwsd.config import Config
 from llmwsd.engines.interface import (
     EventCallback,
+    EventStream,
+    Failed,
     Finished,
     GenerationRequest,
+    Heartbeat,
     ModelInfo,
     Started,
     TokenText,
 )
+from llmwsd.errors import Interrupted, LLMWSError
 from llmwsd.service.defaults import model_recommendation
 
 
@@ -43,6 +48,18 @@ class FakeEngine:
         self.tasks: set[asyncio.Task[None]] = set()
         self.submitted: list[GenerationRequest] = []
         self._ids = itertools.count(1)
+        self._streams: dict[asyncio.Task[None], tuple[EventStream, FakeHandle]] = {}
+        self._unwedged = asyncio.Event()
+        self._unwedged.set()
+        self._turned_at = time.monotonic()
+        self._abandoned_at: float | None = None  # refusing until the next step after it
+
+    def wedge(self) -> None:
+        """Make every step block, as a hung engine thread's does."""
+        self._unwedged.clear()
+
+    def release(self) -> None:
+        self._unwedged.set()
 
     @classmethod
     def loader(cls, **kwargs: Any):
@@ -61,10 +78,22 @@ class FakeEngine:
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> FakeHandle:
         self.submitted.append(request)
         handle = FakeHandle(request.request_id or f"fake{next(self._ids)}")
-        task = asyncio.get_running_loop().create_task(self._run(request, on_event, handle))
+        stream = EventStream(on_event)
+        loop = asyncio.get_running_loop()
+        if self._abandoned_at is not None and self._abandoned_at >= self._turned_at:
+            loop.call_soon(stream, Failed(Interrupted("the engine is not responding")))
+            return handle
+        if not self.tasks:
+            self._turned_at = time.monotonic()  # an idle engine's clock starts with work
+        task = loop.create_task(self._run(request, stream, handle))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._streams[task] = (stream, handle)
+        task.add_done_callback(self._ended)
         return handle
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._streams.pop(task, None)
 
     async def _run(self, request: GenerationRequest, on_event: EventCallback, handle: FakeHandle):
         # No context check here: admission enforces it, and its tests must see that.
@@ -77,6 +106,8 @@ class FakeEngine:
         sent = 0
         for piece in pieces:
             await asyncio.sleep(self.token_delay)
+            await self._unwedged.wait()
+            self._turned_at = time.monotonic()
             if handle.cancelled:
                 reason = "cancelled"
                 break
@@ -87,6 +118,17 @@ class FakeEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"active": len(self.tasks), "queued": 0}
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(time.monotonic() - self._turned_at, busy=bool(self.tasks))
+
+    def abandon(self, error: LLMWSError) -> int:
+        ended = [(s, h) for s, h in self._streams.values() if not s.ended]
+        self._abandoned_at = time.monotonic()
+        for stream, handle in ended:
+            handle.cancel()
+            stream(Failed(error))
+        return len(ended)
 
     async def drain(self, timeout: float) -> None:
         if self.tasks:

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from llmwsd.engines.transformers.engine import (
 )
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
+from llmwsd.service import health
 from tests.conftest import REAL, eventually, skip_or_fail, within
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
@@ -585,6 +587,51 @@ async def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     assert len(failed.events) == 2  # Started, then Failed
     ok = await generate(engine, PARIS)
     assert "Paris" in ok.text
+
+
+async def test_a_hung_step_is_seen_stuck_its_request_ends_and_the_engine_recovers(
+    engine, monkeypatch
+):
+    """A forward that does not return (a CUDA hang): the loop side ends its request."""
+    forward = engine._model.forward
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_forward(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            release.wait(REAL)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine._model, "forward", hung_forward)
+    monitor = health.HealthMonitor(lambda: engine, 0.5)
+    run, _ = submit(engine, PARIS)
+    try:
+        await within(asyncio.to_thread(entered.wait, REAL), REAL, "the step in the hung forward")
+        await eventually(lambda: not monitor.alive(), REAL, "the engine seen as stuck")
+        assert monitor.figures()["engine_stuck"] and monitor.check()
+        await wait_done(run, what="the stuck request's end")
+        assert [type(e) for e in run.events] == [Failed], run.events
+        assert run.end.error.code == "interrupted"
+        refused = await generate(engine, PARIS)  # not queued behind the hang
+        assert isinstance(refused.end, Failed) and refused.end.error.code == "interrupted"
+    finally:
+        release.set()
+    await eventually(lambda: not engine.heartbeat().busy, REAL, "the released engine idle")
+    assert not monitor.check() and monitor.alive()
+    assert [type(e) for e in run.events] == [Failed]  # what the hung step sent went nowhere
+    ok = await generate(engine, PARIS)
+    assert "Paris" in ok.text
+
+
+async def test_close_collects_garbage_off_the_event_loop(engine, tokenizer, monkeypatch):
+    """gc.collect (and on CUDA empty_cache) while a switched-to model serves: not on the loop."""
+    collected_in = []
+    monkeypatch.setattr(
+        engine_module.gc, "collect", lambda: collected_in.append(threading.current_thread())
+    )
+    twin = Engine(engine._model, tokenizer, tokenizer, engine.info, 1)  # shares the weights
+    await twin.close()
+    assert collected_in and threading.current_thread() not in collected_in
 
 
 async def test_a_raising_callback_does_not_hurt_others(engine):

@@ -190,6 +190,41 @@ GenerationEvent = Started | TokenText | Finished | Failed
 EventCallback = Callable[[GenerationEvent], None]
 
 
+class EventStream:
+    """One request's events on their way to its callback: nothing after its last one.
+
+    The last event is a Finished or a Failed. Past it, what the engine still sends
+    (a stuck step that ends after :meth:`EngineLike.abandon` failed the request) is
+    dropped, so each request ends exactly once.
+    """
+
+    def __init__(self, on_event: EventCallback) -> None:
+        self._on_event = on_event
+        self.ended = False
+
+    def __call__(self, event: GenerationEvent) -> None:
+        if self.ended:
+            return
+        if isinstance(event, Finished | Failed):
+            self.ended = True
+        self._on_event(event)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Whether the engine is alive: how long its loop has not turned, and whether it has work.
+
+    ``age_s`` counts from the loop's last turn, or from the moment work came to an idle
+    engine. An idle engine waiting for work is alive however old its last turn.
+    """
+
+    age_s: float
+    busy: bool
+
+    def stuck(self, after_s: float) -> bool:
+        return self.busy and self.age_s > after_s
+
+
 @dataclass
 class ModelInfo:
     """What the engine tells clients about the loaded model."""
@@ -238,6 +273,16 @@ class EngineLike(Protocol):
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def heartbeat(self) -> Heartbeat: ...
+
+    def abandon(self, error: LLMWSError) -> int:
+        """End every running and queued request with ``Failed(error)``, on the event loop.
+
+        For an engine found stuck: its own thread cannot deliver them. Returns how
+        many were ended; new requests are refused until the engine's loop turns again.
+        """
+        ...
 
     async def drain(self, timeout: float) -> None: ...
 

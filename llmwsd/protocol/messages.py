@@ -297,6 +297,10 @@ class Status(Message):
     active: int
     memory: dict[str, Any]
     context_limit: dict[str, Any] | None
+    # The engine's heartbeat (llmwsd.service.health): None without a model.
+    engine_heartbeat_age_s: float | None = None
+    engine_busy: bool = False
+    engine_stuck: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@
 Read by the public port (welcome, get_status, get_resources, /healthz, /metrics),
 the admin socket (status, resources, models) and the service manager's status
 line. Reports only read; blocking parts (NVML, the model folders) run in worker
-threads.
+threads, and the welcome and /metrics take the latest resources measured.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from llmwsd.catalogue import models
 from llmwsd.config import Config
 from llmwsd.protocol.wire import PROTOCOL_VERSION
 from llmwsd.service.defaults import Defaults
+from llmwsd.service.health import HealthMonitor
 from llmwsd.service.model_slot import ModelSlot
 from llmwsd.sessions.session import Session, SessionStore
 
@@ -30,19 +31,17 @@ class Reports:
         sessions: SessionStore,
         config: Callable[[], Config],
         defaults: Callable[[], Defaults],
+        health: HealthMonitor,
     ) -> None:
         self.slot = slot
         self.sessions = sessions
         self.config = config
         self.defaults = defaults
+        self.health_monitor = health
         self.started_at = time.time()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        engine = self.slot.engine
-        if engine is not None:
-            return True, {"status": "ok", "model": engine.info.name}
-        reason = self.slot.no_model_reason()
-        return False, {"status": self.slot.state.value, "model": None, "reason": reason}
+        return self.health_monitor.healthz(self.slot.state.value, self.slot.no_model_reason())
 
     def status_line(self) -> str:
         n = len(self.sessions)
@@ -83,7 +82,7 @@ class Reports:
             "max_context": engine.get("max_context", 0),
             "kv_usage_ratio": engine.get("kv_usage_ratio", 0.0),
             "prefix_cache": engine.get("prefix_cache"),
-            "gpus": resources.GPUS.report()[0],
+            "gpus": resources.latest_gpus(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -100,6 +99,7 @@ class Reports:
             "active": engine.get("active", 0),
             "memory": resources.host_report(),
             "context_limit": engine.get("memory"),
+            **self.health_monitor.figures(),
         }
 
     def device(self) -> str:
@@ -107,7 +107,7 @@ class Reports:
         return engine.info.device if engine is not None else "cpu"
 
     async def resources(self) -> dict[str, Any]:
-        report = await asyncio.to_thread(resources.report, self.device())
+        report = await resources.MONITOR.refresh(self.device())
         engine = self.engine_figures()
         if engine:
             report["engine"] = engine
@@ -126,7 +126,7 @@ class Reports:
             "model": engine.info.name if engine else None,
             "model_state": self.slot.state.value,
             "capabilities": engine.info.capabilities() if engine else {"device": self.device()},
-            "resources": resources.report(self.device()),
+            "resources": resources.latest(self.device()),
             "config": session.settings.to_dict(),
             # Where each default of a new session comes from: llmws, the model or the config.
             "defaults_from": self.defaults().sources,

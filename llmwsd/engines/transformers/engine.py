@@ -11,6 +11,8 @@ about 1.6x for 8 prompts (bf16, greedy, 128 new tokens each).
 
 The event loop only enqueues (:meth:`Engine.submit`) and receives events, which
 the engine thread hands over with ``call_soon_threadsafe``, once per step and loop.
+The thread notes each turn of its loop (:meth:`Engine.heartbeat`), so that the
+daemon can tell a long step from a wedged one (llmwsd.service.health).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from llmwsd.config import Config
 from llmwsd.engines import memory
 from llmwsd.engines.interface import (
     EventCallback,
+    EventStream,
     Failed,
     Finished,
     GenerationEvent,
     GenerationRequest,
+    Heartbeat,
     ModelInfo,
     Started,
     TokenText,
@@ -166,7 +170,7 @@ class _Generation:
     """One request's state inside the engine thread."""
 
     request: GenerationRequest
-    on_event: EventCallback
+    stream: EventStream
     loop: asyncio.AbstractEventLoop
     handle: GenerationHandle
     submitted_at: float
@@ -181,15 +185,7 @@ class _Generation:
     done: bool = False
 
 
-def _deliver(items: list[tuple[_Generation, GenerationEvent]]) -> None:
-    """Run on the event loop: hand each event to its request's callback."""
-    for generation, event in items:
-        try:
-            generation.on_event(event)
-        except Exception:
-            log.error(
-                "event callback of request %s failed", generation.handle.request_id, exc_info=True
-            )
+Handover = list[tuple[_Generation, GenerationEvent]]
 
 
 # -- the engine -----------------------------------------------------------------------
@@ -241,10 +237,17 @@ class Engine:
         self._cancel_everything = False
         self._closing = False
         self._closed = False
+        # The requests whose last event has not reached the event loop (see abandon).
+        self._live_lock = threading.Lock()
+        self._live: set[_Generation] = set()
+        # The heartbeat: when the loop last turned (or work came to it idle), and how often.
+        self._turned_at = time.monotonic()
+        self._turns = 0
+        self._abandoned_at_turn: int | None = None  # requests are refused until the next turn
         # Engine thread only:
         self._waiting: collections.deque[_Generation] = collections.deque()
         self._batch: Batch[_Generation] | None = None
-        self._outbox: list[tuple[_Generation, GenerationEvent]] = []
+        self._outbox: Handover = []
         # Statistics, read from other threads:
         self._stats_lock = threading.Lock()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -319,21 +322,45 @@ class Engine:
         """Queue ``request``; its events go to ``on_event`` on the calling event loop."""
         loop = asyncio.get_running_loop()
         handle = GenerationHandle(request.request_id or uuid.uuid4().hex)
-        generation = _Generation(request, on_event, loop, handle, time.monotonic())
+        generation = _Generation(request, EventStream(on_event), loop, handle, time.monotonic())
+        with self._live_lock:
+            self._live.add(generation)
         with self._wakeup:
             refusal: LLMWSError | None = None
             if self._closing:
                 refusal = Interrupted("the model is unloaded")
             elif self._draining:
                 refusal = Busy("the daemon is shutting down")
+            elif self._abandoned_at_turn == self._turns:
+                refusal = Interrupted("the engine is not responding")
             else:
+                if self._idle.is_set():
+                    # An idle engine's last turn may be hours old: its clock starts now.
+                    self._turned_at = generation.submitted_at
                 self._inbox.append(generation)
                 self._idle.clear()
                 self._wakeup.notify()
         if refusal is not None:
-            refused: list[tuple[_Generation, GenerationEvent]] = [(generation, Failed(refusal))]
-            loop.call_soon(_deliver, refused)
+            refused: Handover = [(generation, Failed(refusal))]
+            loop.call_soon(self._deliver, refused)
         return handle
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(time.monotonic() - self._turned_at, busy=not self._idle.is_set())
+
+    def abandon(self, error: LLMWSError) -> int:
+        """Fail every request not ended yet, from the event loop (the thread is stuck)."""
+        with self._live_lock:
+            ended, self._live = [g for g in self._live if not g.stream.ended], set()
+        with self._wakeup:
+            self._abandoned_at_turn = self._turns
+        by_loop: dict[asyncio.AbstractEventLoop, Handover] = {}
+        for generation in ended:
+            generation.handle.cancel()  # should the thread come back, it drops them
+            by_loop.setdefault(generation.loop, []).append((generation, Failed(error)))
+        for loop, items in by_loop.items():
+            self._hand_over(loop, items)
+        return len(ended)
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -381,11 +408,42 @@ class Engine:
         await asyncio.to_thread(self._thread.join)
         self._model = None
         self._prefix_cache = None  # its keys and values go with the model
+        # A full collection takes a while with a big heap: not on the loop, which may
+        # be serving the model switched to.
+        await asyncio.to_thread(self._free_memory)
+
+    def _free_memory(self) -> None:
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _deliver(self, items: Handover) -> None:
+        """Run on the event loop: hand each event to its request's stream."""
+        for generation, event in items:
+            try:
+                generation.stream(event)
+            except Exception:
+                log.error(
+                    "event callback of request %s failed",
+                    generation.handle.request_id,
+                    exc_info=True,
+                )
+            if generation.stream.ended:
+                with self._live_lock:
+                    self._live.discard(generation)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, items: Handover) -> None:
+        try:
+            loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:
+            log.warning("event loop closed: %d generation events dropped", len(items))
+
     # -- the engine thread ---------------------------------------------------------
+
+    def _beat(self) -> None:
+        """The loop turned: the engine is alive (see heartbeat)."""
+        self._turned_at = time.monotonic()
+        self._turns += 1
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -394,6 +452,7 @@ class Engine:
                     while not (self._inbox or self._waiting or self._batch or self._closing):
                         self._idle.set()
                         self._wakeup.wait()
+                    self._beat()
                     if self._closing:
                         break
                     if self._batch is None and not self._waiting:
@@ -446,6 +505,7 @@ class Engine:
             # Each group's first tokens go out now, not after the next group's prefill
             # or the running rows' step.
             self._flush_events()
+            self._beat()  # a prefill is the longest thing a step does: each one counts
         if self._batch is not None:
             tokens += len(self._batch.rows)
             self._decode(self._batch)
@@ -652,12 +712,9 @@ class Engine:
 
     def _flush_events(self) -> None:
         """Hand this step's events to their event loops, one call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Generation, GenerationEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, Handover] = {}
         for generation, event in self._outbox:
             by_loop.setdefault(generation.loop, []).append((generation, event))
         self._outbox = []
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:
-                log.warning("event loop closed: %d generation events dropped", len(items))
+            self._hand_over(loop, items)

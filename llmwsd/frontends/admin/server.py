@@ -309,7 +309,7 @@ class AdminServer:
 
     async def on_token_add(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         store = self.services.auth.store(admin=bool(args.get("admin")))
-        entry, token = store.add(_string_arg(args, "name"))
+        entry, token = await asyncio.to_thread(store.add, _string_arg(args, "name"))
         # The plain token leaves the daemon this once; only its salted hash is kept.
         return {**entry.public(), "token": token}
 
@@ -318,7 +318,7 @@ class AdminServer:
         auth = self.services.auth
         for store in (auth.access, auth.admin):
             if any(name in (e.name, e.id) for e in store.entries):
-                return store.revoke(name).public()
+                return (await asyncio.to_thread(store.revoke, name)).public()
         if not (auth.access.enabled or auth.admin.enabled):
             raise auth.access.off()  # what `tokens add` says: there is nothing to revoke
         raise NotFound(f"no token called {name!r}")
