@@ -634,6 +634,28 @@ async def test_close_collects_garbage_off_the_event_loop(engine, tokenizer, monk
     assert collected_in and threading.current_thread() not in collected_in
 
 
+async def test_close_does_not_hang_on_a_stuck_engine_thread(engine, tokenizer, monkeypatch, caplog):
+    """Shutting down or switching away from a wedged engine ends; its thread is left."""
+    twin = Engine(engine._model, tokenizer, tokenizer, engine.info, 1)  # shares the weights
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_step(arrived: Any) -> None:
+        entered.set()
+        release.wait(REAL)
+
+    monkeypatch.setattr(twin, "_step", hung_step)
+    monkeypatch.setattr(engine_module, "THREAD_STOP_TIMEOUT_S", 0.2)
+    submit(twin, PARIS)
+    try:
+        await within(asyncio.to_thread(entered.wait, REAL), REAL, "the step in the hung forward")
+        await within(twin.close(), REAL, "close() of a stuck engine")
+        assert twin._thread.is_alive()
+        assert "the engine thread did not stop within 0.2 s; leaving it" in caplog.text
+    finally:
+        release.set()
+    twin._thread.join(REAL)
+
+
 async def test_a_raising_callback_does_not_hurt_others(engine):
     def broken(event: GenerationEvent) -> None:
         raise ValueError("client went away")

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # Chat templates end a turn with one of these; generation stops on any that exists.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
 TOKENS_PER_S_WINDOW = 10.0  # seconds of recent steps the reported speed is measured over
+# How long close() waits for the engine thread to finish its step and stop.
+THREAD_STOP_TIMEOUT_S = 60.0
 # The requests of a burst reach the engine within a millisecond or two: an idle
 # engine waits until none came for BURST_QUIET_S (BURST_MAX_S at most), so that
 # they share prefills instead of the first one or two going alone.
@@ -405,7 +407,14 @@ class Engine:
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._thread.join, THREAD_STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            # A stuck step (see llmwsd.service.health): shutting down or switching away
+            # must not hang on it. The thread and the model's memory stay until exit.
+            log.error(
+                "the engine thread did not stop within %g s; leaving it", THREAD_STOP_TIMEOUT_S
+            )
+            return
         self._model = None
         self._prefix_cache = None  # its keys and values go with the model
         # A full collection takes a while with a big heap: not on the loop, which may
