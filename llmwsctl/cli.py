@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llmwsctl import chat
+from llmwsctl import chat, render
 from llmwsctl import format as fmt
 from llmwsctl.adminclient import (
     DEV_SOCKET,
@@ -90,12 +90,12 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def show(args: argparse.Namespace, result: Any, render: Callable[[Any], str]) -> int:
-    """Print ``result`` as JSON with --json, else as ``render`` puts it for people."""
+def show(args: argparse.Namespace, result: Any, as_text: Callable[[Any], str]) -> int:
+    """Print ``result`` as JSON with --json, else as ``as_text`` (from :mod:`render`) puts it."""
     if wants_json(args):
         print_json(result)
     else:
-        print(render(result))
+        print(as_text(result))
     return EXIT_OK
 
 
@@ -103,88 +103,16 @@ def show(args: argparse.Namespace, result: Any, render: Callable[[Any], str]) ->
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = call(args, adminproto.STATUS)
-    return show(args, status, render_status)
-
-
-def render_status(s: dict[str, Any]) -> str:
-    if s.get("model"):
-        model = f"{s['model']} on {s.get('device')} (context {s.get('max_context')} tokens)"
-    else:
-        model = f"none: {s.get('model_reason') or s.get('model_state')}"
-    memory = s.get("memory") or {}
-    used, total = fmt.gib(memory.get("ram_used_gb")), fmt.gib(memory.get("ram_total_gb"))
-    return fmt.fields(
-        [
-            (
-                "llmwsd",
-                f"{s.get('version')}, up {fmt.duration(s.get('uptime_s'))}, pid {s.get('pid')}",
-            ),
-            ("model", model),
-            ("listening", s.get("listen", "-")),
-            (
-                "sessions",
-                f"{s.get('sessions')} ({s.get('active')} generating, {s.get('queue')} queued)",
-            ),
-            (
-                "memory",
-                f"{used} used of {total}, llmwsd {fmt.gib(memory.get('rss_gb'))}",
-            ),
-            ("config", s.get("config") or "built-in defaults"),
-        ]
-    )
+    return show(args, call(args, adminproto.STATUS), render.render_status)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    entries = call(args, adminproto.MODELS)
-    if wants_json(args):
-        print_json(entries)
-        return EXIT_OK
-    if not entries:
-        print("no models in the model folders: copy one there or `llmwsctl pull SOURCE`")
-        return EXIT_OK
-    rows = [
-        [
-            "*" if e.get("loaded") else "",
-            e.get("name"),
-            fmt.size(e.get("size_bytes")),
-            parameter_count(e.get("parameters")),
-            fmt.ago(e.get("modified")),
-            e.get("architecture"),
-            e.get("context_length"),
-            e.get("dtype"),
-            e.get("source"),
-        ]
-        for e in entries
-    ]
-    headers = ["", "NAME", "SIZE", "PARAMS", "MODIFIED", "ARCHITECTURE", "CONTEXT", "DTYPE"]
-    headers.append("FOLDER")
-    print(fmt.table(headers, rows, right=(2, 3, 6)))
-    if any(e.get("loaded") for e in entries):
-        print("* loaded")
-    return EXIT_OK
-
-
-def parameter_count(n: int | None) -> str:
-    """``135M``, ``7.6B``."""
-    if not n:
-        return "-"
-    for unit, step in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= step:
-            return f"{n / step:.1f}{unit}" if n < 10 * step else f"{n / step:.0f}{unit}"
-    return str(n)
+    return show(args, call(args, adminproto.MODELS), render.render_models)
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
     result = call(args, adminproto.SWITCH, {"model": args.model}, long_running=True)
-    if wants_json(args):
-        print_json(result)
-    elif not result.get("changed"):
-        print(f"{result['model']} is already loaded")
-    else:
-        was = f" (was {result['previous']})" if result.get("previous") else ""
-        print(f"switched to {result['model']}{was}, loaded in {result.get('load_s')} s")
-    return EXIT_OK
+    return show(args, result, render.render_switch)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -192,19 +120,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise UsageError("give either SOURCE or --cancel ID")
     if args.cancel is not None:
         cancelled = call(args, adminproto.PULL_CANCEL, {"id": args.cancel})
-        print_json(cancelled) if wants_json(args) else print(f"cancelled pull {cancelled['id']}")
-        return EXIT_OK
+        return show(args, cancelled, render.render_pull_cancelled)
     cmd_args: dict[str, Any] = {"source": args.source, "detach": args.detach}
     for key in ("name", "revision"):
         if getattr(args, key) is not None:
             cmd_args[key] = getattr(args, key)
     if args.detach:
-        started = call(args, adminproto.PULL, cmd_args)
-        if wants_json(args):
-            print_json(started)
-        else:
-            print(f"pulling {started['name']} as {started['id']}: see `llmwsctl pulls`")
-        return EXIT_OK
+        return show(args, call(args, adminproto.PULL, cmd_args), render.render_pull_started)
     printer = fmt.ProgressPrinter()
     pull_id: list[str] = []
 
@@ -226,53 +148,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
             return 130
         finally:
             printer.finish()
-    return show(
-        args, result, lambda r: f"pulled {r['name']} into {r['path']} ({fmt.size(r['size_bytes'])})"
-    )
+    return show(args, result, render.render_pulled)
 
 
 def cmd_pulls(args: argparse.Namespace) -> int:
     if args.clean:
-        removed = call(args, adminproto.PULLS_CLEAN)
-        if wants_json(args):
-            print_json(removed)
-            return EXIT_OK
-        freed = sum(r.get("freed_bytes") or 0 for r in removed)
-        print(f"removed {len(removed)} unfinished pull(s), {fmt.size(freed)} freed")
-        return EXIT_OK
-    pulls = call(args, adminproto.PULLS)
-    if wants_json(args):
-        print_json(pulls)
-        return EXIT_OK
-    if not pulls:
-        print("no pulls")
-        return EXIT_OK
-    rows = []
-    for p in pulls:
-        done, total = p.get("done") or 0, p.get("total")
-        share = f"{done * 100 // total}%" if total else "-"
-        note = (p.get("error") or {}).get("message") or p.get("stage")
-        rows.append([p["id"], p["name"], p["state"], share, fmt.size(total), p["source"], note])
-    headers = ["ID", "NAME", "STATE", "DONE", "SIZE", "SOURCE", "NOTE"]
-    print(fmt.table(headers, rows, right=(3, 4)))
-    if any(p["state"] not in ("running", "queued") for p in pulls):
-        print("pull the same SOURCE again to resume; `llmwsctl pulls --clean` removes the rest")
-    return EXIT_OK
+        return show(args, call(args, adminproto.PULLS_CLEAN), render.render_pulls_cleaned)
+    return show(args, call(args, adminproto.PULLS), render.render_pulls)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     cmd_args: dict[str, Any] = {"model": args.model, "force": args.force}
     result = call(args, adminproto.RM, cmd_args, long_running=args.force)
-    return show(
-        args, result, lambda r: f"removed {r['removed']} ({fmt.size(r.get('size_bytes'))} freed)"
-    )
+    return show(args, result, render.render_removed)
 
 
 def cmd_resources(args: argparse.Namespace) -> int:
     if args.watch is None:
-        report = call(args, adminproto.RESOURCES)
-        print_json(report) if wants_json(args) else print(render_resources(report))
-        return EXIT_OK
+        return show(args, call(args, adminproto.RESOURCES), render.render_resources)
     # One connection for the whole watch; Ctrl-C ends it normally.
     tty = sys.stdout.isatty()
     with AdminClient.connect(socket_path(args)) as admin:
@@ -284,151 +177,40 @@ def cmd_resources(args: argparse.Namespace) -> int:
                 elif tty:
                     stamp = time.strftime("%H:%M:%S")
                     header = f"every {args.watch:g} s, {stamp} (Ctrl-C to stop)\n\n"
-                    print("\x1b[H\x1b[2J" + header + render_resources(report))
+                    print("\x1b[H\x1b[2J" + header + render.render_resources(report))
                 else:
-                    print(render_resources(report) + "\n")
+                    print(render.render_resources(report) + "\n")
                 sys.stdout.flush()
                 time.sleep(args.watch)
         except KeyboardInterrupt:
             return EXIT_OK
 
 
-def render_resources(r: dict[str, Any]) -> str:
-    host = r.get("host") or {}
-    pairs: list[tuple[str, Any]] = [
-        ("device", r.get("device")),
-        ("cpu", f"{host.get('cpu_percent')}% of {host.get('cpu_count')} cores"),
-        (
-            "memory",
-            f"{fmt.gib(host.get('ram_used_gb'))} used of {fmt.gib(host.get('ram_total_gb'))} "
-            f"({fmt.gib(host.get('ram_available_gb'))} available)",
-        ),
-        ("llmwsd", f"{fmt.gib(host.get('rss_gb'))} resident"),
-    ]
-    gpus = r.get("gpus") or []
-    for i, gpu in enumerate(gpus):
-        pairs.append((f"gpu {i}", render_gpu(gpu)))
-    if not gpus and r.get("gpu_status"):
-        pairs.append(("gpu", r["gpu_status"]))
-    engine = r.get("engine")
-    if engine:
-        pairs.append(("model", f"{engine.get('model')} ({engine.get('dtype')})"))
-        if engine.get("max_context"):
-            context = f"{engine['max_context']} tokens"
-            if engine.get("kv_bytes_per_token"):
-                context += f", KV cache {fmt.size(engine['kv_bytes_per_token'])} per token"
-            pairs.append(("context", context))
-        load = f"{engine.get('active', 0)} generating, {engine.get('queued', 0)} queued"
-        if engine.get("tokens_per_s") is not None:
-            load += f", {engine['tokens_per_s']} tokens/s"
-        if engine.get("kv_usage_ratio") is not None:
-            load += f", KV cache {engine['kv_usage_ratio'] * 100:.0f}% used"
-        pairs.append(("engine", load))
-        prefixes = engine.get("prefix_cache")
-        if prefixes:
-            pairs.append(
-                (
-                    "prefix cache",
-                    f"{prefixes['entries']} prompts, {fmt.size(prefixes['bytes'], binary=True)} of"
-                    f" {fmt.size(prefixes['max_bytes'], binary=True)}, {prefixes['hits']} reused"
-                    f" ({prefixes['reused_tokens']} tokens not prefilled again)",
-                )
-            )
-    else:
-        pairs.append(("model", "none loaded"))
-    return fmt.fields(pairs)
-
-
-def render_gpu(gpu: dict[str, Any]) -> str:
-    """``NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95 W, SM 9.0``."""
-    parts = [
-        str(gpu.get("name", "GPU")),
-        f"{fmt.gib(gpu.get('memory_used_gb'))} of {fmt.gib(gpu.get('memory_total_gb'))}",
-    ]
-    for key, template in (
-        ("utilization_percent", "{}% busy"),
-        ("temperature_c", "{} °C"),
-        ("power_w", "{} W"),
-        ("compute_capability", "SM {}"),
-    ):
-        if gpu.get(key) is not None:
-            parts.append(template.format(gpu[key]))
-    return ", ".join(parts)
-
-
 def cmd_sessions(args: argparse.Namespace) -> int:
-    sessions = call(args, adminproto.SESSIONS)
-    if wants_json(args):
-        print_json(sessions)
-        return EXIT_OK
-    if not sessions:
-        print("no sessions")
-        return EXIT_OK
-    rows = [
-        [
-            s.get("id"),
-            fmt.duration(s.get("age_s")),
-            fmt.duration(s.get("idle_s")),
-            s.get("messages"),
-            s.get("buffered_events"),
-            "yes" if s.get("connected") else "no",
-            "yes" if s.get("generating") else "no",
-        ]
-        for s in sessions
-    ]
-    headers = ["ID", "AGE", "IDLE", "MESSAGES", "BUFFERED", "CONNECTED", "GENERATING"]
-    print(fmt.table(headers, rows, right=(1, 2, 3, 4)))
-    return EXIT_OK
+    return show(args, call(args, adminproto.SESSIONS), render.render_sessions)
 
 
 def cmd_session_drop(args: argparse.Namespace) -> int:
     result = call(args, adminproto.SESSION_DROP, {"id": args.id})
-    return show(args, result, lambda r: f"dropped session {r['dropped']}")
+    return show(args, result, render.render_session_dropped)
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.TOKENS)
-    if wants_json(args):
-        print_json(result)
-        return EXIT_OK
-    if not result["required"]:
-        print("tokens are off: clients need none ([api] tokens_file is not set)")
-    if result["tokens"]:
-        rows = [
-            [t["name"], t["id"], "admin" if t["admin"] else "access", fmt.ago(t["created"])]
-            for t in result["tokens"]
-        ]
-        print(fmt.table(["NAME", "ID", "KIND", "CREATED"], rows))
-    elif result["required"]:
-        print("no tokens yet: every client is refused (llmwsctl tokens add NAME)")
-    return EXIT_OK
+    return show(args, call(args, adminproto.TOKENS), render.render_tokens)
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
     result = call(args, adminproto.TOKEN_ADD, {"name": args.name, "admin": args.admin})
-
-    def render(r: dict[str, Any]) -> str:
-        kind = "admin token" if r["admin"] else "token"
-        return f"{kind} {r['name']} ({r['id']}); it is shown this once, keep it safe:\n{r['token']}"
-
-    return show(args, result, render)
+    return show(args, result, render.render_token_added)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     result = call(args, adminproto.TOKEN_REVOKE, {"name": args.name})
-    return show(args, result, lambda r: f"revoked token {r['name']} ({r['id']})")
+    return show(args, result, render.render_token_revoked)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.RELOAD)
-    if wants_json(args):
-        print_json(result)
-        return EXIT_OK
-    print(f"configuration reloaded from {result.get('source') or 'built-in defaults'}")
-    if result.get("needs_restart"):
-        sections = ", ".join(f"[{name}]" for name in result["needs_restart"])
-        print(f"changed but applied only at start: {sections}; restart llmwsd to apply them")
-    return EXIT_OK
+    return show(args, call(args, adminproto.RELOAD), render.render_reload)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
