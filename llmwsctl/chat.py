@@ -20,6 +20,7 @@ from typing import Any
 
 from llmwsctl import format as fmt
 from llmwsctl.client import DEFAULT_URL, SyncClient
+from llmwsctl.render import render_resources
 from llmwsd.errors import BadRequest, LLMWSError
 from llmwsd.protocol import messages
 
@@ -345,8 +346,6 @@ class Chat:
         return True
 
     def do_resources(self, rest: str) -> bool:
-        from llmwsctl.cli import render_resources  # cli imports this module
-
         print(render_resources(self.client.get_resources()))
         return True
 

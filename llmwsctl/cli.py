@@ -1,4 +1,7 @@
-"""llmwsctl: the operator's console for llmwsd, over its admin socket.
+"""llmwsctl: the operator's console for llmwsd, over its admin socket: its parser and main.
+
+The commands are in :mod:`llmwsctl.commands`, the text they print in
+:mod:`llmwsctl.render`, ``chat`` in :mod:`llmwsctl.chat`.
 
 Exit codes: 0 done, 1 the command failed, 2 usage error, 3 llmwsd is not
 running, 4 permission denied on the socket.
@@ -7,30 +10,17 @@ running, 4 permission denied on the socket.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
-from llmwsctl import chat
+from llmwsctl import chat, commands
 from llmwsctl import format as fmt
-from llmwsctl.adminclient import (
-    DEV_SOCKET,
-    AdminClient,
-    NotRunning,
-    PermissionDenied,
-    default_socket_path,
-)
+from llmwsctl.adminclient import DEV_SOCKET
+from llmwsctl.commands import UsageError, exit_code, wants_json
 from llmwsd import __version__
 from llmwsd.errors import LLMWSError
 from llmwsd.protocol import admin as adminproto
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # argparse's own
-EXIT_NOT_RUNNING = 3
-EXIT_PERMISSION = 4
 
 DESCRIPTION = """\
 Manage a running llmwsd from the machine it runs on: see what it serves, switch
@@ -50,412 +40,6 @@ exit codes: 0 done, 1 the command failed, 2 usage error, 3 llmwsd is not running
 4 permission denied on the socket."""
 
 Command = Callable[[argparse.Namespace], int]
-
-
-class UsageError(LLMWSError):
-    """A command's arguments that argparse alone cannot check (exit 2)."""
-
-    code = "usage"
-
-
-# -- talking to the daemon ---------------------------------------------------------------
-
-
-def socket_path(args: argparse.Namespace) -> str:
-    return getattr(args, "socket", None) or default_socket_path()
-
-
-def wants_json(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "json", False))
-
-
-def call(
-    args: argparse.Namespace,
-    cmd: str,
-    cmd_args: dict[str, Any] | None = None,
-    long_running: bool = False,
-) -> Any:
-    """Run one admin command; long ones show their progress on stderr and wait unbounded."""
-    with AdminClient.connect(socket_path(args)) as admin:
-        if not long_running:
-            return admin.call(cmd, cmd_args)
-        progress = fmt.ProgressPrinter()
-        try:
-            return admin.call(cmd, cmd_args, on_progress=progress, timeout=None)
-        finally:
-            progress.finish()
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
-
-
-def show(args: argparse.Namespace, result: Any, render: Callable[[Any], str]) -> int:
-    """Print ``result`` as JSON with --json, else as ``render`` puts it for people."""
-    if wants_json(args):
-        print_json(result)
-    else:
-        print(render(result))
-    return EXIT_OK
-
-
-# -- commands ----------------------------------------------------------------------------
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    status = call(args, adminproto.STATUS)
-    return show(args, status, render_status)
-
-
-def render_status(s: dict[str, Any]) -> str:
-    if s.get("model"):
-        model = f"{s['model']} on {s.get('device')} (context {s.get('max_context')} tokens)"
-    else:
-        model = f"none: {s.get('model_reason') or s.get('model_state')}"
-    memory = s.get("memory") or {}
-    used, total = fmt.gib(memory.get("ram_used_gb")), fmt.gib(memory.get("ram_total_gb"))
-    return fmt.fields(
-        [
-            (
-                "llmwsd",
-                f"{s.get('version')}, up {fmt.duration(s.get('uptime_s'))}, pid {s.get('pid')}",
-            ),
-            ("model", model),
-            ("listening", s.get("listen", "-")),
-            (
-                "sessions",
-                f"{s.get('sessions')} ({s.get('active')} generating, {s.get('queue')} queued)",
-            ),
-            (
-                "memory",
-                f"{used} used of {total}, llmwsd {fmt.gib(memory.get('rss_gb'))}",
-            ),
-            ("config", s.get("config") or "built-in defaults"),
-        ]
-    )
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    entries = call(args, adminproto.MODELS)
-    if wants_json(args):
-        print_json(entries)
-        return EXIT_OK
-    if not entries:
-        print("no models in the model folders: copy one there or `llmwsctl pull SOURCE`")
-        return EXIT_OK
-    rows = [
-        [
-            "*" if e.get("loaded") else "",
-            e.get("name"),
-            fmt.size(e.get("size_bytes")),
-            parameter_count(e.get("parameters")),
-            fmt.ago(e.get("modified")),
-            e.get("architecture"),
-            e.get("context_length"),
-            e.get("dtype"),
-            e.get("source"),
-        ]
-        for e in entries
-    ]
-    headers = ["", "NAME", "SIZE", "PARAMS", "MODIFIED", "ARCHITECTURE", "CONTEXT", "DTYPE"]
-    headers.append("FOLDER")
-    print(fmt.table(headers, rows, right=(2, 3, 6)))
-    if any(e.get("loaded") for e in entries):
-        print("* loaded")
-    return EXIT_OK
-
-
-def parameter_count(n: int | None) -> str:
-    """``135M``, ``7.6B``."""
-    if not n:
-        return "-"
-    for unit, step in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= step:
-            return f"{n / step:.1f}{unit}" if n < 10 * step else f"{n / step:.0f}{unit}"
-    return str(n)
-
-
-def cmd_switch(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.SWITCH, {"model": args.model}, long_running=True)
-    if wants_json(args):
-        print_json(result)
-    elif not result.get("changed"):
-        print(f"{result['model']} is already loaded")
-    else:
-        was = f" (was {result['previous']})" if result.get("previous") else ""
-        print(f"switched to {result['model']}{was}, loaded in {result.get('load_s')} s")
-    return EXIT_OK
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    if (args.source is None) == (args.cancel is None):
-        raise UsageError("give either SOURCE or --cancel ID")
-    if args.cancel is not None:
-        cancelled = call(args, adminproto.PULL_CANCEL, {"id": args.cancel})
-        print_json(cancelled) if wants_json(args) else print(f"cancelled pull {cancelled['id']}")
-        return EXIT_OK
-    cmd_args: dict[str, Any] = {"source": args.source, "detach": args.detach}
-    for key in ("name", "revision"):
-        if getattr(args, key) is not None:
-            cmd_args[key] = getattr(args, key)
-    if args.detach:
-        started = call(args, adminproto.PULL, cmd_args)
-        if wants_json(args):
-            print_json(started)
-        else:
-            print(f"pulling {started['name']} as {started['id']}: see `llmwsctl pulls`")
-        return EXIT_OK
-    printer = fmt.ProgressPrinter()
-    pull_id: list[str] = []
-
-    def on_progress(progress: dict[str, Any]) -> None:
-        pull_id[:] = [str(progress.get("id"))]
-        printer(progress)
-
-    with AdminClient.connect(socket_path(args)) as admin:
-        try:
-            result = admin.call(adminproto.PULL, cmd_args, on_progress=on_progress, timeout=None)
-        except KeyboardInterrupt:
-            printer.finish()
-            which = pull_id[0] if pull_id else "ID"
-            print(
-                f"the pull goes on in llmwsd: `llmwsctl pulls` shows it, "
-                f"`llmwsctl pull --cancel {which}` stops it",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            printer.finish()
-    return show(
-        args, result, lambda r: f"pulled {r['name']} into {r['path']} ({fmt.size(r['size_bytes'])})"
-    )
-
-
-def cmd_pulls(args: argparse.Namespace) -> int:
-    if args.clean:
-        removed = call(args, adminproto.PULLS_CLEAN)
-        if wants_json(args):
-            print_json(removed)
-            return EXIT_OK
-        freed = sum(r.get("freed_bytes") or 0 for r in removed)
-        print(f"removed {len(removed)} unfinished pull(s), {fmt.size(freed)} freed")
-        return EXIT_OK
-    pulls = call(args, adminproto.PULLS)
-    if wants_json(args):
-        print_json(pulls)
-        return EXIT_OK
-    if not pulls:
-        print("no pulls")
-        return EXIT_OK
-    rows = []
-    for p in pulls:
-        done, total = p.get("done") or 0, p.get("total")
-        share = f"{done * 100 // total}%" if total else "-"
-        note = (p.get("error") or {}).get("message") or p.get("stage")
-        rows.append([p["id"], p["name"], p["state"], share, fmt.size(total), p["source"], note])
-    headers = ["ID", "NAME", "STATE", "DONE", "SIZE", "SOURCE", "NOTE"]
-    print(fmt.table(headers, rows, right=(3, 4)))
-    if any(p["state"] not in ("running", "queued") for p in pulls):
-        print("pull the same SOURCE again to resume; `llmwsctl pulls --clean` removes the rest")
-    return EXIT_OK
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    cmd_args: dict[str, Any] = {"model": args.model, "force": args.force}
-    result = call(args, adminproto.RM, cmd_args, long_running=args.force)
-    return show(
-        args, result, lambda r: f"removed {r['removed']} ({fmt.size(r.get('size_bytes'))} freed)"
-    )
-
-
-def cmd_resources(args: argparse.Namespace) -> int:
-    if args.watch is None:
-        report = call(args, adminproto.RESOURCES)
-        print_json(report) if wants_json(args) else print(render_resources(report))
-        return EXIT_OK
-    # One connection for the whole watch; Ctrl-C ends it normally.
-    tty = sys.stdout.isatty()
-    with AdminClient.connect(socket_path(args)) as admin:
-        try:
-            while True:
-                report = admin.call(adminproto.RESOURCES)
-                if wants_json(args):
-                    print(json.dumps(report, ensure_ascii=False))
-                elif tty:
-                    stamp = time.strftime("%H:%M:%S")
-                    header = f"every {args.watch:g} s, {stamp} (Ctrl-C to stop)\n\n"
-                    print("\x1b[H\x1b[2J" + header + render_resources(report))
-                else:
-                    print(render_resources(report) + "\n")
-                sys.stdout.flush()
-                time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return EXIT_OK
-
-
-def render_resources(r: dict[str, Any]) -> str:
-    host = r.get("host") or {}
-    pairs: list[tuple[str, Any]] = [
-        ("device", r.get("device")),
-        ("cpu", f"{host.get('cpu_percent')}% of {host.get('cpu_count')} cores"),
-        (
-            "memory",
-            f"{fmt.gib(host.get('ram_used_gb'))} used of {fmt.gib(host.get('ram_total_gb'))} "
-            f"({fmt.gib(host.get('ram_available_gb'))} available)",
-        ),
-        ("llmwsd", f"{fmt.gib(host.get('rss_gb'))} resident"),
-    ]
-    gpus = r.get("gpus") or []
-    for i, gpu in enumerate(gpus):
-        pairs.append((f"gpu {i}", render_gpu(gpu)))
-    if not gpus and r.get("gpu_status"):
-        pairs.append(("gpu", r["gpu_status"]))
-    engine = r.get("engine")
-    if engine:
-        pairs.append(("model", f"{engine.get('model')} ({engine.get('dtype')})"))
-        if engine.get("max_context"):
-            context = f"{engine['max_context']} tokens"
-            if engine.get("kv_bytes_per_token"):
-                context += f", KV cache {fmt.size(engine['kv_bytes_per_token'])} per token"
-            pairs.append(("context", context))
-        load = f"{engine.get('active', 0)} generating, {engine.get('queued', 0)} queued"
-        if engine.get("tokens_per_s") is not None:
-            load += f", {engine['tokens_per_s']} tokens/s"
-        if engine.get("kv_usage_ratio") is not None:
-            load += f", KV cache {engine['kv_usage_ratio'] * 100:.0f}% used"
-        pairs.append(("engine", load))
-        prefixes = engine.get("prefix_cache")
-        if prefixes:
-            pairs.append(
-                (
-                    "prefix cache",
-                    f"{prefixes['entries']} prompts, {fmt.size(prefixes['bytes'], binary=True)} of"
-                    f" {fmt.size(prefixes['max_bytes'], binary=True)}, {prefixes['hits']} reused"
-                    f" ({prefixes['reused_tokens']} tokens not prefilled again)",
-                )
-            )
-    else:
-        pairs.append(("model", "none loaded"))
-    return fmt.fields(pairs)
-
-
-def render_gpu(gpu: dict[str, Any]) -> str:
-    """``NVIDIA H100, 3.1 GiB of 79.6 GiB, 12% busy, 41 °C, 95 W, SM 9.0``."""
-    parts = [
-        str(gpu.get("name", "GPU")),
-        f"{fmt.gib(gpu.get('memory_used_gb'))} of {fmt.gib(gpu.get('memory_total_gb'))}",
-    ]
-    for key, template in (
-        ("utilization_percent", "{}% busy"),
-        ("temperature_c", "{} °C"),
-        ("power_w", "{} W"),
-        ("compute_capability", "SM {}"),
-    ):
-        if gpu.get(key) is not None:
-            parts.append(template.format(gpu[key]))
-    return ", ".join(parts)
-
-
-def cmd_sessions(args: argparse.Namespace) -> int:
-    sessions = call(args, adminproto.SESSIONS)
-    if wants_json(args):
-        print_json(sessions)
-        return EXIT_OK
-    if not sessions:
-        print("no sessions")
-        return EXIT_OK
-    rows = [
-        [
-            s.get("id"),
-            fmt.duration(s.get("age_s")),
-            fmt.duration(s.get("idle_s")),
-            s.get("messages"),
-            s.get("buffered_events"),
-            "yes" if s.get("connected") else "no",
-            "yes" if s.get("generating") else "no",
-        ]
-        for s in sessions
-    ]
-    headers = ["ID", "AGE", "IDLE", "MESSAGES", "BUFFERED", "CONNECTED", "GENERATING"]
-    print(fmt.table(headers, rows, right=(1, 2, 3, 4)))
-    return EXIT_OK
-
-
-def cmd_session_drop(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.SESSION_DROP, {"id": args.id})
-    return show(args, result, lambda r: f"dropped session {r['dropped']}")
-
-
-def cmd_tokens(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.TOKENS)
-    if wants_json(args):
-        print_json(result)
-        return EXIT_OK
-    if not result["required"]:
-        print("tokens are off: clients need none ([api] tokens_file is not set)")
-    if result["tokens"]:
-        rows = [
-            [t["name"], t["id"], "admin" if t["admin"] else "access", fmt.ago(t["created"])]
-            for t in result["tokens"]
-        ]
-        print(fmt.table(["NAME", "ID", "KIND", "CREATED"], rows))
-    elif result["required"]:
-        print("no tokens yet: every client is refused (llmwsctl tokens add NAME)")
-    return EXIT_OK
-
-
-def cmd_token_add(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.TOKEN_ADD, {"name": args.name, "admin": args.admin})
-
-    def render(r: dict[str, Any]) -> str:
-        kind = "admin token" if r["admin"] else "token"
-        return f"{kind} {r['name']} ({r['id']}); it is shown this once, keep it safe:\n{r['token']}"
-
-    return show(args, result, render)
-
-
-def cmd_token_revoke(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.TOKEN_REVOKE, {"name": args.name})
-    return show(args, result, lambda r: f"revoked token {r['name']} ({r['id']})")
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    result = call(args, adminproto.RELOAD)
-    if wants_json(args):
-        print_json(result)
-        return EXIT_OK
-    print(f"configuration reloaded from {result.get('source') or 'built-in defaults'}")
-    if result.get("needs_restart"):
-        sections = ", ".join(f"[{name}]" for name in result["needs_restart"])
-        print(f"changed but applied only at start: {sections}; restart llmwsd to apply them")
-    return EXIT_OK
-
-
-def cmd_version(args: argparse.Namespace) -> int:
-    """llmwsctl's own version always; the daemon's when it answers, else its error's exit
-    code (3 when it is not running, as for ``status``) after the versions are printed."""
-    daemon: str | None = None
-    failure: LLMWSError | None = None
-    try:
-        with AdminClient.connect(socket_path(args)) as admin:
-            daemon = admin.server_version
-    except LLMWSError as e:
-        failure = e
-    if wants_json(args):
-        print_json(
-            {
-                "llmwsctl": __version__,
-                "llmwsd": daemon,
-                "admin_protocol": adminproto.ADMIN_PROTOCOL_VERSION,
-            }
-        )
-    else:
-        print(f"llmwsctl {__version__} (admin protocol {adminproto.ADMIN_PROTOCOL_VERSION})")
-        print(f"llmwsd   {daemon}" if daemon else "llmwsd   unknown")
-    if failure is not None:
-        sys.stdout.flush()  # the versions first, then why the daemon's is unknown
-        raise failure
-    return EXIT_OK
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -487,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # llmwsctl's own version (`llmwsctl version` asks the daemon for its own too).
     parser.add_argument("--version", action="version", version=f"llmwsctl {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
-        name: str, func: Command, help: str, description: str, under: Any = commands, **kw: Any
+        name: str, func: Command, help: str, description: str, under: Any = subcommands, **kw: Any
     ) -> Any:
         """A sub-command (of ``under``: a command's actions, such as ``sessions drop``)."""
         sub = under.add_parser(name, help=help, description=description, parents=[common], **kw)
@@ -499,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(
         "status",
-        cmd_status,
+        commands.cmd_status,
         "version, uptime, model, sessions, queue and memory",
         "Show what llmwsd is doing: its version and uptime, the loaded model and its "
         "device, the sessions and the queue of generations, memory in use.",
     )
     add(
         "models",
-        cmd_models,
+        commands.cmd_models,
         "list the models in the model folders",
         "List every model in the model folders with its size, age, architecture and "
         "context length; the loaded one is marked with *.",
@@ -514,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch = add(
         "switch",
-        cmd_switch,
+        commands.cmd_switch,
         "load another model and serve it",
         "Load MODEL and serve it instead of the current one. The current model keeps "
         "serving while the new one loads; if loading fails it stays, and the error is "
@@ -523,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("model", metavar="MODEL", help="a model name from `llmwsctl models`")
     pull = add(
         "pull",
-        cmd_pull,
+        commands.cmd_pull,
         "download a model (Hugging Face org/name, git URL, local .gguf)",
         "Download a model into llmwsd's models folder, with progress (bytes, speed, ETA). "
         "The files go to a staging folder first; the model appears only once it is complete "
@@ -544,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cancel", metavar="ID", help="stop the pull ID and remove its files")
     pulls = add(
         "pulls",
-        cmd_pulls,
+        commands.cmd_pulls,
         "list pulls: running, failed, interrupted by a restart",
         "List the pulls that are running, and those a failure or a restart left unfinished "
         "(pulling the same source again resumes them). --clean removes the unfinished ones.",
@@ -554,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rm = add(
         "rm",
-        cmd_rm,
+        commands.cmd_rm,
         "delete a downloaded model",
         "Delete a model that was downloaded into llmwsd's models folder. The loaded "
         "model and models in other folders are refused unless --force.",
@@ -568,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resources = add(
         "resources",
-        cmd_resources,
+        commands.cmd_resources,
         "CPU, memory and GPU use, once or --watch",
         "Show the host's CPU and memory, llmwsd's own memory, the GPUs, the engine's "
         "load and what its prefix cache holds. With --watch, refresh in place until "
@@ -585,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sessions = add(
         "sessions",
-        cmd_sessions,
+        commands.cmd_sessions,
         "list sessions, or drop one (sessions drop ID)",
         "List the sessions with their age, idle time, messages, buffered events and "
         "whether a client is connected; `sessions drop ID` deletes one (its running "
@@ -594,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sessions.add_subparsers(dest="action", metavar="ACTION")
     drop = add(
         "drop",
-        cmd_session_drop,
+        commands.cmd_session_drop,
         "delete a session and cancel its generation",
         "Delete the session ID (see `llmwsctl sessions`) and cancel its running "
         "generation; its client's next resume starts a new session.",
@@ -603,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("id", metavar="ID", help="the session id")
     tokens = add(
         "tokens",
-        cmd_tokens,
+        commands.cmd_tokens,
         "list access tokens, or add / revoke one",
         "List the access tokens for the public port ([api] tokens_file) and the admin "
         "tokens ([api] admin_tokens_file); `tokens add NAME [--admin]` makes one and "
@@ -613,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_actions = tokens.add_subparsers(dest="action", metavar="ACTION")
     token_add = add(
         "add",
-        cmd_token_add,
+        commands.cmd_token_add,
         "make a token and print it (once)",
         "Make a new token called NAME and print it; llmwsd keeps only a salted hash, so "
         "it cannot be shown again.",
@@ -628,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token_revoke = add(
         "revoke",
-        cmd_token_revoke,
+        commands.cmd_token_revoke,
         "withdraw a token",
         "Withdraw the token NAME (or its id); clients using it are refused from their "
         "next connection.",
@@ -637,19 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     token_revoke.add_argument("name", metavar="NAME", help="the token's name or id")
     add(
         "reload",
-        cmd_reload,
+        commands.cmd_reload,
         "re-read the configuration (like SIGHUP)",
         "Re-read llmwsd's configuration file and apply what can change while running "
         "(generation defaults, model folders); sections that need a restart are named.",
     )
     add(
         "version",
-        cmd_version,
+        commands.cmd_version,
         "the versions of llmwsctl and of the running llmwsd",
         "Print llmwsctl's version and, when it answers, the running llmwsd's; like "
         "status, exit 3 when llmwsd is not running.",
     )
-    chat_parser = chat.add_parser(commands)
+    chat_parser = chat.add_parser(subcommands)
     chat_parser.formatter_class = LaidOutEpilogFormatter  # its description wraps like the others'
     chat_parser.set_defaults(func=chat.run)
     return parser
@@ -676,16 +260,6 @@ def positive_seconds(text: str) -> float:
     if not 0.1 <= value <= 86400:
         raise argparse.ArgumentTypeError("SECONDS must be between 0.1 and 86400")
     return value
-
-
-def exit_code(error: LLMWSError) -> int:
-    if isinstance(error, NotRunning):
-        return EXIT_NOT_RUNNING
-    if isinstance(error, PermissionDenied):
-        return EXIT_PERMISSION
-    if isinstance(error, UsageError):
-        return EXIT_USAGE
-    return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -813,7 +813,7 @@ def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere() -> None:
 
 
 def test_resources_rendering_of_gpus_and_engine() -> None:
-    from llmwsctl.cli import render_resources
+    from llmwsctl.render import render_resources
 
     report = {
         "device": "cuda:0",
