@@ -41,7 +41,7 @@ def render_status(s: dict[str, Any]) -> str:
 def engine_stuck(heartbeat_age_s: float | None) -> str:
     """``stuck: no step for 131 s (…)``: the engine has work and its loop has not turned."""
     since = "" if heartbeat_age_s is None else f": no step for {heartbeat_age_s:.0f} s"
-    return f"stuck{since} (the watchdog restarts llmwsd)"
+    return f"stuck{since} (under systemd, its watchdog restarts llmwsd)"
 
 
 def render_resources(r: dict[str, Any]) -> str:

@@ -41,7 +41,10 @@ def test_status_of_a_healthy_engine_has_no_engine_line() -> None:
 def test_status_says_when_the_engine_is_stuck() -> None:
     stuck = {**STATUS, "engine_heartbeat_age_s": 131.4, "engine_stuck": True}
     lines = render.render_status(stuck).splitlines()
-    assert lines[2] == "engine     stuck: no step for 131 s (the watchdog restarts llmwsd)"
+    assert (
+        lines[2]
+        == "engine     stuck: no step for 131 s (under systemd, its watchdog restarts llmwsd)"
+    )
     assert labels("\n".join(lines)) == [
         "llmwsd",
         "model",
