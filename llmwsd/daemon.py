@@ -39,7 +39,7 @@ from llmwsd.protocol.wire import PROTOCOL_VERSION
 from llmwsd.service import defaults
 from llmwsd.service.admission import Admission, QueuedCallback, Ticket
 from llmwsd.service.model_changes import ModelManager
-from llmwsd.sessions.session import Session, SessionStore
+from llmwsd.sessions.session import RunningGeneration, Session, SessionStore
 from llmwsd.systemd import Notifier
 
 log = logging.getLogger("llmwsd")
@@ -303,14 +303,46 @@ class Daemon:
 
     # -- generations -----------------------------------------------------------------
 
-    async def start_generation(
+    def start_generation(
         self, session: Session, prompt: dict[str, str], overrides: Any = None
-    ) -> None:
-        """Submit one turn of ``session``; its events flow into the session's buffer."""
-        await self.model_manager.wait_settled()  # during a switch that had to unload first
-        engine = self.require_engine()
+    ) -> asyncio.Task[None]:
+        """Reserve ``session`` for one turn now; the returned task admits and submits it.
+
+        What the turn takes from the session (its settings, the history, the system
+        message, whether another turn runs: Busy) is taken here, synchronously, so a
+        message handled after this one cannot change it. The task waits out a switch,
+        fits the context and goes through admission; a refusal is its exception, and
+        leaves the session as it was. A cancel before the turn has a ticket cancels the
+        task, and the turn ends ``cancelled`` without reaching the engine. The task is
+        no connection's: like the turn itself, it goes on when the client leaves.
+        """
         settings = session.settings.merge(overrides) if overrides is not None else session.settings
         running = session.begin_generation(prompt["user"], prompt["system"])
+        history = session.history()
+        task = asyncio.create_task(self._admit(session, running, history, prompt["user"], settings))
+        running.attach_cancel(task.cancel)
+
+        def settle(task: asyncio.Task[None]) -> None:
+            # A cancelled task may not have run a line (a cancel right after the inference).
+            if not task.cancelled():
+                task.exception()  # the caller answers it; retrieved here if the caller left
+            elif running.cancel_requested:
+                session.on_generation_event(running, Finished(0, "cancelled", 0.0, 0.0))
+            else:
+                session.abandon_generation(running)
+
+        task.add_done_callback(settle)
+        return task
+
+    async def _admit(
+        self,
+        session: Session,
+        running: RunningGeneration,
+        history: list[dict[str, str]],
+        user: str,
+        settings: GenerationSettings,
+    ) -> None:
+        """The waiting part of :meth:`start_generation`: its events flow into the session."""
 
         def on_event(event: GenerationEvent) -> None:
             session.on_generation_event(running, event)
@@ -320,20 +352,22 @@ class Daemon:
             session.append_event(message)
 
         try:
+            await self.model_manager.wait_settled()  # during a switch that had to unload first
+            engine = self.require_engine()
             messages, dropped, tokens = await asyncio.to_thread(
-                fit_context, engine, session.history(), prompt["user"], settings
+                fit_context, engine, history, user, settings
             )
             running.dropped_turns = dropped
             request = GenerationRequest(messages, settings, running.request_id)
             who = f"session {session.id} {running.request_id}"
             ticket = await self.submit(request, on_event, on_queued, tokens, who)
-        except BaseException:
+        except Exception:
             session.abandon_generation(running)
             raise
         granted = ticket.request.settings.max_new_tokens
         if granted < settings.max_new_tokens:
             running.requested_max_tokens = settings.max_new_tokens
-        running.cancel = ticket.cancel
+        running.attach_cancel(ticket.cancel)
 
     @property
     def admission(self) -> Admission:
