@@ -79,6 +79,7 @@ class _Generation:
 
     def __init__(self) -> None:
         self.request_id: str | None = None  # known from its first event
+        self.taken = False  # the server answered the ping sent after the inference
         self.queue: asyncio.Queue[dict[str, Any] | LLMWSError] = asyncio.Queue()
         self.finished = False
 
@@ -264,8 +265,25 @@ class Client:
                         self._fail_generation(messages.Error.from_wire(message).exception())
                     else:
                         self.notifications.append(message)
-                else:
+                elif not self._refused_late(message):
                     self._replies.put_nowait(message)
+
+    def _refused_late(self, message: dict[str, Any]) -> bool:
+        """Route an error that refuses the inference after its ping was answered.
+
+        The server admits an inference beside later messages (it may wait for a
+        switch, fit the context, queue for memory), so its refusal can follow the pong.
+        """
+        generation = self._generation
+        if generation is None or generation.request_id is not None:
+            return False
+        if message.get("type") == "pong":
+            generation.taken = True
+        elif message.get("type") == "error" and generation.taken:
+            generation.finished = True  # nothing runs on the server to cancel
+            generation.queue.put_nowait(messages.Error.from_wire(message).exception())
+            return True
+        return False
 
     def _on_event(self, event: dict[str, Any]) -> None:
         seq = event["seq"]
@@ -550,6 +568,7 @@ class Client:
                         raise
                     if pending == [ping] and generation.request_id is None:
                         pending, resent = [message, ping], True
+                        generation.taken = False
                         continue
                     break
             except BaseException:

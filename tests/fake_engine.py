@@ -47,6 +47,7 @@ class FakeEngine:
         self.token_delay = token_delay
         self.tasks: set[asyncio.Task[None]] = set()
         self.submitted: list[GenerationRequest] = []
+        self.closed = False
         self._ids = itertools.count(1)
         self._streams: dict[asyncio.Task[None], tuple[EventStream, FakeHandle]] = {}
         self._unwedged = asyncio.Event()
@@ -135,5 +136,6 @@ class FakeEngine:
             await asyncio.wait(self.tasks, timeout=timeout)
 
     async def close(self) -> None:
+        self.closed = True
         for task in self.tasks:
             task.cancel()

@@ -12,6 +12,7 @@ import pytest
 import websockets
 
 from llmwsd.daemon import Daemon
+from llmwsd.errors import LLMWSError
 from llmwsd.service import model_changes
 from tests.conftest import FAST, eventually, recv_json, recv_until, ws_url
 from tests.fake_engine import FakeEngine
@@ -132,3 +133,21 @@ async def test_text_mode_waits_for_a_switch_instead_of_refusing(
     await switch
     assert "".join(str(f) for f in frames) == "echo: hello there"
     assert [r.messages[-1]["content"] for r in loaded[0].submitted] == ["hello there"]
+
+
+async def test_a_switch_that_outlives_the_shutdown_closes_its_model(fake_daemon: Daemon) -> None:
+    """A switch from the public port goes on beside its connection; at shutdown the model it
+    loads is closed instead of served."""
+    add_fake_model(fake_daemon, "next-model")
+    release, loaded = asyncio.Event(), []
+    fake_daemon.models.loader = gated_loader(release, loaded)
+    switch = asyncio.create_task(fake_daemon.models.switch("next-model"))
+    await asyncio.sleep(0)
+    await fake_daemon.shutdown()
+    release.set()
+    with pytest.raises(LLMWSError) as refused:
+        await switch
+    assert refused.value.code == "interrupted"
+    assert fake_daemon.slot.engine is None
+    (new,) = loaded
+    assert new.closed

@@ -22,6 +22,7 @@ from llmwsd.engines.interface import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    GenerationSettings,
 )
 from llmwsd.errors import Busy, LLMWSError
 from llmwsd.metrics import Metrics
@@ -29,7 +30,7 @@ from llmwsd.protocol import messages
 from llmwsd.service import context
 from llmwsd.service.admission import QueuedCallback, Ticket
 from llmwsd.service.model_slot import ModelSlot
-from llmwsd.sessions.session import Session
+from llmwsd.sessions.session import RunningGeneration, Session
 
 log = logging.getLogger("llmwsd")
 
@@ -43,14 +44,46 @@ class GenerationService:
         self.limits = limits
         self.metrics = metrics
 
-    async def start_turn(
+    def start_turn(
         self, session: Session, prompt: dict[str, str], overrides: Any = None
-    ) -> None:
-        """Submit one turn of ``session``; its events flow into the session's buffer."""
-        await self.slot.wait_settled()  # during a switch that had to unload first
-        engine, _ = self.slot.require()
+    ) -> asyncio.Task[None]:
+        """Reserve ``session`` for one turn now; the returned task admits and submits it.
+
+        What the turn takes from the session (its settings, the history, the system
+        message, whether another turn runs: Busy) is taken here, synchronously, so a
+        message handled after this one cannot change it. The task waits out a switch,
+        fits the context and goes through admission; a refusal is its exception, and
+        leaves the session as it was. A cancel before the turn has a ticket cancels the
+        task, and the turn ends ``cancelled`` without reaching the engine. The task is
+        no connection's: like the turn itself, it goes on when the client leaves.
+        """
         settings = session.settings.merge(overrides) if overrides is not None else session.settings
         running = session.begin_generation(prompt["user"], prompt["system"])
+        history = session.history()
+        task = asyncio.create_task(self._admit(session, running, history, prompt["user"], settings))
+        running.attach_cancel(task.cancel)
+
+        def settle(task: asyncio.Task[None]) -> None:
+            # A cancelled task may not have run a line (a cancel right after the inference).
+            if not task.cancelled():
+                task.exception()  # the caller answers it; retrieved here if the caller left
+            elif running.cancel_requested:
+                session.on_generation_event(running, Finished(0, "cancelled", 0.0, 0.0))
+            else:
+                session.abandon_generation(running)
+
+        task.add_done_callback(settle)
+        return task
+
+    async def _admit(
+        self,
+        session: Session,
+        running: RunningGeneration,
+        history: list[dict[str, str]],
+        user: str,
+        settings: GenerationSettings,
+    ) -> None:
+        """The waiting part of :meth:`start_turn`: its events flow into the session."""
 
         def on_event(event: GenerationEvent) -> None:
             session.on_generation_event(running, event)
@@ -60,20 +93,22 @@ class GenerationService:
             session.append_event(queued.to_wire())
 
         try:
+            await self.slot.wait_settled()  # during a switch that had to unload first
+            engine, _ = self.slot.require()
             turns, dropped, ids = await asyncio.to_thread(
-                context.fit_history, engine, session.history(), prompt["user"], settings
+                context.fit_history, engine, history, user, settings
             )
             running.dropped_turns = dropped
             request = GenerationRequest(turns, settings, running.request_id, ids)
             who = f"session {session.id} {running.request_id}"
             ticket = await self.submit(request, on_event, on_queued, who, tokenized_by=engine)
-        except BaseException:
+        except Exception:
             session.abandon_generation(running)
             raise
         granted = ticket.request.settings.max_new_tokens
         if granted < settings.max_new_tokens:
             running.requested_max_tokens = settings.max_new_tokens
-        running.cancel = ticket.cancel
+        running.attach_cancel(ticket.cancel)
 
     async def submit(
         self,

@@ -53,6 +53,7 @@ class ModelSlot:
         # on it and are then served by the new model.
         self._settled = asyncio.Event()
         self._settled.set()
+        self._closed = False  # shutting down: no engine is served any more
 
     @property
     def engine(self) -> EngineLike | None:
@@ -83,7 +84,14 @@ class ModelSlot:
             self._admission.hold()  # waiting requests wait for the next engine
 
     async def serve(self, engine: EngineLike) -> EngineLike | None:
-        """Serve ``engine`` from now on; the previous engine, still to drain and close."""
+        """Serve ``engine`` from now on; the previous engine, still to drain and close.
+
+        After :meth:`close` (shutting down) a model that finished loading is closed
+        instead: a switch still running then fails ``interrupted``.
+        """
+        if self._closed:
+            await engine.close()
+            raise Interrupted("the daemon is shutting down")
         admission = Admission(engine, self.limits)
         moving = self._admission.hand_over() if self._admission is not None else []
         # Tokenized again for the new model, in order, before anyone new can queue.
@@ -133,7 +141,8 @@ class ModelSlot:
         self._settled.set()
 
     def close(self) -> None:
-        """Shutting down: whoever still waits for memory will not start."""
+        """Shutting down: whoever still waits for memory will not start, nor will a model."""
+        self._closed = True
         self._fail_waiting(Interrupted("the daemon is shutting down"))
 
     def _fail_waiting(self, reason: LLMWSError) -> None:

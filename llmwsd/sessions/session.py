@@ -56,7 +56,8 @@ COMPACT_MIN_RECORDS = 64
 class RunningGeneration:
     request_id: str
     user_text: str
-    cancel: Any = None  # the engine handle's cancel(), once submitted
+    # What stops it now: its admission task's cancel() until it has a ticket, then the ticket's.
+    cancel: Any = None
     pieces: list[str] = field(default_factory=list)
     dropped_turns: int = 0
     requested_max_tokens: int = 0  # set when max_new_tokens was lowered to fit the context
@@ -69,6 +70,12 @@ class RunningGeneration:
         self.cancel_requested = True
         if self.cancel is not None:
             self.cancel()
+
+    def attach_cancel(self, cancel: Any) -> None:
+        """What cancels it from now on; called at once when a cancel was requested already."""
+        self.cancel = cancel
+        if self.cancel_requested:
+            cancel()
 
 
 def client_of(token_id: str | None, address: str | None) -> str | None:

@@ -4,6 +4,11 @@ Generation events reach the socket only through the session's buffer (see
 sessions.py); direct answers (pong, config_ack, errors about a bad message)
 are sent at once and carry no seq. Every bad message is answered with an
 ``error`` and the connection stays open.
+
+Quick messages are handled in the order they come. The ones that wait (an
+inference's admission, a model switch, download or delete) run beside the
+message loop, so that a ``cancel``, ``ack`` or ``ping`` is answered meanwhile;
+their answers (or errors) come when they are done.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -40,7 +45,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmwsd.connection")
 
+# Handlers waiting beside the message loop at once, per connection; one more is refused busy.
+MAX_WAITING_HANDLERS = 4
+
+
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
+
+# Model changes asked for by connections that have closed since: they go on (held here).
+_detached: set[asyncio.Task[Any]] = set()
+
+
+def detached(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+    """Await ``work`` in a task of its own, which cancelling the awaiter does not stop.
+
+    A switch must not stop half-way because the client that asked for it left.
+    """
+    task = asyncio.create_task(work)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+    return asyncio.shield(task)
 
 
 class JsonConnection:
@@ -62,7 +86,9 @@ class JsonConnection:
         self._streamer: asyncio.Task[None] | None = None
         self._resources: asyncio.Task[None] | None = None
         self._model_tasks: set[asyncio.Task[None]] = set()  # switch logs, download forwarding
+        self._waiting: set[asyncio.Task[None]] = set()  # handlers running beside the loop
         self._closing: asyncio.Task[None] | None = None
+        self._closed = False
         self.handlers: dict[str, Handler] = {
             "ping": self.on_ping,
             "config": self.on_config,
@@ -135,7 +161,7 @@ class JsonConnection:
                 async with asyncio.timeout(idle_timeout):
                     frame = await self.ws.recv()
             except TimeoutError:
-                if self.session is not None and self.session.running is not None:
+                if self._waiting or (self.session is not None and self.session.running is not None):
                     continue  # waiting for an answer is not idleness
                 await self.ws.close(CloseCode.NORMAL, f"idle for {idle_timeout:g} s")
                 return
@@ -170,7 +196,8 @@ class JsonConnection:
         self._closing = asyncio.create_task(self.ws.close(code, reason))
 
     async def close(self) -> None:
-        for task in (self._streamer, self._resources, *self._model_tasks):
+        self._closed = True  # nothing new is spawned from here on
+        for task in (self._streamer, self._resources, *self._waiting, *self._model_tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
@@ -204,7 +231,7 @@ class JsonConnection:
     async def dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         handler = self.handlers.get(kind) if isinstance(kind, str) else None
-        try:
+        async with self._errors_answered(kind):
             if handler is None:
                 raise UnknownType(
                     f"unknown message type {str(kind)[:64]!r}"
@@ -215,6 +242,12 @@ class JsonConnection:
                 raise BadRequest("this connection no longer owns a session")
             self.session.touch()
             await handler(message)
+
+    @contextlib.asynccontextmanager
+    async def _errors_answered(self, kind: Any) -> AsyncIterator[None]:
+        """Answer what the block raises as an ``error``; the connection stays open."""
+        try:
+            yield
         except LLMWSError as e:
             await self.send_error(e)
         except ConnectionClosed:
@@ -224,6 +257,30 @@ class JsonConnection:
             await self.send_error(
                 InternalError(f"internal error while handling {str(kind)[:64]!r}")
             )
+
+    def _make_room(self, kind: str) -> None:
+        """Busy when this connection has as many handlers waiting as it may."""
+        if len(self._waiting) >= MAX_WAITING_HANDLERS:
+            raise Busy(
+                f"{MAX_WAITING_HANDLERS} requests of this connection are still waiting; "
+                f"send {kind} again once one is answered"
+            )
+
+    def _beside(self, kind: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Await ``work()`` beside the message loop (after :meth:`_make_room`).
+
+        ``work`` is called in the task, so a task cancelled before it began (its
+        connection closed at once) leaves nothing behind un-awaited.
+        """
+
+        async def run() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async with self._errors_answered(kind):
+                    await work()
+
+        task = asyncio.create_task(run())
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
 
     @property
     def current(self) -> Session:
@@ -247,7 +304,10 @@ class JsonConnection:
         if length > limit:
             raise BadRequest(f"prompt too long: {length} characters, at most {limit}")
         overrides = message.get("config")
-        await self.services.generation.start_turn(self.current, prompt, overrides)
+        self._make_room("inference")
+        # Taken from the session now (busy, settings, history); admitted beside the loop.
+        admitting = self.services.generation.start_turn(self.current, prompt, overrides)
+        self._beside("inference", lambda: asyncio.shield(admitting))
 
     async def on_cancel(self, message: dict[str, Any]) -> None:
         running = self.current.running
@@ -317,6 +377,11 @@ class JsonConnection:
         if not self.identity.admin:
             raise Forbidden(f"{kind} needs an admin token ([api] admin_tokens_file)")
         log.info("%s: %s by admin token %s", self.peer, kind, self.identity.token_id)
+        self._make_room(kind)
+        self._beside(kind, lambda: self._change_models(message))
+
+    async def _change_models(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
         manager = self.services.models
         if kind == "switch_model":
 
@@ -324,16 +389,19 @@ class JsonConnection:
                 self._spawn(self.send({"type": "log", "message": progress.get("message", "")}))
 
             if message.get("model_path") is not None:
-                result = await manager.switch(progress=report, path=message["model_path"])
+                switch = manager.switch(progress=report, path=message["model_path"])
             else:
-                result = await manager.switch(message.get("model"), report)
+                switch = manager.switch(message.get("model"), report)
+            result = await detached(switch)
             await self.send({"type": "model_switched", **result})
         elif kind == "download_model":
-            pull = await manager.pulls.start(
-                message.get("repo"),
-                message.get("target_dir"),  # absent: the source's name; anything else is checked
-                message.get("revision"),
-                host_access=False,  # a remote client must not reach this host's files or keys
+            pull = await detached(
+                manager.pulls.start(
+                    message.get("repo"),
+                    message.get("target_dir"),  # absent: the source's name; else it is checked
+                    message.get("revision"),
+                    host_access=False,  # a remote client must not reach this host's files or keys
+                )
             )
             await self.send(
                 {
@@ -345,10 +413,15 @@ class JsonConnection:
             )
             self._spawn(self._forward_download(pull))
         else:
-            result = await manager.remove(message.get("model_name"), message.get("force") is True)
+            remove = manager.remove(message.get("model_name"), message.get("force") is True)
+            result = await detached(remove)
             await self.send({"type": "model_deleted", **result})
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            work.close()  # e.g. a switch's progress after its client left: nobody to tell
+            return
+
         async def run() -> None:
             with contextlib.suppress(ConnectionClosed):
                 await work
