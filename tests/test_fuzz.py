@@ -435,13 +435,20 @@ class FuzzClient:
         assert self.ws.close_code == code
         await self.connect()
 
-    async def settle(self) -> None:
-        """End what the last frame started: a generation (cancelled) and a subscription."""
-        running = self.session.running
-        if running is not None:
-            await self.ws.send('{"type":"cancel"}')
-            while running.request_id not in self.finished:
-                await self.recv()
+    async def settle(self, accepted: str | None = None) -> None:
+        """End what the last frame started: a generation (cancelled) and a subscription.
+
+        ``accepted``: the request id of an inference the last frame started. It ends in
+        a done or error event, or, refused while it was being admitted, in an error
+        without a seq that may follow the ping's pong (docs/protocol.md, Order).
+        """
+        if accepted is not None:
+            if self.session.running is not None:
+                await self.ws.send('{"type":"cancel"}')
+            while accepted not in self.finished:
+                message = await self.recv()
+                if message["type"] == "error" and not is_event(message):
+                    break  # its late refusal
         if self.subscribed:
             await self.ws.send('{"type":"subscribe_resources","interval":0}')
             while (await self.recv())["type"] != "subscribed":
@@ -483,7 +490,7 @@ async def check_frame_answer(client: FuzzClient, frame: Frame) -> None:
         assert comparable(client.session) == before, answer
     elif answer["type"] == "subscribed":
         client.subscribed = answer["interval"] != 0
-    await client.settle()
+    await client.settle(f"r{client.session.requests}" if accepted else None)
 
 
 def run_cases(

@@ -751,7 +751,7 @@ async def test_rm_force_of_the_only_model_unloads_it(fake_daemon: Daemon) -> Non
 async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory: Any) -> None:
     first = await fake_daemon_factory()
     add_fake_model(first, "second-model")
-    assert (await first.model_manager.switch("second-model"))["remembered"] is True
+    assert (await first.models.switch("second-model"))["remembered"] is True
     await first.shutdown()
     again = await fake_daemon_factory()
     assert again.engine is not None and again.engine.info.name == "second-model"
@@ -760,7 +760,7 @@ async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory:
     pinned_path = again.config.model_dirs[0] / "fake-model"
     pinned = await fake_daemon_factory(model={"path": str(pinned_path)})
     assert pinned.engine is not None and pinned.engine.info.name == "fake-model"
-    assert (await pinned.model_manager.switch("second-model"))["remembered"] is False
+    assert (await pinned.models.switch("second-model"))["remembered"] is False
 
 
 # -- hostile pull arguments ------------------------------------------------------------------
