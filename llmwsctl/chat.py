@@ -2,7 +2,7 @@
 
 The original LLMWS ``python llm.py`` client's features: streaming answers, readline line
 editing and history, slash commands, resuming a session with ``--session``. It
-speaks the public WebSocket protocol through :class:`~llmwsctl.client.SyncClient`,
+speaks the public WebSocket protocol through :class:`~llmwsctl.sync_client.SyncClient`,
 so it works from any machine that can reach the port, and a dropped connection
 is resumed without losing the answer.
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from llmwsctl import format as fmt
-from llmwsctl.client import DEFAULT_URL, SyncClient
+from llmwsctl.client import DEFAULT_URL
 from llmwsctl.render import render_resources
+from llmwsctl.sync_client import SyncClient
 from llmwsd.errors import BadRequest, LLMWSError
 from llmwsd.protocol import messages
 

@@ -37,7 +37,7 @@ from llmwsd.service.model_changes import EngineLoader, ModelChanges
 from llmwsd.service.model_slot import ModelSlot, ModelState
 from llmwsd.service.reports import Reports
 from llmwsd.service.services import Services
-from llmwsd.sessions.session import SessionStore
+from llmwsd.sessions.registry import SessionStore
 from llmwsd.systemd import Notifier
 
 log = logging.getLogger("llmwsd")

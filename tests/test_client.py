@@ -20,7 +20,8 @@ import pexpect
 import pytest
 
 from llmwsctl import chat
-from llmwsctl.client import Client, ConnectionLost, SessionLost, SyncClient
+from llmwsctl.client import Client, ConnectionLost, SessionLost
+from llmwsctl.sync_client import SyncClient
 from llmwsd.daemon import Daemon
 from llmwsd.errors import (
     BadRequest,

@@ -33,7 +33,13 @@ PIP_TIMEOUT = 300
 def test_the_client_loads_nothing_of_the_server():
     """Even where the server's dependencies are installed (this venv), importing the client
     and the CLI loads none of them: the client install does not have them."""
-    modules = ["llmwsctl.cli", "llmwsctl.chat", "llmwsctl.client", "llmwsctl.adminclient"]
+    modules = [
+        "llmwsctl.cli",
+        "llmwsctl.chat",
+        "llmwsctl.client",
+        "llmwsctl.sync_client",
+        "llmwsctl.adminclient",
+    ]
     code = (
         f"import json, sys\nimport {', '.join(modules)}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
@@ -153,7 +159,7 @@ def test_llmwsd_without_the_server_extra_says_what_to_install(client_venv: Path)
 
 CLIENT_SCRIPT = """\
 import sys
-from llmwsctl.client import SyncClient
+from llmwsctl.sync_client import SyncClient
 
 with SyncClient(sys.argv[1]) as client:
     print(client.inference("hello from the laptop"))

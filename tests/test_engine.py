@@ -33,8 +33,8 @@ from llmwsd.engines.transformers import engine as engine_module
 from llmwsd.engines.transformers import kernels
 from llmwsd.engines.transformers.batch import Batch, prefill_groups
 from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
-from llmwsd.engines.transformers.engine import (
-    Engine,
+from llmwsd.engines.transformers.engine import Engine
+from llmwsd.engines.transformers.loading import (
     choose_attention,
     choose_device,
     choose_dtype,

@@ -1,4 +1,4 @@
-"""llmwsd.sessions.session: what a client is told, and what survives a restart.
+"""llmwsd.sessions, a session and the registry: what a client is told, what survives a restart.
 
 Written against the mutants `make mutate` found alive (docs/testing.md). The store is
 driven directly, as the engine and the connection would; a restart is a second store
@@ -16,7 +16,8 @@ import pytest
 from llmwsd.config import SessionsConfig
 from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
 from llmwsd.errors import Busy, Interrupted, NotFound
-from llmwsd.sessions.session import Session, SessionStore, client_of
+from llmwsd.sessions.registry import SessionStore
+from llmwsd.sessions.session import Session, client_of
 from tests.conftest import FAST, eventually, within
 
 

@@ -24,7 +24,8 @@ from llmwsd.config import SessionsConfig
 from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
 from llmwsd.errors import Busy, Interrupted
 from llmwsd.sessions.files import SessionFiles
-from llmwsd.sessions.session import Session, SessionStore
+from llmwsd.sessions.registry import SessionStore
+from llmwsd.sessions.session import Session
 from llmwsd.sessions.store import Record
 
 FIXTURE = Path(__file__).parent / "data" / "session_logs_82d2293"
@@ -246,6 +247,7 @@ def old_state(tmp_path: Path, monkeypatch) -> tuple[Path, dict[str, Any]]:
             return expected["written_at"]
 
     monkeypatch.setattr("llmwsd.sessions.session.time", WhenWritten)
+    monkeypatch.setattr("llmwsd.sessions.registry.time", WhenWritten)
     return state, expected
 
 

@@ -33,7 +33,8 @@ from llmwsd.sessions.files import (
     load_key,
     read_log,
 )
-from llmwsd.sessions.session import COMPACT_MIN_RECORDS, SEQ_GAP_AFTER_CRASH, Session, SessionStore
+from llmwsd.sessions.registry import COMPACT_MIN_RECORDS, SessionStore
+from llmwsd.sessions.session import SEQ_GAP_AFTER_CRASH, Session
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,

@@ -21,7 +21,8 @@ from llmwsd.protocol.wire import PROTOCOL_VERSION
 from llmwsd.service.defaults import Defaults
 from llmwsd.service.health import HealthMonitor
 from llmwsd.service.model_slot import ModelSlot
-from llmwsd.sessions.session import Session, SessionStore
+from llmwsd.sessions.registry import SessionStore
+from llmwsd.sessions.session import Session
 
 
 class Reports:

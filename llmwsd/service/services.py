@@ -13,7 +13,7 @@ from llmwsd.service.generation import GenerationService
 from llmwsd.service.model_changes import ModelChanges
 from llmwsd.service.model_slot import ModelSlot
 from llmwsd.service.reports import Reports
-from llmwsd.sessions.session import SessionStore
+from llmwsd.sessions.registry import SessionStore
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import importlib.util
 import logging
 import threading
 import time
@@ -30,10 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd.config import Config
-from llmwsd.engines import memory
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -50,15 +47,13 @@ from llmwsd.engines.interface import (
 from llmwsd.engines.transformers import kernels, measure
 from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.transformers.loading import end_token_ids, load_model, template_ids
 from llmwsd.engines.transformers.prefix_cache import PrefixCache
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
-from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError, Interrupted, LLMWSError
-from llmwsd.service.defaults import model_recommendation
+from llmwsd.errors import Busy, ContextTooLong, InternalError, Interrupted, LLMWSError
 
 log = logging.getLogger(__name__)
 
-# Chat templates end a turn with one of these; generation stops on any that exists.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
 TOKENS_PER_S_WINDOW = 10.0  # seconds of recent steps the reported speed is measured over
 # How long close() waits for the engine thread to finish its step and stop.
 THREAD_STOP_TIMEOUT_S = 60.0
@@ -67,89 +62,6 @@ THREAD_STOP_TIMEOUT_S = 60.0
 # they share prefills instead of the first one or two going alone.
 BURST_QUIET_S = 0.002
 BURST_MAX_S = 0.02
-
-Capability = tuple[int, int]
-
-
-# -- choices made at load time (pure, so that every combination is testable) ----------
-
-
-def choose_device(requested: str, cuda_available: bool) -> str:
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if requested.startswith("cuda") and not cuda_available:
-        raise ConfigError(f"[model] device is {requested!r} but no CUDA device is available")
-    return requested
-
-
-def choose_dtype(
-    device: str, capability: Capability | None, requested: str, cpu_has_bf16: bool
-) -> str:
-    """The torch dtype name: bf16 where the hardware does it natively, else fp16/fp32."""
-    if requested != "auto":
-        return requested
-    if device.startswith("cuda"):
-        return "bfloat16" if capability is not None and capability >= (8, 0) else "float16"
-    return "bfloat16" if cpu_has_bf16 else "float32"
-
-
-def choose_attention(
-    requested: str, device: str, capability: Capability | None, flash_attn_importable: bool
-) -> str:
-    """flash_attention_2 when installed on an SM 8.0+ GPU, else PyTorch's SDPA."""
-    if requested != "auto":
-        return requested
-    on_ampere = device.startswith("cuda") and capability is not None and capability >= (8, 0)
-    return "flash_attention_2" if flash_attn_importable and on_ampere else "sdpa"
-
-
-def choose_max_batch_size(configured: int, device: str) -> int:
-    if configured > 0:
-        return configured
-    return 32 if device.startswith("cuda") else 8
-
-
-def max_context_of(model_config: Any) -> int:
-    """The model's own longest prompt plus answer, in tokens (measure.estimate may lower it)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
-def cpu_has_native_bf16() -> bool:
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return bool(torch.cpu._is_avx512_bf16_supported() or amx())
-
-
-def flash_attn_importable() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def end_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
-    """EOS ids of the generation config and tokenizer, plus the chat template's end tokens."""
-    ids: set[int] = set()
-    for eos in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(i for i in eos if isinstance(i, int))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
-    return sorted(ids)
-
-
-def template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids: the chat template with the assistant's turn opened."""
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
-    # A base model without a template: the contents, one per line.
-    text = "".join(f"{m.get('content', '')}\n" for m in messages)
-    return list(tokenizer(text)["input_ids"])
 
 
 # -- requests -------------------------------------------------------------------------
@@ -266,53 +178,15 @@ class Engine:
 
     @classmethod
     def _load(cls, config: Config, path: Path) -> Engine:
-        cuda = torch.cuda.is_available()
-        device = choose_device(config.model.device, cuda)
-        capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
-        dtype = choose_dtype(device, capability, config.model.dtype, cpu_has_native_bf16())
-        attention = choose_attention(
-            config.engine.attention, device, capability, flash_attn_importable()
+        loaded = load_model(config, path)
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.prompt_tokenizer,
+            loaded.info,
+            loaded.max_batch_size,
+            loaded.plain_decoding_rows,
         )
-        log.info("loading %s on %s (%s, %s attention)", path, device, dtype, attention)
-        if device == "cpu" and not measure.map_large_allocations_apart():
-            log.warning("cannot tune the C allocator (not glibc): memory figures are rougher")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        prompt_tokenizer = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation=attention
-        )
-        model.to(torch.device(device)).eval()
-        max_batch_size = choose_max_batch_size(config.engine.max_batch_size, device)
-        parameters = sum(p.numel() for p in model.parameters())
-        plain_rows = kernels.choose_kernels(
-            model, max_batch_size, memory.available_bytes(device)[0]
-        )
-        # After the layout work, so that the memory it took is not counted as free.
-        # Cached prefixes are spliced into the shared cache: only where rows can join.
-        with kernels.onednn(True):  # its probes are forwards (see kernels._FLAG_LOCK)
-            estimate = measure.estimate(
-                model,
-                config.memory,
-                device,
-                max_context_of(model.config),
-                config.engine.prefix_cache_mb if rows_can_join(model.config) else 0.0,
-            )
-        info = ModelInfo(
-            name=path.name,
-            path=str(path),
-            device=device,
-            dtype=dtype,
-            max_context=estimate.max_context,
-            attention=attention,
-            compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
-            recommended=model_recommendation(path),
-            extra={
-                "max_batch_size": max_batch_size,
-                "parameters": parameters,
-            },
-            memory=estimate,
-        )
-        return cls(model, tokenizer, prompt_tokenizer, info, max_batch_size, plain_rows)
 
     # -- the event loop's side -----------------------------------------------------
 
