@@ -23,8 +23,8 @@ import pytest
 import websockets
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import Finished, GenerationSettings, Started, TokenText
-from llmwsd.errors import Busy, ConfigError
+from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
+from llmwsd.errors import Busy, ConfigError, Interrupted
 from llmwsd.sessions.files import (
     HEADER_SIZE,
     RECORD_LENGTH,
@@ -138,6 +138,36 @@ async def test_only_a_requested_cancel_is_cancelled():
     session.on_generation_event(running, Finished(0, "cancelled", 1.0, 1.0))
     assert session.events[-1]["type"] == "done"
     assert session.events[-1]["finish_reason"] == "cancelled"
+
+
+async def test_the_events_keep_their_keys_in_wire_order():
+    """The web page and old clients read these frames: their keys, in this order."""
+    store = SessionStore(GenerationSettings(), SessionsConfig(max_history_messages=2))
+    session = store.create()
+    generate(session, "q0", ["a0"])
+    running = session.begin_generation("q1", "")
+    running.dropped_turns, running.requested_max_tokens = 1, 100
+    session.on_generation_event(running, Started(3, 64))
+    session.on_generation_event(running, TokenText("a1"))
+    session.on_generation_event(running, Finished(1, "stop", 1.04, 10.06))
+    running = session.begin_generation("q2", "")
+    session.on_generation_event(running, Failed(Interrupted("stopped")))
+    keys = [list(event) for event in session.events]
+    start, token, done = (
+        ["type", "request_id", "tokens_in", "max_tokens", "dropped_turns"],
+        ["type", "request_id", "data", "seq"],
+        ["type", "request_id", "total_tokens", "finish_reason", "ttft_ms", "tokens_per_s"],
+    )
+    assert keys == [
+        [*start, "seq"],
+        token,
+        [*done, "seq"],
+        [*start, "max_tokens_requested", "seq"],
+        token,
+        [*done, "history_dropped", "seq"],
+        ["type", "code", "message", "request_id", "seq"],
+    ]
+    assert session.events[5]["ttft_ms"] == 1.0 and session.events[5]["tokens_per_s"] == 10.1
 
 
 async def test_acks_compact_the_log(tmp_path: Path):

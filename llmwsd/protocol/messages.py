@@ -490,8 +490,7 @@ def is_generation_event(message: dict[str, Any]) -> bool:
     return message.get("type") in GENERATION_TYPES and "seq" in message
 
 
-def _parse(table: dict[str, type[Message]], message: dict[str, Any]) -> Message:
-    kind = message.get("type")
+def _class_of(table: dict[str, type[Message]], kind: Any) -> type[Message]:
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise UnknownType(
@@ -499,14 +498,19 @@ def _parse(table: dict[str, type[Message]], message: dict[str, Any]) -> Message:
             if kind is not None
             else "a message needs a 'type'"
         )
-    return cls.from_wire(message)
+    return cls
+
+
+def client_message_class(kind: Any) -> type[Message]:
+    """The definition of a client message's ``type``; UnknownType when there is none."""
+    return _class_of(CLIENT_MESSAGES, kind)
 
 
 def parse_client_message(message: dict[str, Any]) -> Message:
     """What a client sent, checked; UnknownType or BadRequest when it is not a message."""
-    return _parse(CLIENT_MESSAGES, message)
+    return client_message_class(message.get("type")).from_wire(message)
 
 
 def parse_server_message(message: dict[str, Any]) -> Message:
     """What the server sent, typed; UnknownType or BadRequest when it is not a message."""
-    return _parse(SERVER_MESSAGES, message)
+    return _class_of(SERVER_MESSAGES, message.get("type")).from_wire(message)

@@ -17,6 +17,7 @@ from typing import Any
 from llmwsd import __version__, resources
 from llmwsd.catalogue import models
 from llmwsd.config import Config
+from llmwsd.protocol import messages
 from llmwsd.protocol.wire import PROTOCOL_VERSION
 from llmwsd.service.defaults import Defaults
 from llmwsd.service.health import HealthMonitor
@@ -114,24 +115,23 @@ class Reports:
             report["engine"] = engine
         return report
 
-    def welcome(self, session: Session, resumed: bool) -> dict[str, Any]:
+    def welcome(self, session: Session, resumed: bool) -> messages.Welcome:
         engine = self.slot.engine
-        return {
-            "type": "welcome",
-            "protocol": PROTOCOL_VERSION,
-            "server": f"llmwsd/{__version__}",
-            "session_id": session.id,
-            "resumed": resumed,
+        return messages.Welcome(
+            protocol=PROTOCOL_VERSION,
+            server=f"llmwsd/{__version__}",
+            session_id=session.id,
+            resumed=resumed,
             # The newest event's seq at this moment: what a resuming client's replay ends at.
-            "last_seq": session.next_seq - 1,
-            "model": engine.info.name if engine else None,
-            "model_state": self.slot.state.value,
-            "capabilities": engine.info.capabilities() if engine else {"device": self.device()},
-            "resources": resources.latest(self.device()),
-            "config": session.settings.to_dict(),
+            last_seq=session.next_seq - 1,
+            model=engine.info.name if engine else None,
+            model_state=self.slot.state.value,
+            capabilities=engine.info.capabilities() if engine else {"device": self.device()},
+            resources=resources.latest(self.device()),
+            config=session.settings.to_dict(),
             # Where each default of a new session comes from: llmws, the model or the config.
-            "defaults_from": self.defaults().sources,
-        }
+            defaults_from=self.defaults().sources,
+        )
 
     async def list_models(self) -> list[dict[str, Any]]:
         entries = await asyncio.to_thread(models.scan, self.config().model_dirs)

@@ -34,6 +34,7 @@ from llmwsd.engines.interface import (
     TokenText,
 )
 from llmwsd.errors import Busy, EventsDropped, Interrupted
+from llmwsd.protocol import messages
 from llmwsd.sessions.store import Record
 
 if TYPE_CHECKING:  # the registry makes sessions: it imports this module
@@ -192,7 +193,7 @@ class Session:
             lost = self.lost_after(sent) if sent is not None else None
             if lost is not None:
                 sent = lost.details["last_seq"]
-                yield lost.to_message()
+                yield messages.Error.from_exception(lost).to_wire()
             pending = self.events_after(sent)
             for event in pending:
                 sent = event["seq"]
@@ -260,44 +261,36 @@ class Session:
 
     def on_generation_event(self, running: RunningGeneration, event: GenerationEvent) -> None:
         """Turn an engine event into a buffered protocol event (runs on the event loop)."""
-        base = {"request_id": running.request_id}
+        request_id = running.request_id
         cancelled = isinstance(event, Finished) and event.finish_reason == "cancelled"
         if cancelled and not running.cancel_requested:  # the server's doing: a shutdown's drain
-            message = "the server stopped before this answer was complete; its part is kept"
-            event = Failed(Interrupted(message))
+            event = Failed(
+                Interrupted("the server stopped before this answer was complete; its part is kept")
+            )
+        message: messages.Message
         if isinstance(event, Started):
-            self.append_event(
-                {
-                    "type": "start",
-                    **base,
-                    "tokens_in": event.tokens_in,
-                    "max_tokens": event.max_tokens,
-                    "dropped_turns": running.dropped_turns,
-                    **(
-                        {"max_tokens_requested": running.requested_max_tokens}
-                        if running.requested_max_tokens
-                        else {}
-                    ),
-                }
+            message = messages.Start(
+                request_id=request_id,
+                tokens_in=event.tokens_in,
+                max_tokens=event.max_tokens,
+                dropped_turns=running.dropped_turns,
+                max_tokens_requested=running.requested_max_tokens,
             )
         elif isinstance(event, TokenText):
-            self.append_event({"type": "token", **base, "data": event.text})
+            message = messages.Token(request_id=request_id, data=event.text)
         elif isinstance(event, Finished):
-            history_dropped = self._finish(running)
-            done = {
-                "type": "done",
-                **base,
-                "total_tokens": event.total_tokens,
-                "finish_reason": event.finish_reason,
-                "ttft_ms": round(event.ttft_ms, 1),
-                "tokens_per_s": round(event.tokens_per_s, 1),
-            }
-            if history_dropped:
-                done["history_dropped"] = history_dropped
-            self.append_event(done)
-        elif isinstance(event, Failed):
+            message = messages.Done(
+                request_id=request_id,
+                total_tokens=event.total_tokens,
+                finish_reason=event.finish_reason,
+                ttft_ms=round(event.ttft_ms, 1),
+                tokens_per_s=round(event.tokens_per_s, 1),
+                history_dropped=self._finish(running),
+            )
+        else:
             self._finish(running, keep_turn=bool(running.pieces))
-            self.append_event({**event.error.to_message(), **base})
+            message = messages.Error.from_exception(event.error, request_id=request_id)
+        self.append_event(message.to_wire())
 
     def _finish(self, running: RunningGeneration, keep_turn: bool = True) -> int:
         """Keep the exchange; return how many old ones the history cap dropped for it.

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,11 +31,10 @@ from llmwsd.errors import (
     InternalError,
     LLMWSError,
     RateLimited,
-    UnknownType,
     Unsupported,
 )
 from llmwsd.frontends.websocket.security import MessageRate, client_address
-from llmwsd.protocol import wire
+from llmwsd.protocol import messages, wire
 from llmwsd.protocol.close_codes import CloseCode
 from llmwsd.sessions.session import Session
 
@@ -49,7 +48,9 @@ log = logging.getLogger("llmwsd.connection")
 MAX_WAITING_HANDLERS = 4
 
 
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
+# Each handler takes the message its type names (messages.CLIENT_MESSAGES), already checked.
+Handler = Callable[[Any], Awaitable[None]]
+ModelChange = messages.SwitchModel | messages.DownloadModel | messages.DeleteModel
 T = TypeVar("T")
 
 # Model changes asked for by connections that have closed since: they go on (held here).
@@ -90,31 +91,32 @@ class JsonConnection:
         self._closing: asyncio.Task[None] | None = None
         self._closed = False
         self.handlers: dict[str, Handler] = {
-            "ping": self.on_ping,
-            "config": self.on_config,
-            "inference": self.on_inference,
-            "cancel": self.on_cancel,
-            "ack": self.on_ack,
-            "reset": self.on_reset,
-            "history": self.on_history,
-            "get_resources": self.on_get_resources,
-            "subscribe_resources": self.on_subscribe_resources,
-            "get_status": self.on_get_status,
-            "list_models": self.on_list_models,
-            "recheck_model": self.on_recheck_model,
-            "switch_model": self.on_model_management,
-            "download_model": self.on_model_management,
-            "delete_model": self.on_model_management,
-            "train": self.on_unsupported,
-            "train_status": self.on_unsupported,
-            "save_snapshot": self.on_unsupported,
+            messages.Ping.TYPE: self.on_ping,
+            messages.Config.TYPE: self.on_config,
+            messages.Inference.TYPE: self.on_inference,
+            messages.Cancel.TYPE: self.on_cancel,
+            messages.Ack.TYPE: self.on_ack,
+            messages.Reset.TYPE: self.on_reset,
+            messages.GetHistory.TYPE: self.on_history,
+            messages.GetResources.TYPE: self.on_get_resources,
+            messages.SubscribeResources.TYPE: self.on_subscribe_resources,
+            messages.GetStatus.TYPE: self.on_get_status,
+            messages.ListModels.TYPE: self.on_list_models,
+            messages.RecheckModel.TYPE: self.on_recheck_model,
+            messages.SwitchModel.TYPE: self.on_model_management,
+            messages.DownloadModel.TYPE: self.on_model_management,
+            messages.DeleteModel.TYPE: self.on_model_management,
+            messages.Train.TYPE: self.on_unsupported,
+            messages.TrainStatus.TYPE: self.on_unsupported,
+            messages.SaveSnapshot.TYPE: self.on_unsupported,
         }
 
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(wire.encode_message(message))
+    async def send(self, message: messages.Message) -> None:
+        """The one place a direct answer becomes a frame (buffered events: :meth:`_stream`)."""
+        await self.ws.send(wire.encode_message(message.to_wire()))
 
     async def send_error(self, error: LLMWSError, **extra: Any) -> None:
-        await self.send({**error.to_message(), **extra})
+        await self.send(messages.Error.from_exception(error, **extra))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -137,9 +139,9 @@ class JsonConnection:
         welcome = self.services.reports.welcome(session, resumed)
         # A last_seq past the session's newest event would wait forever for events it
         # claims to have: stream from the newest one instead, and say so.
-        last_seq = asked if asked is None else min(asked, welcome["last_seq"])
+        last_seq = asked if asked is None else min(asked, welcome.last_seq)
         if last_seq != asked:
-            welcome["last_seq_clamped"] = asked
+            welcome = dataclasses.replace(welcome, last_seq_clamped=asked)
         await self.send(welcome)
         if hello_error is not None:
             await self.send_error(hello_error)
@@ -168,8 +170,8 @@ class JsonConnection:
             await self.dispatch_frame(frame)
 
     def _attach(self, hello: dict[str, Any]) -> tuple[Session, bool, int | None]:
-        session_id = wire.parse_session_id(hello.get("session_id"))
-        last_seq = wire.parse_seq(hello.get("last_seq"))
+        asked = messages.Hello.from_wire(hello)
+        session_id, last_seq = asked.session_id, asked.last_seq
         session = self.services.sessions.get(session_id) if session_id else None
         if session is not None and session.token_id != self.identity.token_id:
             # Another token's session: as good as unknown, without saying whether it exists.
@@ -210,7 +212,8 @@ class JsonConnection:
         """Send the session's events after ``last_seq``, then live ones, in seq order."""
         with contextlib.suppress(ConnectionClosed):
             async for event in session.stream_from(last_seq):
-                await self.send(event)
+                # The session buffers (and logs) its events on their wire form already.
+                await self.ws.send(wire.encode_message(event))
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -230,18 +233,12 @@ class JsonConnection:
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        handler = self.handlers.get(kind) if isinstance(kind, str) else None
         async with self._errors_answered(kind):
-            if handler is None:
-                raise UnknownType(
-                    f"unknown message type {str(kind)[:64]!r}"
-                    if kind is not None
-                    else "a message needs a 'type'"
-                )
+            definition = messages.client_message_class(kind)
             if self.session is None:
                 raise BadRequest("this connection no longer owns a session")
             self.session.touch()
-            await handler(message)
+            await self.handlers[definition.TYPE](definition.from_wire(message))
 
     @contextlib.asynccontextmanager
     async def _errors_answered(self, kind: Any) -> AsyncIterator[None]:
@@ -289,86 +286,73 @@ class JsonConnection:
 
     # -- handlers --------------------------------------------------------------------
 
-    async def on_ping(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "pong"})
+    async def on_ping(self, request: messages.Ping) -> None:
+        await self.send(messages.Pong())
 
-    async def on_config(self, message: dict[str, Any]) -> None:
-        data = message.get("data", {k: v for k, v in message.items() if k != "type"})
-        self.current.set_settings(self.current.settings.merge(data))
-        await self.send({"type": "config_ack", "config": self.current.settings.to_dict()})
+    async def on_config(self, request: messages.Config) -> None:
+        self.current.set_settings(self.current.settings.merge(request.data))
+        await self.send(messages.ConfigAck(config=self.current.settings.to_dict()))
 
-    async def on_inference(self, message: dict[str, Any]) -> None:
-        prompt = wire.parse_prompt(message.get("prompt"))
+    async def on_inference(self, request: messages.Inference) -> None:
+        prompt = {"system": request.prompt.system, "user": request.prompt.user}
         length = len(prompt["system"]) + len(prompt["user"])
         limit = self.services.config().limits.max_prompt_chars
         if length > limit:
             raise BadRequest(f"prompt too long: {length} characters, at most {limit}")
-        overrides = message.get("config")
-        self._make_room("inference")
+        self._make_room(request.TYPE)
         # Taken from the session now (busy, settings, history); admitted beside the loop.
-        admitting = self.services.generation.start_turn(self.current, prompt, overrides)
-        self._beside("inference", lambda: asyncio.shield(admitting))
+        admitting = self.services.generation.start_turn(self.current, prompt, request.config)
+        self._beside(request.TYPE, lambda: asyncio.shield(admitting))
 
-    async def on_cancel(self, message: dict[str, Any]) -> None:
+    async def on_cancel(self, request: messages.Cancel) -> None:
         running = self.current.running
         if running is None or running.cancel is None:
-            await self.send({"type": "cancel_ack", "cancelled": False})
+            await self.send(messages.CancelAck(cancelled=False))
             return
         running.request_cancel()
-        await self.send({"type": "cancel_ack", "cancelled": True, "request_id": running.request_id})
+        await self.send(messages.CancelAck(cancelled=True, request_id=running.request_id))
 
-    async def on_ack(self, message: dict[str, Any]) -> None:
-        seq = wire.parse_seq(message.get("seq"), "seq")
-        through, dropped = self.current.ack(seq)
-        await self.send({"type": "ack_received", "seq": through, "dropped": dropped})
+    async def on_ack(self, request: messages.Ack) -> None:
+        through, dropped = self.current.ack(request.seq)
+        await self.send(messages.AckReceived(seq=through, dropped=dropped))
 
-    async def on_reset(self, message: dict[str, Any]) -> None:
+    async def on_reset(self, request: messages.Reset) -> None:
         self.current.reset()
-        await self.send({"type": "reset_done"})
+        await self.send(messages.ResetDone())
 
-    async def on_history(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "history", "messages": self.current.history()})
+    async def on_history(self, request: messages.GetHistory) -> None:
+        await self.send(messages.History(messages=self.current.history()))
 
-    async def on_get_resources(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "resources", **await self.services.reports.resources()})
+    async def on_get_resources(self, request: messages.GetResources) -> None:
+        await self.send(messages.Resources(report=await self.services.reports.resources()))
 
-    async def on_subscribe_resources(self, message: dict[str, Any]) -> None:
-        interval = message.get("interval", 2)
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, (int, float))
-            or not (interval == 0 or 0.5 <= interval <= 3600)
-            or not math.isfinite(interval)
-        ):
-            raise BadRequest("interval must be 0 (stop) or between 0.5 and 3600 seconds")
+    async def on_subscribe_resources(self, request: messages.SubscribeResources) -> None:
         if self._resources is not None:
             self._resources.cancel()
             self._resources = None
-        if interval:
-            self._resources = asyncio.create_task(self._send_resources(float(interval)))
-        await self.send({"type": "subscribed", "interval": interval})
+        if request.interval:
+            self._resources = asyncio.create_task(self._send_resources(float(request.interval)))
+        await self.send(messages.Subscribed(interval=request.interval))
 
     async def _send_resources(self, interval: float) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await self.send({"type": "resources", **await self.services.reports.resources()})
+                await self.send(messages.Resources(report=await self.services.reports.resources()))
                 await asyncio.sleep(interval)
 
-    async def on_get_status(self, message: dict[str, Any]) -> None:
-        await self.send({"type": "status", **self.services.reports.status()})
+    async def on_get_status(self, request: messages.GetStatus) -> None:
+        await self.send(messages.Status(**self.services.reports.status()))
 
-    async def on_list_models(self, message: dict[str, Any]) -> None:
-        await self.send(
-            {"type": "models_list", "models": await self.services.reports.list_models()}
-        )
+    async def on_list_models(self, request: messages.ListModels) -> None:
+        await self.send(messages.ModelsList(models=await self.services.reports.list_models()))
 
-    async def on_recheck_model(self, message: dict[str, Any]) -> None:
+    async def on_recheck_model(self, request: messages.RecheckModel) -> None:
         models = await self.services.reports.list_models()
-        await self.send({"type": "recheck_complete", "models": models})
+        await self.send(messages.RecheckComplete(models=models))
 
-    async def on_model_management(self, message: dict[str, Any]) -> None:
+    async def on_model_management(self, request: ModelChange) -> None:
         """switch/download/delete: only where the operator allows it, and with an admin token."""
-        kind = message["type"]
+        kind = request.TYPE
         if not self.services.config().api.allow_model_management:
             raise Forbidden(
                 f"{kind} changes the server for everyone and is not allowed on the public "
@@ -378,44 +362,37 @@ class JsonConnection:
             raise Forbidden(f"{kind} needs an admin token ([api] admin_tokens_file)")
         log.info("%s: %s by admin token %s", self.peer, kind, self.identity.token_id)
         self._make_room(kind)
-        self._beside(kind, lambda: self._change_models(message))
+        self._beside(kind, lambda: self._change_models(request))
 
-    async def _change_models(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
+    async def _change_models(self, request: ModelChange) -> None:
         manager = self.services.models
-        if kind == "switch_model":
+        if isinstance(request, messages.SwitchModel):
 
             def report(progress: dict[str, Any]) -> None:
-                self._spawn(self.send({"type": "log", "message": progress.get("message", "")}))
+                self._spawn(self.send(messages.Log(message=progress.get("message", ""))))
 
-            if message.get("model_path") is not None:
-                switch = manager.switch(progress=report, path=message["model_path"])
+            if request.model_path is not None:
+                switch = manager.switch(progress=report, path=request.model_path)
             else:
-                switch = manager.switch(message.get("model"), report)
+                switch = manager.switch(request.model, report)
             result = await detached(switch)
-            await self.send({"type": "model_switched", **result})
-        elif kind == "download_model":
+            await self.send(messages.ModelSwitched(result=result))
+        elif isinstance(request, messages.DownloadModel):
             pull = await detached(
                 manager.pulls.start(
-                    message.get("repo"),
-                    message.get("target_dir"),  # absent: the source's name; else it is checked
-                    message.get("revision"),
+                    request.repo,
+                    request.target_dir,  # absent: the source's name; else it is checked
+                    request.revision,
                     host_access=False,  # a remote client must not reach this host's files or keys
                 )
             )
             await self.send(
-                {
-                    "type": "download_started",
-                    "id": pull.id,
-                    "repo": pull.source.location,
-                    "name": pull.name,
-                }
+                messages.DownloadStarted(id=pull.id, repo=pull.source.location, name=pull.name)
             )
             self._spawn(self._forward_download(pull))
         else:
-            remove = manager.remove(message.get("model_name"), message.get("force") is True)
-            result = await detached(remove)
-            await self.send({"type": "model_deleted", **result})
+            result = await detached(manager.remove(request.model_name, request.force))
+            await self.send(messages.ModelDeleted(result=result))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         if self._closed:
@@ -448,14 +425,14 @@ class JsonConnection:
             while (progress := await updates.get()) is not None:
                 if progress["message"] != stage:
                     stage = progress["message"]
-                    await self.send({"type": "log", "id": pull.id, "message": stage})
-                await self.send({"type": "download_progress", **progress})
+                    await self.send(messages.Log(id=pull.id, message=stage))
+                await self.send(messages.DownloadProgress(progress=progress))
             try:
                 result = await outcome
             except LLMWSError as e:
                 await self.send_error(e, id=pull.id)
             else:
-                await self.send({"type": "download_done", **result})
+                await self.send(messages.DownloadDone(result=result))
 
-    async def on_unsupported(self, message: dict[str, Any]) -> None:
-        raise Unsupported(f"{message['type']} is not supported by llmwsd")
+    async def on_unsupported(self, request: messages.Message) -> None:
+        raise Unsupported(f"{request.TYPE} is not supported by llmwsd")

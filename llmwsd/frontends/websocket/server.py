@@ -25,7 +25,7 @@ from llmwsd.frontends.websocket.http import (
     find_web_root,
 )
 from llmwsd.frontends.websocket.security import Gatekeeper, build_ssl_context
-from llmwsd.protocol import wire
+from llmwsd.protocol import messages, wire
 from llmwsd.protocol.close_codes import CloseCode
 
 if TYPE_CHECKING:
@@ -154,7 +154,8 @@ class PublicServer:
         """No valid token: say so (as JSON to JSON clients) and close with 1008."""
         log.warning("%s: unauthorized: %s", peer, reason)
         if json_mode:
-            await ws.send(wire.encode_message(Unauthorized(reason).to_message()))
+            refusal = messages.Error.from_exception(Unauthorized(reason))
+            await ws.send(wire.encode_message(refusal.to_wire()))
         await ws.close(CloseCode.POLICY, reason[:120])
 
     async def _first_frame(self, ws: ServerConnection, peer: str) -> str | None:
