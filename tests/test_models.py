@@ -754,12 +754,12 @@ async def test_the_switched_model_is_served_after_a_restart(fake_daemon_factory:
     assert (await first.models.switch("second-model"))["remembered"] is True
     await first.shutdown()
     again = await fake_daemon_factory()
-    assert again.engine is not None and again.engine.info.name == "second-model"
+    assert again.slot.engine is not None and again.slot.engine.info.name == "second-model"
     await again.shutdown()
     # [model] path pins the model: the remembered choice is neither used nor written.
     pinned_path = again.config.model_dirs[0] / "fake-model"
     pinned = await fake_daemon_factory(model={"path": str(pinned_path)})
-    assert pinned.engine is not None and pinned.engine.info.name == "fake-model"
+    assert pinned.slot.engine is not None and pinned.slot.engine.info.name == "fake-model"
     assert (await pinned.models.switch("second-model"))["remembered"] is False
 
 
