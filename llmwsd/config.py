@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llmwsd.engines.interface import SETTING_RANGES, GenerationSettings, Range
 from llmwsd.errors import ConfigError
+from llmwsd.settings import SETTING_RANGES, GenerationSettings, Range
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmws/llmws.toml")
 

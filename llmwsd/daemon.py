@@ -96,8 +96,7 @@ class Daemon:
 
     def _model_changed(self, engine: EngineLike | None) -> None:
         """Every model change comes here: new sessions get that model's defaults."""
-        recommended = engine.info.recommended if engine is not None else {}
-        self._refresh_defaults(recommended)
+        self._refresh_defaults(self.slot.recommended)
 
     def _refresh_defaults(self, recommended: dict[str, Any]) -> None:
         fresh = defaults.resolve(self.config, recommended)
@@ -244,8 +243,7 @@ class Daemon:
                 models=new.models,
                 sessions=new.sessions,
             )
-            engine = self.slot.engine
-            self._refresh_defaults(engine.info.recommended if engine is not None else {})
+            self._refresh_defaults(self.slot.recommended)
             self.sessions.config = self.config.sessions  # read at every use: safe to swap
             log.info("configuration reloaded from %s", self.config.source or "defaults")
             report["needs_restart"] = needs_restart

@@ -26,7 +26,6 @@ from llmwsd.engines.interface import (
     TokenText,
 )
 from llmwsd.errors import Interrupted, LLMWSError
-from llmwsd.service.defaults import model_recommendation
 
 
 class FakeHandle:
@@ -43,7 +42,6 @@ class FakeEngine:
         self, path: Path = Path("/models/fake-model"), token_delay: float = 0.01, max_context=4096
     ):
         self.info = ModelInfo(path.name, str(path), "cpu", "float32", max_context, "sdpa")
-        self.info.recommended = model_recommendation(path)  # as the real engine does
         self.token_delay = token_delay
         self.tasks: set[asyncio.Task[None]] = set()
         self.submitted: list[GenerationRequest] = []

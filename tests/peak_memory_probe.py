@@ -13,15 +13,10 @@ import sys
 from pathlib import Path
 
 from llmwsd.config import Config, EngineConfig
-from llmwsd.engines.interface import (
-    Failed,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    GenerationSettings,
-)
+from llmwsd.engines.interface import Failed, Finished, GenerationEvent, GenerationRequest
 from llmwsd.engines.transformers import measure
 from llmwsd.engines.transformers.engine import Engine
+from llmwsd.settings import GenerationSettings
 
 NEW_TOKENS = 16
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from llmwsd.config import Config, load_config, parse_config
-from llmwsd.engines.interface import SETTING_RANGES, GenerationSettings, Range
 from llmwsd.errors import BadRequest, ConfigError
+from llmwsd.settings import SETTING_RANGES, GenerationSettings, Range
 from tests.conftest import LLMWSD, ROOT, write_config
 
 

@@ -25,7 +25,6 @@ from llmwsd.engines.interface import (
     Finished,
     GenerationEvent,
     GenerationRequest,
-    GenerationSettings,
     Started,
     TokenText,
 )
@@ -44,6 +43,7 @@ from llmwsd.engines.transformers.loading import (
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
 from llmwsd.service import health
+from llmwsd.settings import GenerationSettings
 from tests.conftest import REAL, eventually, skip_or_fail, within
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"

@@ -26,7 +26,6 @@ from llmwsd.engines.interface import (
     Finished,
     GenerationEvent,
     GenerationRequest,
-    GenerationSettings,
     Heartbeat,
     Started,
     TokenText,
@@ -34,6 +33,7 @@ from llmwsd.engines.interface import (
 from llmwsd.errors import Interrupted
 from llmwsd.protocol import admin as adminproto
 from llmwsd.service import health
+from llmwsd.settings import GenerationSettings
 from llmwsd.systemd import Notifier
 from tests.conftest import FAST, eventually, recv_until, within
 from tests.fake_engine import FakeEngine

@@ -10,15 +10,10 @@ from typing import Any
 import pytest
 
 from llmwsd.config import LimitsConfig
-from llmwsd.engines.interface import (
-    Failed,
-    Finished,
-    GenerationRequest,
-    GenerationSettings,
-    ModelInfo,
-)
+from llmwsd.engines.interface import Failed, Finished, GenerationRequest, ModelInfo
 from llmwsd.errors import Busy, Interrupted
 from llmwsd.service.admission import Admission
+from llmwsd.settings import GenerationSettings
 
 
 class Handle:

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
+from llmwsd.engines.interface import Failed, Finished, Started, TokenText
 from llmwsd.errors import Busy, Interrupted, NotFound
 from llmwsd.sessions.registry import SessionStore
 from llmwsd.sessions.session import Session, client_of
+from llmwsd.settings import GenerationSettings
 from tests.conftest import FAST, eventually, within
 
 

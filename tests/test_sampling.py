@@ -14,8 +14,8 @@ import pytest
 import torch
 import websockets
 
-from llmwsd.engines.interface import GenerationSettings
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
+from llmwsd.settings import GenerationSettings
 from tests.conftest import RunningDaemon, recv_json, recv_until
 
 VOCAB = 32

@@ -21,12 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
+from llmwsd.engines.interface import Failed, Finished, Started, TokenText
 from llmwsd.errors import Busy, Interrupted
 from llmwsd.sessions.files import SessionFiles
 from llmwsd.sessions.registry import SessionStore
 from llmwsd.sessions.session import Session
 from llmwsd.sessions.store import Record
+from llmwsd.settings import GenerationSettings
 
 FIXTURE = Path(__file__).parent / "data" / "session_logs_82d2293"
 # Small caps, so that sequences reach them: the buffer drops events, the history exchanges.

@@ -23,7 +23,7 @@ import pytest
 import websockets
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
+from llmwsd.engines.interface import Failed, Finished, Started, TokenText
 from llmwsd.errors import Busy, ConfigError, Interrupted
 from llmwsd.sessions.files import (
     HEADER_SIZE,
@@ -35,6 +35,7 @@ from llmwsd.sessions.files import (
 )
 from llmwsd.sessions.registry import COMPACT_MIN_RECORDS, SessionStore
 from llmwsd.sessions.session import SEQ_GAP_AFTER_CRASH, Session
+from llmwsd.settings import GenerationSettings
 from tests.conftest import (
     DEFAULT_MODEL,
     FAST,

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmwsd.engines.interface import (
-    EngineLike,
-    GenerationRequest,
-    GenerationSettings,
-    new_token_budget,
-)
+from llmwsd.engines.interface import EngineLike, GenerationRequest, new_token_budget
+from llmwsd.settings import GenerationSettings
 
 
 def with_budget(

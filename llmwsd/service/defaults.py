@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import Config
-from llmwsd.engines.interface import GenerationSettings
 from llmwsd.errors import BadRequest
+from llmwsd.settings import GenerationSettings
 
 log = logging.getLogger("llmwsd")
 

@@ -22,7 +22,6 @@ from llmwsd.engines.interface import (
     Finished,
     GenerationEvent,
     GenerationRequest,
-    GenerationSettings,
 )
 from llmwsd.errors import Busy, LLMWSError
 from llmwsd.metrics import Metrics
@@ -31,6 +30,7 @@ from llmwsd.service import context
 from llmwsd.service.admission import QueuedCallback, Ticket
 from llmwsd.service.model_slot import ModelSlot
 from llmwsd.sessions.session import RunningGeneration, Session
+from llmwsd.settings import GenerationSettings
 
 log = logging.getLogger("llmwsd")
 

@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from llmwsd.catalogue import models
 from llmwsd.catalogue.pull import Pulls
 from llmwsd.config import Config
+from llmwsd.engines import memory
 from llmwsd.engines.interface import EngineLike
 from llmwsd.errors import Busy, Forbidden, InternalError
 from llmwsd.service.model_slot import ModelSlot, ModelState
@@ -42,13 +41,8 @@ LOAD_HEADROOM = 1.2
 
 
 def free_memory(device: str) -> int:
-    """Bytes free for another model on ``device``: GPU memory, or available RAM."""
-    if device.startswith("cuda"):
-        import torch  # loaded already: a CUDA engine is running
-
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    return int(psutil.virtual_memory().available)
+    """Bytes free for another model on ``device``: GPU memory, or available RAM (cgroup too)."""
+    return memory.available_bytes(device)[0]
 
 
 def _no_progress(data: dict[str, Any]) -> None:

@@ -14,12 +14,15 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from llmwsd.config import LimitsConfig
 from llmwsd.engines.interface import EngineLike, Failed
 from llmwsd.errors import Interrupted, LLMWSError, NoModel
 from llmwsd.service import context
 from llmwsd.service.admission import Admission, Ticket
+from llmwsd.service.defaults import model_recommendation
 
 log = logging.getLogger("llmwsd.models")
 
@@ -47,6 +50,8 @@ class ModelSlot:
         self.state = ModelState.LOADING
         self.error = ""  # why the last load failed, while state is FAILED
         self._engine: EngineLike | None = None
+        # The serving model's own sampling settings (its generation_config.json).
+        self.recommended: dict[str, Any] = {}
         self._admission: Admission | None = None
         self._on_change = on_change
         # Cleared while no engine can take requests during a switch: new requests wait
@@ -96,7 +101,9 @@ class ModelSlot:
         moving = self._admission.hand_over() if self._admission is not None else []
         # Tokenized again for the new model, in order, before anyone new can queue.
         retargeted = [await self._retarget(ticket, engine) for ticket in moving]
+        recommended = await asyncio.to_thread(model_recommendation, Path(engine.info.path))
         previous, self._engine, self._admission = self._engine, engine, admission
+        self.recommended = recommended
         self.state, self.error = ModelState.READY, ""
         for ticket in retargeted:
             if ticket is not None:
@@ -129,6 +136,7 @@ class ModelSlot:
         under way (:meth:`unsettle`), and fail once it settles without one.
         """
         previous, self._engine = self._engine, None
+        self.recommended = {}
         self.state, self.error = state, error
         if self._settled.is_set():
             self._fail_waiting(NoModel(self.no_model_reason()))

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import GenerationSettings
 from llmwsd.errors import Busy, NotFound
 from llmwsd.sessions.files import SessionFiles
 from llmwsd.sessions.session import Session, client_of
 from llmwsd.sessions.store import Record, SessionLogs
+from llmwsd.settings import GenerationSettings
 
 log = logging.getLogger("llmwsd.sessions")
 

@@ -25,17 +25,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmwsd.engines.interface import (
-    Failed,
-    Finished,
-    GenerationEvent,
-    GenerationSettings,
-    Started,
-    TokenText,
-)
+from llmwsd.engines.interface import Failed, Finished, GenerationEvent, Started, TokenText
 from llmwsd.errors import Busy, EventsDropped, Interrupted
 from llmwsd.protocol import messages
 from llmwsd.sessions.store import Record
+from llmwsd.settings import GenerationSettings
 
 if TYPE_CHECKING:  # the registry makes sessions: it imports this module
     from llmwsd.sessions.registry import SessionStore

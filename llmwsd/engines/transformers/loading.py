@@ -22,7 +22,6 @@ from llmwsd.engines.interface import ModelInfo
 from llmwsd.engines.transformers import kernels, measure
 from llmwsd.engines.transformers.batch import rows_can_join
 from llmwsd.errors import ConfigError
-from llmwsd.service.defaults import model_recommendation
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,6 @@ def load_model(config: Config, path: Path) -> LoadedModel:
         max_context=estimate.max_context,
         attention=attention,
         compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
-        recommended=model_recommendation(path),
         extra={
             "max_batch_size": max_batch_size,
             "parameters": parameters,

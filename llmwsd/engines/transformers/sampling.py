@@ -21,7 +21,7 @@ import secrets
 
 import torch
 
-from llmwsd.engines.interface import GenerationSettings
+from llmwsd.settings import GenerationSettings
 
 _FLOAT32 = torch.finfo(torch.float32)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from llmwsd.config import SessionsConfig
-from llmwsd.engines.interface import Failed, Finished, GenerationSettings, Started, TokenText
+from llmwsd.engines.interface import Failed, Finished, Started, TokenText
 from llmwsd.errors import Interrupted
 from llmwsd.sessions.files import HEADER_SIZE, RECORD_LENGTH, SessionFiles
 from llmwsd.sessions.registry import SessionStore
 from llmwsd.sessions.session import Session
+from llmwsd.settings import GenerationSettings
 
 LIMITS = {"max_buffered_events": 8, "max_history_messages": 4, "idle_ttl": 30 * 86400}
 
