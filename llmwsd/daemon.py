@@ -64,7 +64,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.defaults = defaults.resolve(config, {})
         self.sessions = SessionStore(self.defaults.settings, config.sessions, config.state_dir)
-        self.slot = ModelSlot(config.limits, self._model_changed)
+        # Every model change comes back here: new sessions get that model's defaults.
+        self.slot = ModelSlot(config.limits, self._refresh_defaults)
         self.models = ModelChanges(self.slot, lambda: self.config, engine_loader, self._status)
         self.health_monitor = HealthMonitor(lambda: self.slot.engine, config.engine.stuck_timeout)
         self.reports = Reports(
@@ -93,10 +94,6 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
-
-    def _model_changed(self, engine: EngineLike | None) -> None:
-        """Every model change comes here: new sessions get that model's defaults."""
-        self._refresh_defaults(self.slot.recommended)
 
     def _refresh_defaults(self, recommended: dict[str, Any]) -> None:
         fresh = defaults.resolve(self.config, recommended)

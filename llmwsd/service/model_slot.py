@@ -43,9 +43,7 @@ NO_MODEL_REASONS = {
 
 
 class ModelSlot:
-    def __init__(
-        self, limits: LimitsConfig, on_change: Callable[[EngineLike | None], None]
-    ) -> None:
+    def __init__(self, limits: LimitsConfig, on_change: Callable[[dict[str, Any]], None]) -> None:
         self.limits = limits
         self.state = ModelState.LOADING
         self.error = ""  # why the last load failed, while state is FAILED
@@ -53,7 +51,7 @@ class ModelSlot:
         # The serving model's own sampling settings (its generation_config.json).
         self.recommended: dict[str, Any] = {}
         self._admission: Admission | None = None
-        self._on_change = on_change
+        self._on_change = on_change  # told the new model's recommended settings ({}: none)
         # Cleared while no engine can take requests during a switch: new requests wait
         # on it and are then served by the new model.
         self._settled = asyncio.Event()
@@ -108,7 +106,7 @@ class ModelSlot:
         for ticket in retargeted:
             if ticket is not None:
                 admission.adopt(ticket)
-        self._on_change(engine)
+        self._on_change(recommended)
         return previous
 
     async def _retarget(self, ticket: Ticket, engine: EngineLike) -> Ticket | None:
@@ -140,7 +138,7 @@ class ModelSlot:
         self.state, self.error = state, error
         if self._settled.is_set():
             self._fail_waiting(NoModel(self.no_model_reason()))
-        self._on_change(None)
+        self._on_change(self.recommended)
         return previous
 
     def settle(self) -> None:
