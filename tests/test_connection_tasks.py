@@ -178,7 +178,8 @@ async def test_a_cancel_while_waiting_for_a_switch_ends_it_before_the_engine(man
 
 
 async def test_a_cancel_right_after_an_inference_always_wins(fake_daemon_factory: Any) -> None:
-    daemon = await fake_daemon_factory(limits={"messages_per_second": 1000})
+    # Twenty quick turns are 60 messages: more than the default burst, so no limit here.
+    daemon = await fake_daemon_factory(limits={"messages_per_second": 1000, "message_burst": 1000})
     daemon.slot.engine.token_delay = 0.05
     ws, _ = await connect(daemon)
     for turn in range(1, 21):
