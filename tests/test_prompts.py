@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from llmwsd.daemon import Daemon
-from llmwsd.engines.transformers.detokenize import StopStringFilter
+from llmwsd.engines.detokenize import StopStringFilter
 from tests.conftest import RunningDaemon, answer_text, recv_json, recv_until, ws_url
 
 SETTINGS = settings(

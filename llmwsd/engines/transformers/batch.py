@@ -159,7 +159,7 @@ class Batch(Generic[Row]):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -192,7 +192,7 @@ class Batch(Generic[Row]):
             input_ids=self.next_tokens[:, None],
             attention_mask=attention_mask,
             position_ids=self.positions[:, None],
-            cache=self.cache,
+            past_key_values=self.cache,
             use_cache=True,
         )
         self.attention_mask = attention_mask

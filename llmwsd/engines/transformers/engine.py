@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from llmwsd.config import Config
+from llmwsd.engines.chat_template import end_token_ids, template_ids
+from llmwsd.engines.detokenize import IncrementalDetokenizer, StopStringFilter
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -46,8 +48,7 @@ from llmwsd.engines.interface import (
 )
 from llmwsd.engines.transformers import kernels, measure
 from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, rows_can_join
-from llmwsd.engines.transformers.detokenize import IncrementalDetokenizer, StopStringFilter
-from llmwsd.engines.transformers.loading import end_token_ids, load_model, template_ids
+from llmwsd.engines.transformers.loading import load_model
 from llmwsd.engines.transformers.prefix_cache import PrefixCache
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from llmwsd.errors import Busy, ContextTooLong, InternalError, Interrupted, LLMWSError

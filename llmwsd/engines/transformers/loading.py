@@ -25,9 +25,6 @@ from llmwsd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Chat templates end a turn with one of these; generation stops on any that exists.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
-
 Capability = tuple[int, int]
 
 
@@ -85,31 +82,6 @@ def cpu_has_native_bf16() -> bool:
 
 def flash_attn_importable() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
-
-
-def end_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
-    """EOS ids of the generation config and tokenizer, plus the chat template's end tokens."""
-    ids: set[int] = set()
-    for eos in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(i for i in eos if isinstance(i, int))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
-    return sorted(ids)
-
-
-def template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids: the chat template with the assistant's turn opened."""
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
-    # A base model without a template: the contents, one per line.
-    text = "".join(f"{m.get('content', '')}\n" for m in messages)
-    return list(tokenizer(text)["input_ids"])
 
 
 # -- loading --------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def measure_prefill_peak(model: Any, tokens: int) -> int:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=torch.arange(tokens, device=device)[None],
-            cache=DynamicCache(config=model.config),
+            past_key_values=DynamicCache(config=model.config),
             use_cache=True,
             logits_to_keep=1,
         )
