@@ -16,7 +16,10 @@ from llmwsctl import format as fmt
 
 def render_status(s: dict[str, Any]) -> str:
     if s.get("model"):
-        model = f"{s['model']} on {s.get('device')} (context {s.get('max_context')} tokens)"
+        model = f"{s['model']} on {s.get('device')}"
+        if s.get("engine"):
+            model += f", {s['engine']} engine"
+        model += f" (context {s.get('max_context')} tokens)"
     else:
         model = f"none: {s.get('model_reason') or s.get('model_state')}"
     memory = s.get("memory") or {}
@@ -26,7 +29,9 @@ def render_status(s: dict[str, Any]) -> str:
         ("model", model),
     ]
     # A healthy engine needs no line; a stuck one is the first thing an operator must see.
-    if s.get("engine_stuck"):
+    if s.get("engine_failure"):
+        pairs.append(("engine", f"dead: {s['engine_failure']} {RESTARTED}"))
+    elif s.get("engine_stuck"):
         pairs.append(("engine", engine_stuck(s.get("engine_heartbeat_age_s"))))
     sessions = f"{s.get('sessions')} ({s.get('active')} generating, {s.get('queue')} queued)"
     pairs += [
@@ -38,10 +43,13 @@ def render_status(s: dict[str, Any]) -> str:
     return fmt.fields(pairs)
 
 
+RESTARTED = "(under systemd, its watchdog restarts llmwsd)"
+
+
 def engine_stuck(heartbeat_age_s: float | None) -> str:
     """``stuck: no step for 131 s (…)``: the engine has work and its loop has not turned."""
     since = "" if heartbeat_age_s is None else f": no step for {heartbeat_age_s:.0f} s"
-    return f"stuck{since} (under systemd, its watchdog restarts llmwsd)"
+    return f"stuck{since} {RESTARTED}"
 
 
 def render_resources(r: dict[str, Any]) -> str:

@@ -101,6 +101,11 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    backend: str = "transformers"  # "transformers" (llmws's own) or "vllm"
+    # vLLM's engine arguments, passed on (llmwsd.engines.vllm.arguments; README, "The vLLM
+    # engine"), and kv_cache_space_gb, the KV cache of its CPU build
+    vllm: dict[str, Any] = field(default_factory=dict)
+    # The rest is the transformers engine's.
     max_batch_size: int = bounded(0, 0, 1024)  # 0: 8 on CPU, 32 on CUDA
     attention: str = "auto"  # auto, sdpa, eager, flash_attention_2
     # keys and values of recent prompts' beginnings; 0: off
@@ -201,6 +206,10 @@ class Config:
 def _check_value(value: Any, expected: Any, where: str) -> Any:
     """Return ``value`` if it matches the annotation ``expected``, else raise ConfigError."""
     origin = typing.get_origin(expected)
+    if origin is dict:  # a table passed on as it is ([engine.vllm]); its user checks the keys
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
@@ -292,6 +301,11 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: [model] dtype must be auto, bfloat16, float16 or float32, "
             f"got {config.model.dtype!r}"
+        )
+    if config.engine.backend not in ("transformers", "vllm"):
+        raise ConfigError(
+            f"{source}: [engine] backend must be transformers or vllm, "
+            f"got {config.engine.backend!r}"
         )
     if config.engine.attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
         raise ConfigError(

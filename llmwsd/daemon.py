@@ -19,13 +19,12 @@ import errno
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from llmwsd.auth import Authenticator
 from llmwsd.catalogue import models
 from llmwsd.config import Config, load_config
-from llmwsd.engines.interface import EngineLike
+from llmwsd.engines.loader import load_engine
 from llmwsd.errors import ConfigError, LLMWSError
 from llmwsd.frontends.admin.server import AdminServer
 from llmwsd.frontends.websocket.server import PublicServer
@@ -46,18 +45,11 @@ log = logging.getLogger("llmwsd")
 LOAD_TIMEOUT_EXTENSION_S = 90.0
 
 
-async def load_transformers_engine(config: Config, path: Path) -> EngineLike:
-    # torch is imported only when a model is loaded.
-    from llmwsd.engines.transformers.engine import Engine
-
-    return await Engine.load(config, path)
-
-
 class Daemon:
     def __init__(
         self,
         config: Config,
-        engine_loader: EngineLoader = load_transformers_engine,
+        engine_loader: EngineLoader = load_engine,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars (model loading, downloads) would reach the journal as binary lines;
     # llmwsd reports progress in its own log lines and to llmwsctl.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from llmwsd.engines.loader import check_backend
     from llmwsd.frontends.websocket.security import HostAllowList
 
     try:
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.port is not None:
             config = override(config, "server", "port", args.port, "--port")
         HostAllowList.from_config(config)  # its entries are checked here, like every key
+        check_backend(config)  # vLLM installed, and [engine.vllm] its arguments
     except ConfigError as e:
         print(f"llmwsd: {e.message}", file=sys.stderr)
         return EXIT_CONFIG

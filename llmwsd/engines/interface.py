@@ -15,7 +15,7 @@ from llmwsd.errors import ContextTooLong, LLMWSError
 from llmwsd.settings import GenerationSettings
 
 if TYPE_CHECKING:
-    from llmwsd.engines.memory import MemoryEstimate
+    from llmwsd.engines.memory import Capacity
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,17 @@ class Heartbeat:
 
     age_s: float
     busy: bool
+    # Why the engine can serve no more (its process died); None while it can.
+    failure: str | None = None
 
     def stuck(self, after_s: float) -> bool:
-        return self.busy and self.age_s > after_s
+        """Whether the engine is out of service: dead, or busy and silent for ``after_s``."""
+        return self.failure is not None or (self.busy and self.age_s > after_s)
+
+    def reason(self) -> str:
+        if self.failure is not None:
+            return self.failure
+        return f"the engine has not finished a step in {self.age_s:.0f} s"
 
 
 @dataclass
@@ -126,7 +134,9 @@ class ModelInfo:
     attention: str
     compute_capability: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    memory: MemoryEstimate | None = None  # how max_context was derived; None: not measured
+    # What admission reserves requests against, and how max_context was derived; None: nothing
+    memory: Capacity | None = None
+    engine: str = "transformers"  # [engine] backend: which engine serves the model
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -138,6 +148,7 @@ class ModelInfo:
             "compute_capability": self.compute_capability,
             "device": self.device,
             "max_context": self.max_context,
+            "engine": self.engine,
             "training": False,
         }
 

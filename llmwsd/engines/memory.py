@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -144,6 +144,85 @@ def padded_length(tokens: int) -> int:
     """
     step = max(8, 1 << max(tokens.bit_length() - 4, 0))
     return -(-tokens // step) * step
+
+
+def max_context_of(model_config: Any) -> int:
+    """The model's own longest prompt plus answer, in tokens (measure.estimate may lower it)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+class Capacity(Protocol):
+    """What admission reserves requests against: an engine's memory for generations.
+
+    ``batch_bytes`` is the worst case of running ``(prompt tokens, total tokens)``
+    requests together; admission starts a request only while that stays within
+    ``budget_bytes``. The transformers engine's is a :class:`MemoryEstimate`, vLLM's
+    a :class:`PagedKVCache`.
+    """
+
+    @property
+    def layout(self) -> KVLayout: ...
+
+    @property
+    def budget_bytes(self) -> int: ...
+
+    @property
+    def max_context(self) -> int: ...
+
+    def batch_bytes(self, requests: Iterable[tuple[int, int]]) -> int: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class PagedKVCache:
+    """A paged KV cache (vLLM's): ``blocks`` blocks of ``block_size`` tokens, per request.
+
+    Each request holds the blocks its tokens fill, however long the others are, and
+    the engine schedules within them itself; admission reserves every request's
+    worst case, so that a running request is never preempted for lack of blocks.
+    """
+
+    layout: KVLayout
+    blocks: int
+    block_size: int
+    max_context: int
+    model_max: int
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.blocks * self.block_size * self.layout.bytes_per_token
+
+    def batch_bytes(self, requests: Iterable[tuple[int, int]]) -> int:
+        blocks = sum(-(-total // self.block_size) for _, total in requests)
+        return blocks * self.block_size * self.layout.bytes_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_context": self.max_context,
+            "model_max_context": self.model_max,
+            "limited_by": "model" if self.max_context >= self.model_max else "config",
+            "kv_bytes_per_token": self.layout.bytes_per_token,
+            "kv_layout": self.layout.describe(),
+            "kv_blocks": self.blocks,
+            "block_size": self.block_size,
+            "budget_bytes": self.budget_bytes,
+            "budget_gb": round(self.budget_bytes / GIB, 3),
+        }
+
+    def describe(self) -> str:
+        return (
+            f"max context {self.max_context} tokens (model maximum {self.model_max}): "
+            f"paged KV cache of {self.blocks} blocks × {self.block_size} tokens = "
+            f"{self.blocks * self.block_size} tokens, {self.layout.bytes_per_token} B/token "
+            f"({self.layout.describe()}), {self.budget_bytes / GIB:.2f} GiB"
+        )
 
 
 @dataclass(frozen=True)

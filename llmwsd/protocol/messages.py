@@ -301,6 +301,8 @@ class Status(Message):
     engine_heartbeat_age_s: float | None = None
     engine_busy: bool = False
     engine_stuck: bool = False
+    engine_failure: str | None = None  # why a dead engine serves no more
+    engine: str | None = None  # [engine] backend of the model served: transformers or vllm
 
 
 @dataclass(frozen=True, kw_only=True)

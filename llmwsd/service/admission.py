@@ -2,12 +2,13 @@
 
 Everything here runs on the event loop, before any compute. A request comes with
 its prompt's ids and a max_new_tokens that fits the context
-(:func:`llmwsd.service.context.with_budget`). It reserves its worst case in memory
-(:class:`~llmwsd.engines.memory.MemoryEstimate`): while the running requests and it
-would not fit together, it waits in a bounded FIFO queue and hears its position.
-Its reservation is released by its last event (done, error, cancelled), whoever
-ended it. When the engine changes, the waiting requests move to the next engine's
-admission (:class:`~llmwsd.service.model_slot.ModelSlot`).
+(:func:`llmwsd.service.context.with_budget`). It reserves its worst case in the
+engine's capacity (:class:`~llmwsd.engines.memory.Capacity`: left-padded rows ×
+the longest for the transformers engine, KV-cache blocks for vLLM): while the
+running requests and it would not fit together, it waits in a bounded FIFO queue
+and hears its position. Its reservation is released by its last event (done,
+error, cancelled), whoever ended it. When the engine changes, the waiting requests
+move to the next engine's admission (:class:`~llmwsd.service.model_slot.ModelSlot`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llmwsd.engines.interface import (
     GenerationHandle,
     GenerationRequest,
 )
-from llmwsd.engines.memory import MemoryEstimate
+from llmwsd.engines.memory import Capacity
 from llmwsd.errors import Busy, Interrupted, LLMWSError
 
 log = logging.getLogger("llmwsd.admission")
@@ -120,8 +121,8 @@ class Admission:
             self._wait(ticket)  # already queued once: not refused for a full queue
 
     @property
-    def estimate(self) -> MemoryEstimate | None:
-        """The engine's memory estimate; None (a fake engine): no memory reservations."""
+    def estimate(self) -> Capacity | None:
+        """The engine's capacity; None (a fake engine): no memory reservations."""
         return self.engine.info.memory
 
     def _fits(self, ticket: Ticket) -> bool:

@@ -6,7 +6,9 @@ idle engine waiting for work is alive, however long ago its loop last turned.
 A stuck engine makes /healthz answer 503, ``llmwsctl status`` say so, and the
 systemd watchdog stop pinging, so that systemd restarts the daemon; its running
 and queued requests end with ``interrupted`` at once, since its own thread
-cannot end them (:meth:`HealthMonitor.check`).
+cannot end them (:meth:`HealthMonitor.check`). An engine that says it died (vLLM's
+engine process gone: :attr:`~llmwsd.engines.interface.Heartbeat.failure`) counts
+as stuck at once.
 
 The functions are pure reads of the engine; :class:`HealthMonitor` holds the
 setting and the one piece of state, which engine was last found stuck.
@@ -48,12 +50,13 @@ def healthz(
         return False, {"status": model_state, "model": None, "reason": reason}
     beat = engine.heartbeat()
     if beat.stuck(stuck_timeout):
+        state = "dead" if beat.failure is not None else "stuck"
         return False, {
-            "status": "stuck",
+            "status": state,
             "model": engine.info.name,
-            "engine": "stuck",
+            "engine": state,
             "heartbeat_age_s": round(beat.age_s, 1),
-            "reason": stuck_reason(beat.age_s),
+            "reason": beat.reason(),
         }
     return True, {"status": "ok", "model": engine.info.name}
 
@@ -61,17 +64,19 @@ def healthz(
 def figures(engine: EngineLike | None, stuck_timeout: float) -> dict[str, Any]:
     """For ``llmwsctl status``: the heartbeat's age (idle or not), and whether it is stuck."""
     if engine is None:
-        return {"engine_heartbeat_age_s": None, "engine_busy": False, "engine_stuck": False}
+        return {
+            "engine_heartbeat_age_s": None,
+            "engine_busy": False,
+            "engine_stuck": False,
+            "engine_failure": None,
+        }
     beat = engine.heartbeat()
     return {
         "engine_heartbeat_age_s": round(beat.age_s, 1),
         "engine_busy": beat.busy,
         "engine_stuck": beat.stuck(stuck_timeout),
+        "engine_failure": beat.failure,
     }
-
-
-def stuck_reason(age_s: float) -> str:
-    return f"the engine has not finished a step in {age_s:.0f} s"
 
 
 class HealthMonitor:
@@ -120,12 +125,13 @@ class HealthMonitor:
             return False
         if self._stuck is not engine:
             self._stuck = engine
-            ended = engine.abandon(Interrupted(stuck_reason(beat.age_s)))
+            ended = engine.abandon(Interrupted(beat.reason()))
+            why = "" if beat.failure else f" ([engine] stuck_timeout is {self.stuck_timeout:g} s)"
             log.error(
-                "%s ([engine] stuck_timeout is %g s): %d request%s ended with interrupted; "
+                "%s%s: %d request%s ended with interrupted; "
                 "/healthz answers 503 and the watchdog stops, so systemd restarts llmwsd",
-                stuck_reason(beat.age_s),
-                self.stuck_timeout,
+                beat.reason(),
+                why,
                 ended,
                 "" if ended == 1 else "s",
             )

@@ -63,6 +63,7 @@ class Reports:
         memory = engine.info.memory
         return {
             "model": engine.info.name,
+            "engine": engine.info.engine,
             "device": engine.info.device,
             "dtype": engine.info.dtype,
             "max_context": engine.info.max_context,
@@ -94,6 +95,7 @@ class Reports:
             "uptime_s": round(time.time() - self.started_at, 1),
             "model": engine.get("model"),
             "model_state": self.slot.state.value,
+            "engine": engine.get("engine"),
             "device": engine.get("device"),
             "max_context": engine.get("max_context"),
             "sessions": len(self.sessions),

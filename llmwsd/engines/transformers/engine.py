@@ -46,6 +46,7 @@ from llmwsd.engines.interface import (
     TokenText,
     new_token_budget,
 )
+from llmwsd.engines.memory import MemoryEstimate
 from llmwsd.engines.transformers import kernels, measure
 from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, rows_can_join
 from llmwsd.engines.transformers.loading import load_model
@@ -133,10 +134,10 @@ class Engine:
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
         self._rows_can_join = rows_can_join(model.config)
-        memory_estimate = info.memory
+        estimate = info.memory
         self._prefix_cache = (
-            PrefixCache(memory_estimate.prefix_cache_bytes, memory_estimate.layout.bytes_per_token)
-            if memory_estimate is not None and memory_estimate.prefix_cache_bytes
+            PrefixCache(estimate.prefix_cache_bytes, estimate.layout.bytes_per_token)
+            if isinstance(estimate, MemoryEstimate) and estimate.prefix_cache_bytes
             else None
         )
         # On CPU a prefill's cost grows with its rows, so a burst of newcomers is

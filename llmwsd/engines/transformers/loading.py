@@ -66,15 +66,6 @@ def choose_max_batch_size(configured: int, device: str) -> int:
     return 32 if device.startswith("cuda") else 8
 
 
-def max_context_of(model_config: Any) -> int:
-    """The model's own longest prompt plus answer, in tokens (measure.estimate may lower it)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
 def cpu_has_native_bf16() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     return bool(torch.cpu._is_avx512_bf16_supported() or amx())
@@ -127,7 +118,7 @@ def load_model(config: Config, path: Path) -> LoadedModel:
             model,
             config.memory,
             device,
-            max_context_of(model.config),
+            memory.max_context_of(model.config),
             config.engine.prefix_cache_mb if rows_can_join(model.config) else 0.0,
         )
     info = ModelInfo(

@@ -1,0 +1,37 @@
+"""llmws's generation settings as vLLM's SamplingParams.
+
+vLLM is asked for token ids only (``detokenize=False``): llmws detokenizes them
+and applies stop strings itself, as the transformers engine does
+(:mod:`llmwsd.engines.detokenize`), so that both engines stream the same text.
+The differences that remain are vLLM's own (docs/engines.md, "vLLM").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmwsd.settings import GenerationSettings
+
+
+def sampling_params(
+    settings: GenerationSettings, max_tokens: int, end_ids: list[int], vocab_size: int
+) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    greedy = not settings.do_sample or settings.temperature == 0
+    top_k = settings.top_k if 0 < settings.top_k < vocab_size else 0  # 0: all of them
+    return SamplingParams(
+        n=1,
+        temperature=0.0 if greedy else settings.temperature,
+        top_p=1.0 if greedy else settings.top_p,
+        top_k=0 if greedy else top_k,
+        repetition_penalty=settings.repetition_penalty,
+        seed=None if greedy else settings.seed,
+        max_tokens=max_tokens,
+        min_tokens=min(settings.min_new_tokens, max_tokens),
+        # The chat template's end tokens end an answer as in the transformers engine.
+        stop_token_ids=list(end_ids),
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
