@@ -115,6 +115,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def toml_value(value: Any) -> str:
+    """A value in TOML: JSON's scalars and arrays are TOML's; a dict is an inline table."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
     """A TOML config whose folders live under ``folder``; ``sections`` override keys."""
     base: dict[str, dict[str, Any]] = {
@@ -135,7 +142,7 @@ def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     path = folder / "llmws.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -153,6 +160,7 @@ class RunningDaemon:
         self.env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = folder / "llmwsd.stderr"
+        self.engine = sections.get("engine", {}).get("backend", "transformers")
 
     @property
     def url(self) -> str:
@@ -212,13 +220,47 @@ class RunningDaemon:
                 raise AssertionError(f"llmwsd {self.proc.pid} outlived SIGKILL by 30 s") from None
 
 
-@pytest.fixture(scope="session")
-def real_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
-    """One llmwsd with the real default model, shared by the tests that only talk to it."""
+# The engines every real-daemon test runs on ([engine] backend), and how each is set up.
+ENGINES = ("transformers", "vllm")
+# vLLM without torch.compile starts in ~20 s instead of ~90 (the tests measure no speed); a
+# small KV cache (36 blocks of 128 tokens) lets the admission tests fill it.
+VLLM_TEST_BLOCKS = 36
+VLLM_TEST_ENGINE = {
+    "backend": "vllm",
+    "vllm": {
+        "enforce_eager": True,
+        "kv_cache_space_gb": 1,
+        "num_gpu_blocks_override": VLLM_TEST_BLOCKS,
+        "max_model_len": 2048,
+    },
+}
+ENGINE_SECTIONS: dict[str, dict[str, Any]] = {"transformers": {}, "vllm": VLLM_TEST_ENGINE}
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def engine_sections(engine: str) -> dict[str, Any]:
+    """The config sections that run ``engine``; the test skips (fails in CI) without it."""
     if not (DEFAULT_MODEL / "config.json").exists():
         pytest.fail("the default model is missing: run `make model`")
-    daemon = RunningDaemon(tmp_path_factory.mktemp("real-daemon")).start()
-    yield daemon
+    if engine == "vllm" and not vllm_installed():
+        skip_or_fail("vLLM is not installed: run `make vllm`")
+    return {"engine": ENGINE_SECTIONS[engine]} if ENGINE_SECTIONS[engine] else {}
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def real_daemon(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDaemon]:
+    """One llmwsd per engine with the real default model, shared by the tests that only
+    talk to it: each of them runs on both engines."""
+    sections = engine_sections(request.param)
+    daemon = RunningDaemon(tmp_path_factory.mktemp(f"real-daemon-{request.param}"), **sections)
+    yield daemon.start(timeout=300)
     daemon.stop()
 
 

@@ -51,6 +51,7 @@ class FakeEngine:
         self._unwedged = asyncio.Event()
         self._unwedged.set()
         self._turned_at = time.monotonic()
+        self.failure: str | None = None  # set: the engine says it died (Heartbeat.failure)
         self._abandoned_at: float | None = None  # refusing until the next step after it
 
     def wedge(self) -> None:
@@ -119,7 +120,7 @@ class FakeEngine:
         return {"active": len(self.tasks), "queued": 0}
 
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(time.monotonic() - self._turned_at, busy=bool(self.tasks))
+        return Heartbeat(time.monotonic() - self._turned_at, bool(self.tasks), self.failure)
 
     def abandon(self, error: LLMWSError) -> int:
         ended = [(s, h) for s, h in self._streams.values() if not s.ended]

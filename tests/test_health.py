@@ -124,7 +124,21 @@ async def test_healthz_without_an_engine_says_why() -> None:
         "engine_heartbeat_age_s": None,
         "engine_busy": False,
         "engine_stuck": False,
+        "engine_failure": None,
     }
+
+
+async def test_a_dead_engine_is_out_of_service_at_once() -> None:
+    engine = FakeEngine()
+    monitor = health.HealthMonitor(lambda: engine, STUCK_AFTER)
+    assert monitor.alive()
+    engine.failure = "the vLLM engine died: gone"  # idle, and its last turn just now
+    ready, body = monitor.healthz("ready", "")
+    assert not ready
+    assert (body["status"], body["engine"], body["reason"]) == ("dead", "dead", engine.failure)
+    assert not monitor.alive()  # the watchdog stops: systemd restarts the daemon
+    assert monitor.figures()["engine_failure"] == engine.failure
+    assert monitor.figures()["engine_stuck"] is True
 
 
 async def test_an_idle_engine_is_never_stuck() -> None:

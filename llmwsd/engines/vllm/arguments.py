@@ -64,8 +64,11 @@ def check(config: Config) -> None:
                 "(vllm.engine.arg_utils.AsyncEngineArgs)"
             )
     space = config.engine.vllm.get(KV_CACHE_SPACE_KEY, DEFAULT_KV_CACHE_SPACE_GB)
-    if isinstance(space, bool) or not isinstance(space, int | float) or space <= 0:
-        raise ConfigError(f"{where} key {KV_CACHE_SPACE_KEY!r} must be a number of GiB above 0")
+    if isinstance(space, bool) or not isinstance(space, int) or space < 1:
+        # VLLM_CPU_KVCACHE_SPACE is whole GiB; num_gpu_blocks_override sets fewer blocks.
+        raise ConfigError(
+            f"{where} key {KV_CACHE_SPACE_KEY!r} must be a whole number of GiB, 1 or more"
+        )
 
 
 def engine_args(config: Config, path: Path) -> Any:
@@ -82,7 +85,7 @@ def set_environment(config: Config) -> None:
     The operator's environment wins (a unit's Environment=).
     """
     space = config.engine.vllm.get(KV_CACHE_SPACE_KEY, DEFAULT_KV_CACHE_SPACE_GB)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{space:g}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(space))
     # The daemon has threads: its engine processes are spawned, never forked from it.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     # vLLM's usage statistics would phone home; a daemon on a closed network must not try.

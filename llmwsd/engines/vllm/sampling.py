@@ -12,6 +12,11 @@ from typing import Any
 
 from llmwsd.settings import GenerationSettings
 
+# vLLM takes temperatures from 0.01 (it raises smaller ones, with a warning a request) to 2:
+# llmws's wider range (up to 100) is held to that. Past 2 the model's choice is near
+# uniform on either engine; under 0.01 near greedy.
+VLLM_TEMPERATURE = (0.01, 2.0)
+
 
 def sampling_params(
     settings: GenerationSettings, max_tokens: int, end_ids: list[int], vocab_size: int
@@ -20,10 +25,11 @@ def sampling_params(
     from vllm.sampling_params import RequestOutputKind
 
     greedy = not settings.do_sample or settings.temperature == 0
+    low, high = VLLM_TEMPERATURE
     top_k = settings.top_k if 0 < settings.top_k < vocab_size else 0  # 0: all of them
     return SamplingParams(
         n=1,
-        temperature=0.0 if greedy else settings.temperature,
+        temperature=0.0 if greedy else min(max(settings.temperature, low), high),
         top_p=1.0 if greedy else settings.top_p,
         top_k=0 if greedy else top_k,
         repetition_penalty=settings.repetition_penalty,
