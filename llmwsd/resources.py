@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import logging
 import os
@@ -48,8 +49,19 @@ def host_report() -> dict[str, Any]:
         "ram_total_gb": _gb(memory.total),
         "ram_available_gb": _gb(memory.available),
         "ram_used_gb": _gb(memory.total - memory.available),
-        "rss_gb": _gb(psutil.Process(os.getpid()).memory_info().rss),
+        "rss_gb": _gb(resident_bytes()),
     }
+
+
+def resident_bytes() -> int:
+    """The daemon's resident memory and its child processes' (vLLM's engine and workers
+    hold the model and the KV cache; a pull's git)."""
+    daemon = psutil.Process(os.getpid())
+    total = daemon.memory_info().rss
+    for child in daemon.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it may end while counted
+            total += child.memory_info().rss
+    return total
 
 
 class GpuMonitor:

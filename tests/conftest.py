@@ -183,7 +183,11 @@ class RunningDaemon:
             stderr=self.log_path.open("ab"),
         )
         if wait:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:  # not ready (or the test's timeout): no daemon left behind
+                self.stop(signal.SIGKILL)
+                raise
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:

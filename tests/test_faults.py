@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import websockets
 from websockets.frames import Frame, Opcode
@@ -27,11 +28,13 @@ from llmwsd.daemon import Daemon
 from llmwsd.sessions.files import load_key, read_log
 from tests.conftest import (
     DEFAULT_MODEL,
+    ENGINES,
     FAST,
     REAL,
     ROOT,
     RunningDaemon,
     answer_text,
+    engine_sections,
     eventually,
     recv_json,
     recv_until,
@@ -113,10 +116,15 @@ def require_model() -> None:
 # -- kill -9 -----------------------------------------------------------------------------------
 
 
-async def test_kill_9_during_several_generations(daemon_factory) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_kill_9_during_several_generations(daemon_factory, engine: str) -> None:
     """Four sessions generate at once; kill -9; after the restart each resumes intact."""
-    require_model()
-    daemon = daemon_factory(generation_defaults={"do_sample": False, "max_new_tokens": 300})
+    daemon = daemon_factory(
+        **engine_sections(engine),
+        generation_defaults={"do_sample": False, "max_new_tokens": 300},
+    )
+    # vLLM's engine processes go with the daemon, however it ends.
+    children = psutil.Process(daemon.proc.pid).children(recursive=True)
     clients = []
     for _ in range(4):
         ws, welcome = await connect(daemon.url)
@@ -140,6 +148,8 @@ async def test_kill_9_during_several_generations(daemon_factory) -> None:
     daemon.stop(signal.SIGKILL)
     for client in clients:
         await client["ws"].close()
+    _, alive = await asyncio.to_thread(psutil.wait_procs, children, 60)
+    assert not alive, f"left behind by the killed daemon: {alive}"
 
     daemon.start()
     for client in clients:

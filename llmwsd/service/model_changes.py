@@ -24,6 +24,7 @@ from llmwsd.catalogue import models
 from llmwsd.catalogue.pull import Pulls
 from llmwsd.config import Config
 from llmwsd.engines import memory
+from llmwsd.engines.memory import PagedKVCache
 from llmwsd.engines.interface import EngineLike
 from llmwsd.errors import Busy, Forbidden, InternalError
 from llmwsd.service.model_slot import ModelSlot, ModelState
@@ -107,6 +108,9 @@ class ModelChanges:
         need = entry.size_bytes * LOAD_HEADROOM
         if old.info.dtype == "float32" and entry.dtype in ("bfloat16", "float16"):
             need *= 2  # 16-bit weights are widened on a CPU without native bf16
+        if isinstance(old.info.memory, PagedKVCache):
+            # vLLM takes its whole KV cache at start: the new engine will take as much.
+            need += old.info.memory.budget_bytes
         free = free_memory(old.info.device)
         fits = need <= free
         if not fits:
