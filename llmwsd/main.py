@@ -11,19 +11,23 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from llmwsd import __version__
+from llmwsd import __version__, children
 from llmwsd.config import DEFAULT_CONFIG_PATH, Config, load_config, override
 from llmwsd.errors import ConfigError
 from llmwsd.logsetup import setup_logging
+
+if children.is_daemon_child():  # one of vLLM's engine processes, importing this module
+    children.die_with_parent()
 
 # A bad configuration or installation: restarting cannot help.
 EXIT_CONFIG = 2
 SERVER_INSTALL = "pip install 'llmws[server]'"
 
 DESCRIPTION = """\
-Serve a local LLM (transformers) over the LLMWS WebSocket protocol on one port,
-together with the web page, /healthz and /metrics, and an admin socket for
-llmwsctl. Under systemd it reports READY=1 once the model is loaded.
+Serve a local LLM (with llmws's transformers engine or with vLLM: [engine]
+backend) over the LLMWS WebSocket protocol on one port, together with the web
+page, /healthz and /metrics, and an admin socket for llmwsctl. Under systemd it
+reports READY=1 once the model is loaded.
 
 Signals: SIGTERM/SIGINT stop (running answers get [server] drain_timeout to
 finish), SIGHUP reloads the configuration."""
@@ -95,6 +99,7 @@ def serve(config: Config, log_level: str) -> int:
     from llmwsd.daemon import Daemon, StartFailed
 
     setup_logging(config.log_dir, getattr(logging, log_level.upper()))
+    children.mark_daemon()
     try:
         asyncio.run(Daemon(config).run())
     except StartFailed as e:  # logged by the daemon already, before its shutdown's lines

@@ -24,8 +24,8 @@ from llmwsd.catalogue import models
 from llmwsd.catalogue.pull import Pulls
 from llmwsd.config import Config
 from llmwsd.engines import memory
-from llmwsd.engines.memory import PagedKVCache
 from llmwsd.engines.interface import EngineLike
+from llmwsd.engines.memory import PagedKVCache
 from llmwsd.errors import Busy, Forbidden, InternalError
 from llmwsd.service.model_slot import ModelSlot, ModelState
 

@@ -91,3 +91,5 @@ def set_environment(config: Config) -> None:
     # vLLM's usage statistics would phone home; a daemon on a closed network must not try.
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # vLLM logs to stdout by default; llmwsd's own lines go to stderr: the same stream.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

@@ -251,7 +251,11 @@ class VllmEngine:
                     if self._take_token(generation, token, detokenizer, stops):
                         return  # a stop string: the rest is not wanted
                 if output.finished:
-                    reason = "length" if completion.finish_reason == "length" else "stop"
+                    reason = completion.finish_reason
+                    if reason not in ("stop", "length"):  # "abort": vLLM ended it, not we
+                        why = f"vLLM ended the answer ({reason}); see the log"
+                        generation.stream(Failed(Interrupted(why)))
+                        return
                     self._finish(generation, reason, detokenizer, stops)
                     return
         finally:
