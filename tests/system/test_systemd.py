@@ -233,7 +233,8 @@ def test_stop_drains_a_running_answer_and_exits_cleanly(root: SystemdRoot) -> No
 
 def test_purge_removes_state_logs_and_user(root: SystemdRoot) -> None:
     root.run(["apt-get", "purge", "-y", "llmws"], timeout=300)
-    for path in ("/var/lib/llmws", "/var/log/llmws", "/etc/llmws", "/usr/lib/llmws"):
+    gone = ("/var/lib/llmws", "/var/log/llmws", "/var/cache/llmws", "/etc/llmws", "/usr/lib/llmws")
+    for path in gone:
         assert not (root.root / path.lstrip("/")).exists(), path
     assert root.run(["getent", "passwd", "llmws"], check=False).returncode == 2
     assert root.run(["getent", "group", "llmws"], check=False).returncode == 2
