@@ -115,6 +115,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def toml_value(value: Any) -> str:
+    """A value in TOML: JSON's scalars and arrays are TOML's; a dict is an inline table."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
 def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
     """A TOML config whose folders live under ``folder``; ``sections`` override keys."""
     base: dict[str, dict[str, Any]] = {
@@ -135,7 +142,7 @@ def write_config(folder: Path, **sections: dict[str, Any]) -> Path:
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     path = folder / "llmws.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
