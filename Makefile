@@ -121,8 +121,10 @@ deb-package:
 system-test: venv model test-deps deb-package
 	LLMWS_DEB=$$(ls $(DEB_DIR)/llmws_*.deb) $(BIN)/python -m pytest -m system tests/system $(PYTEST_ARGS)
 
+# llmws on transformers, llmws on vLLM and vLLM's own server, taking turns (~20 min;
+# BENCH_ARGS="--servers transformers --levels 1,8 --repeats 1": one server, a minute).
 bench: venv vllm model
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 # Hostile clients against a real llmwsd: bad input, takeovers, slowloris, pings, load,
 # kill -9 (bench/hostile.py; docs/security.md has the figures). HOSTILE_ARGS=--quick: ~1 min.
@@ -158,7 +160,7 @@ man: venv
 #>   mutate        mutation testing of the core modules (minutes; docs/testing.md)
 #>   lint          ruff, mypy, and the relative links of README.md and docs/*.md
 #>   man           the man pages into build/man/ (help2man): man ./build/man/llmwsctl.1
-#>   bench         llmwsd against in-process model.generate(), side by side
+#>   bench         llmwsd against model.generate() and vLLM's server (BENCH_ARGS=...)
 #>   hostile       hostile clients against a real llmwsd (HOSTILE_ARGS=--quick: ~1 min)
 #>   deb           the Debian package in build/deb/, checked with lintian
 #>   deb-package   the Debian package without the lintian pass

@@ -1,44 +1,62 @@
-"""`make bench`: llmwsd against in-process transformers, measured side by side in one run.
+"""`make bench`: llmwsd against in-process transformers and against vLLM's own server.
 
-Prints a table and writes bench/results/bench-<time>.json:
+Prints tables and writes bench/results/bench-<time>.json:
 
 * reference: ``model.generate()`` tokens/s for one prompt in this process, and the
   same prompt through a real llmwsd over WebSocket (ratio, goal >= 0.95);
-* aggregate tokens/s and time to first token (median, p90) at 1, 2, 4, 8 and 16
-  concurrent clients, each asking for the same number of new tokens
-  (``min_new_tokens`` makes every run do the same work);
-* the ratios the performance goals name: aggregate at 8 / single (goal >= 5),
-  median TTFT at 8 / TTFT at 1 (goal <= 3);
-* peak RSS of the daemon, and the load average while measuring.
+* aggregate tokens/s and time to first token (median, p90) at 1, 8 and 32
+  concurrent clients (``--levels``), each asking for the same number of new tokens
+  (``min_new_tokens`` makes every run do the same work), for three servers on the
+  same weights (``--servers``): llmws on its own transformers engine
+  (``transformers``), llmws on vLLM (``vllm``: ``[engine] backend = "vllm"``,
+  compiled), and vLLM's own OpenAI server (``vllm-server``: streaming
+  ``/v1/chat/completions`` over HTTP);
+* the ratios the performance goals name: for the transformers engine aggregate at
+  8 / single (goal >= 5) and median TTFT at 8 / TTFT at 1 (goal <= 3); for llmws
+  on vLLM against vLLM's server, aggregate (goal >= 0.95 at 8 and 32 clients) and
+  median TTFT (goal <= 1.1), with the transformers engine's ratios beside;
+* peak RSS of each server, and the load average while measuring.
 
 Both sides do the same work: the same dtype and attention, greedy, no repetition
 penalty (``generate()``'s default for this model), as many torch threads as
-there are cores. The daemon and the reference take turns, never run at once:
-each repeat runs the reference and then every client count, so that a change in
+there are cores. vLLM's server gets the same conversations as llmws (a user
+message, no system message) and renders them with the same chat template (the
+model folder's); each request's prompt token count is checked to be the same on
+every server. The servers are started one after the other and stay up, idle,
+while another is measured; they take turns, never run at once: each repeat runs
+the reference and then every client count on every server, so that a change in
 the machine's load (the cores may be shared) hits both sides of a ratio alike.
 The table shows the median of each figure over the repeats; each ratio is the
-median of the ratios within one repeat. Before measuring, both sides are warmed
-up (the daemon's first requests are not counted). Clients connect first and then
-ask together, so time to first token measures the scheduler, not handshakes.
-Every request is a new conversation: its prompt starts with a number never
-asked before, so the daemon's prefix cache can reuse the chat template's system
-prompt, which all new chats share, but nothing of earlier requests.
+median of the ratios within one repeat. Before measuring, every server is warmed
+up (its first requests are not counted). Clients connect first and then ask
+together, so time to first token measures the scheduler, not handshakes (an HTTP
+client opens its keep-alive connection with a ``GET /health``). Every request is
+a new conversation: its prompt starts with a number never asked of that server
+before, so a prefix cache can reuse the chat template's system prompt, which all
+new chats share, but nothing of earlier requests; every server is asked the same
+sequence of prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import websockets
@@ -46,7 +64,7 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import DEFAULT_MODEL, RunningDaemon  # noqa: E402
+from tests.conftest import DEFAULT_MODEL, RunningDaemon, free_port  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -62,11 +80,21 @@ REQUEST_NUMBERS = itertools.count(1)
 ATTENTION = "sdpa"
 # What generate() does by default with this model's generation config.
 SETTINGS = {"do_sample": False, "repetition_penalty": 1.0}
+# Both vLLMs: the same KV cache (GiB) and context; the rest is vLLM's defaults, which are
+# the same in process and in its server on CPU (max_num_seqs 128, 2048 batched tokens).
+VLLM_KV_CACHE_GB = 1
+VLLM_MAX_MODEL_LEN = 2048
+SERVERS = {
+    "transformers": "llmws (transformers)",
+    "vllm": "llmws (vLLM)",
+    "vllm-server": "vLLM's server",
+}
+START_TIMEOUT = 900.0  # s: vLLM compiles the model at every start (~70 s, more when busy)
 
 
-def new_conversation(prompt: str) -> str:
+def new_conversation(prompt: str, numbers: Iterator[int] = REQUEST_NUMBERS) -> str:
     """``prompt`` as nobody asked it before (see the module's docstring)."""
-    return f"Question {next(REQUEST_NUMBERS)}. {prompt}"
+    return f"Question {next(numbers)}. {prompt}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -121,60 +149,339 @@ class Reference:
         return (out.shape[1] - self._inputs["input_ids"].shape[1]) / elapsed
 
 
-async def connect(url: str) -> websockets.ClientConnection:
-    ws = await websockets.connect(url, max_size=None)
-    await ws.send("{}")
-    json.loads(await ws.recv())  # welcome
-    return ws
+class Client(Protocol):
+    async def open(self) -> None: ...
+
+    async def ask(self, user: str, new_tokens: int) -> dict[str, float]: ...
+
+    async def close(self) -> None: ...
 
 
-async def ask(ws: websockets.ClientConnection, prompt: str, new_tokens: int) -> dict[str, float]:
-    started = time.perf_counter()
-    config = {**SETTINGS, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    user = new_conversation(prompt)
-    request = {"type": "inference", "prompt": {"system": "", "user": user}, "config": config}
-    await ws.send(json.dumps(request))
-    first = None
-    while True:
-        event = json.loads(await ws.recv())
-        if event["type"] == "token" and first is None:
-            first = time.perf_counter()
-        if event["type"] in ("done", "error"):
-            break
-    if event["type"] == "error":
-        raise RuntimeError(f"the daemon answered an error: {event}")
-    finished = time.perf_counter()
-    return {
-        "tokens": event["total_tokens"],
-        "ttft": (first or finished) - started,
-        "started": started,
-        "finished": finished,
-    }
+class WebSocketClient:
+    """One llmws client: a WebSocket connection, a new conversation per request."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ws: websockets.ClientConnection | None = None
+
+    async def open(self) -> None:
+        self.ws = await websockets.connect(self.url, max_size=None)
+        await self.ws.send("{}")
+        json.loads(await self.ws.recv())  # welcome
+
+    async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
+        assert self.ws is not None
+        config = {**SETTINGS, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        request = {"type": "inference", "prompt": {"system": "", "user": user}, "config": config}
+        started = time.perf_counter()
+        await self.ws.send(json.dumps(request))
+        first = None
+        prompt_tokens = 0
+        while True:
+            event = json.loads(await self.ws.recv())
+            if event["type"] == "start":
+                prompt_tokens = event["tokens_in"]
+            if event["type"] == "token" and first is None:
+                first = time.perf_counter()
+            if event["type"] in ("done", "error"):
+                break
+        if event["type"] == "error":
+            raise RuntimeError(f"the daemon answered an error: {event}")
+        finished = time.perf_counter()
+        return {
+            "tokens": event["total_tokens"],
+            "prompt_tokens": prompt_tokens,
+            "ttft": (first or finished) - started,
+            "started": started,
+            "finished": finished,
+        }
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
 
 
-async def concurrent(url: str, clients: int, new_tokens: int) -> dict[str, float]:
+class ChatCompletionsClient:
+    """One client of vLLM's OpenAI server: a keep-alive HTTP connection, streaming chat."""
+
+    def __init__(self, base: str, model: str) -> None:
+        import aiohttp
+
+        self.base = base
+        self.model = model
+        self.connections = 0
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._connected)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=3600),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+            trace_configs=[trace],
+        )
+
+    async def _connected(self, *_: Any) -> None:
+        self.connections += 1
+
+    async def open(self) -> None:
+        async with self.session.get(self.base + "/health") as response:
+            response.raise_for_status()
+            await response.read()
+
+    async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": user}],
+            "max_tokens": new_tokens,
+            "min_tokens": new_tokens,
+            "temperature": 0.0,
+            "repetition_penalty": 1.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        started = time.perf_counter()
+        first = None
+        usage: dict[str, int] = {}
+        async with self.session.post(self.base + "/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(
+                    f"vLLM's server answered {response.status}: {(await response.text())[:500]}"
+                )
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any(
+                    c.get("delta", {}).get("content") for c in chunk.get("choices", ())
+                ):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        finished = time.perf_counter()
+        if self.connections != 1:
+            raise RuntimeError(f"a client opened {self.connections} connections instead of 1")
+        return {
+            "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"],
+            "ttft": (first or finished) - started,
+            "started": started,
+            "finished": finished,
+        }
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def concurrent(
+    make_client: Callable[[], Client], prompts: Iterator[str], clients: int, new_tokens: int
+) -> dict[str, Any]:
     """``clients`` connections that ask at the same moment; aggregate tokens/s and TTFT."""
-    sockets = await asyncio.gather(*(connect(url) for _ in range(clients)))
+    opened = [make_client() for _ in range(clients)]
     try:
+        await asyncio.gather(*(c.open() for c in opened))
+        users = [next(prompts) for _ in opened]
         results = await asyncio.gather(
-            *(ask(ws, PROMPTS[i % len(PROMPTS)], new_tokens) for i, ws in enumerate(sockets))
+            *(c.ask(user, new_tokens) for c, user in zip(opened, users, strict=True))
         )
     finally:
-        await asyncio.gather(*(ws.close() for ws in sockets))
+        await asyncio.gather(*(c.close() for c in opened))
     wall = max(r["finished"] for r in results) - min(r["started"] for r in results)
     ttfts = [r["ttft"] for r in results]
+    tokens = [r["tokens"] for r in results]
+    if any(t != new_tokens for t in tokens):
+        raise RuntimeError(f"asked for {new_tokens} tokens each, got {tokens}")
     return {
-        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "tokens_per_s": sum(tokens) / wall,
         "ttft_median_s": statistics.median(ttfts),
         "ttft_p90_s": percentile(ttfts, 0.9),
+        "prompt_tokens": [r["prompt_tokens"] for r in results],
     }
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The process and its descendants (vLLM's engine and worker processes)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def peak_rss_bytes(pid: int) -> int:
-    """The kernel's high-water mark of the process's resident memory (VmHWM)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
-    return int(hwm.split()[1]) * 1024
+    """The kernel's high-water mark of resident memory (VmHWM), summed over the tree."""
+    total = 0
+    for process in tree(pid):
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:
+            continue
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+        total += int(hwm.split()[1]) * 1024
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        for process in tree(pid):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def stop_tree(proc: subprocess.Popen[bytes], descendants: list[psutil.Process]) -> None:
+    """SIGTERM, then SIGKILL after 60 s; then whatever of its descendants outlived it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+class Server:
+    """One server measured: started once, asked the same sequence of prompts as the others."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self.numbers = itertools.count(1)
+        self.start_s = 0.0
+
+    def prompts(self) -> Iterator[str]:
+        for i in itertools.count():
+            yield new_conversation(PROMPTS[i % len(PROMPTS)], self.numbers)
+
+    def client(self) -> Client:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def measure(self, clients: int, new_tokens: int) -> dict[str, Any]:
+        # A fresh prompt iterator per call: each starts at PROMPTS[0], as every server's does.
+        return asyncio.run(concurrent(self.client, self.prompts(), clients, new_tokens))
+
+
+class Llmws(Server):
+    """llmwsd on one of its engines."""
+
+    def __init__(self, name: str, folder: Path, dtype: str) -> None:
+        super().__init__()
+        self.name = name
+        engine: dict[str, Any] = {"attention": ATTENTION}
+        if name == "vllm":
+            vllm = {"kv_cache_space_gb": VLLM_KV_CACHE_GB, "max_model_len": VLLM_MAX_MODEL_LEN}
+            engine = {"backend": "vllm", "vllm": vllm}
+        folder.mkdir()
+        self.daemon = RunningDaemon(
+            folder,
+            model={"dtype": dtype},
+            engine=engine,
+            server={"max_message_size": 1 << 20},
+            limits={"max_connections_per_address": 1024},
+            sessions={"max_per_client": 1024},
+            generation_defaults=SETTINGS,
+        )
+        self._descendants: list[psutil.Process] = []
+
+    def client(self) -> Client:
+        return WebSocketClient(self.daemon.url)
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon.proc is not None
+        return self.daemon.proc.pid
+
+    def start(self) -> None:
+        started = time.monotonic()
+        self.daemon.start(timeout=START_TIMEOUT)
+        self.start_s = time.monotonic() - started
+        self._descendants = tree(self.pid)[1:]
+
+    def stop(self) -> None:
+        if self.daemon.proc is not None:
+            self._descendants = list({*self._descendants, *tree(self.pid)[1:]})
+            stop_tree(self.daemon.proc, self._descendants)
+
+
+class VllmServer(Server):
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
+
+    name = "vllm-server"
+
+    def __init__(self, folder: Path, dtype: str) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = folder / "vllm-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._descendants: list[psutil.Process] = []
+
+    def client(self) -> Client:
+        return ChatCompletionsClient(self.base, str(DEFAULT_MODEL))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KV_CACHE_GB),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+        command = [
+            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
+            *("--model", str(DEFAULT_MODEL), "--dtype", self.dtype),
+            *("--max-model-len", str(VLLM_MAX_MODEL_LEN)),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            "--disable-uvicorn-access-log",
+        ]
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        while not self._healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() - started > START_TIMEOUT:
+                raise TimeoutError(f"vLLM's server not ready after {START_TIMEOUT} s")
+            time.sleep(0.5)
+        self.start_s = time.monotonic() - started
+        self._descendants = tree(self.pid)[1:]
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                return r.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self._descendants = list({*self._descendants, *tree(self.pid)[1:]})
+            stop_tree(self.proc, self._descendants)
 
 
 def cpu_model() -> str:
@@ -185,24 +492,42 @@ def cpu_model() -> str:
 
 
 def measure(
-    url: str, reference: Reference, levels: list[int], new_tokens: int, repeats: int
+    servers: list[Server],
+    reference: Reference | None,
+    levels: list[int],
+    new_tokens: int,
+    repeats: int,
 ) -> list[dict[str, Any]]:
-    """One entry per repeat: the reference, then every client count, one after another."""
-    asyncio.run(concurrent(url, 1, 8))  # warm-up: the daemon's first requests
-    asyncio.run(concurrent(url, max(levels), 8))
+    """One entry per repeat: the reference, then every client count of every server in turn."""
+    for server in servers:  # warm-up: each server's first requests
+        server.measure(1, 8)
+        server.measure(max(levels), 8)
     runs = []
     for repeat in range(repeats):
-        load = os.getloadavg()[0]
-        run: dict[str, Any] = {
-            "load_1min": load,
-            "generate_tokens_per_s": reference.rate(new_tokens),
-        }
-        run["levels"] = {c: asyncio.run(concurrent(url, c, new_tokens)) for c in levels}
+        run: dict[str, Any] = {"load_1min": os.getloadavg()[0], "servers": {}}
+        if reference is not None:
+            run["generate_tokens_per_s"] = reference.rate(new_tokens)
+        for server in servers:
+            others = [s.pid for s in servers if s is not server]
+            idle_cpu = cpu_seconds(others)
+            figures = {}
+            for clients in levels:
+                load = os.getloadavg()[0]
+                figures[clients] = {**server.measure(clients, new_tokens), "load_1min": load}
+            run["servers"][server.name] = figures
+            run.setdefault("idle_servers_cpu_s", {})[server.name] = cpu_seconds(others) - idle_cpu
+        if "transformers" in run["servers"]:
+            run["levels"] = run["servers"]["transformers"]  # the key before vLLM came
         runs.append(run)
+        reference_text = (
+            f"generate() {run['generate_tokens_per_s']:.1f} tokens/s; " if reference else ""
+        )
         print(
-            f"repeat {repeat + 1}/{repeats} (load {load:.1f}): generate()"
-            f" {run['generate_tokens_per_s']:.1f} tokens/s, "
-            + ", ".join(f"{c}: {r['tokens_per_s']:.1f}" for c, r in run["levels"].items()),
+            f"repeat {repeat + 1}/{repeats} (load {run['load_1min']:.1f}): {reference_text}"
+            + "; ".join(
+                f"{name} " + ", ".join(f"{c}: {r['tokens_per_s']:.1f}" for c, r in figures.items())
+                for name, figures in run["servers"].items()
+            ),
             flush=True,
         )
     return runs
@@ -212,48 +537,77 @@ def paired_ratio(runs: list[dict[str, Any]], numerator: Any, denominator: Any) -
     return statistics.median(numerator(run) / denominator(run) for run in runs)
 
 
+def figure(server: str, clients: int, key: str) -> Callable[[dict[str, Any]], float]:
+    return lambda run: run["servers"][server][clients][key]
+
+
+def check_prompts(runs: list[dict[str, Any]], names: list[str]) -> str:
+    """Whether every server saw prompts of the same token counts (the same prompts)."""
+    first = runs[0]["servers"]
+    counts = {name: {c: r["prompt_tokens"] for c, r in first[name].items()} for name in names}
+    if all(counts[name] == counts[names[0]] for name in names):
+        return "the same on every server"
+    return f"NOT THE SAME: {counts}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--levels", default="1,8,32", help="client counts (default 1,8,32)")
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"which servers, in the order measured (default {','.join(SERVERS)})",
+    )
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    names = args.servers.split(",")
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or len(set(names)) != len(names):
+        parser.error(f"--servers: each of {', '.join(SERVERS)} once at most, not {args.servers}")
     import torch
 
     threads = torch.get_num_threads()
     print(
         f"{args.new_tokens} new tokens per request, {args.dtype}, {ATTENTION}, greedy,"
-        f" {threads} torch threads, {args.repeats} repeats; load {os.getloadavg()}",
+        f" {threads} torch threads, {args.repeats} repeats, {len(names)} servers"
+        f" ({', '.join(names)}), clients {args.levels}; load {os.getloadavg()}",
         flush=True,
     )
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as folder:
-        daemon = RunningDaemon(
-            Path(folder),
-            model={"dtype": args.dtype},
-            engine={"attention": ATTENTION},
-            server={"max_message_size": 1 << 20},
-            generation_defaults=SETTINGS,
-        ).start()
+        servers: list[Server] = [
+            VllmServer(Path(folder), args.dtype)
+            if name == "vllm-server"
+            else Llmws(name, Path(folder) / name, args.dtype)
+            for name in names
+        ]
         try:
-            reference = Reference(args.dtype)
-            runs = measure(daemon.url, reference, levels, args.new_tokens, args.repeats)
-            peak_rss = peak_rss_bytes(daemon.proc.pid)  # type: ignore[union-attr]
+            for server in servers:  # one after the other: a start is mostly compiling
+                print(f"starting {SERVERS[server.name]}...", flush=True)
+                server.start()
+                print(f"  up in {server.start_s:.0f} s", flush=True)
+            reference = Reference(args.dtype) if "transformers" in names else None
+            runs = measure(servers, reference, levels, args.new_tokens, args.repeats)
+            peak_rss = {s.name: peak_rss_bytes(s.pid) for s in servers}
         finally:
-            daemon.stop()
+            for server in reversed(servers):
+                server.stop()
 
-    by_level = {
-        c: {
-            key: statistics.median(run["levels"][c][key] for run in runs)
-            for key in runs[0]["levels"][c]
+    by_server = {
+        name: {
+            c: {
+                key: statistics.median(run["servers"][name][c][key] for run in runs)
+                for key in ("tokens_per_s", "ttft_median_s", "ttft_p90_s", "load_1min")
+            }
+            for c in levels
         }
-        for c in levels
+        for name in names
     }
-    first = levels[0]
     results: dict[str, Any] = {
         "date": started,
         "machine": {
@@ -268,43 +622,112 @@ def main() -> int:
         "repeats": args.repeats,
         "dtype": args.dtype,
         "attention": ATTENTION,
-        "reference_generate_tokens_per_s": statistics.median(
-            run["generate_tokens_per_s"] for run in runs
-        ),
-        "levels": by_level,
-        "ratio_daemon_vs_generate": paired_ratio(
-            runs, lambda r: r["levels"][first]["tokens_per_s"], lambda r: r["generate_tokens_per_s"]
-        ),
-        "daemon_peak_rss_mb": round(peak_rss / 1e6),
-        "runs": runs,
+        "vllm": {"kv_cache_space_gb": VLLM_KV_CACHE_GB, "max_model_len": VLLM_MAX_MODEL_LEN},
+        "prompt_tokens": check_prompts(runs, names),
+        "servers": {
+            name: {
+                "label": SERVERS[name],
+                "levels": by_server[name],
+                "peak_rss_mb": round(peak_rss[name] / 1e6),
+                "start_s": round(server.start_s, 1),
+            }
+            for name, server in zip(names, servers, strict=True)
+        },
     }
-    if 8 in by_level and 1 in by_level:
-        results["ratio_aggregate_8_vs_1"] = paired_ratio(
-            runs, lambda r: r["levels"][8]["tokens_per_s"], lambda r: r["levels"][1]["tokens_per_s"]
-        )
-        results["ratio_ttft_8_vs_1"] = paired_ratio(
-            runs,
-            lambda r: r["levels"][8]["ttft_median_s"],
-            lambda r: r["levels"][1]["ttft_median_s"],
-        )
+    ratios: list[tuple[str, float | None, str]] = []
+    if reference is not None:
+        first = levels[0]
+        tf = by_server["transformers"]
+        results |= {
+            "reference_generate_tokens_per_s": statistics.median(
+                run["generate_tokens_per_s"] for run in runs
+            ),
+            "levels": tf,
+            "ratio_daemon_vs_generate": paired_ratio(
+                runs,
+                figure("transformers", first, "tokens_per_s"),
+                lambda r: r["generate_tokens_per_s"],
+            ),
+            "daemon_peak_rss_mb": results["servers"]["transformers"]["peak_rss_mb"],
+        }
+        if 8 in tf and 1 in tf:
+            results["ratio_aggregate_8_vs_1"] = paired_ratio(
+                runs,
+                figure("transformers", 8, "tokens_per_s"),
+                figure("transformers", 1, "tokens_per_s"),
+            )
+            results["ratio_ttft_8_vs_1"] = paired_ratio(
+                runs,
+                figure("transformers", 8, "ttft_median_s"),
+                figure("transformers", 1, "ttft_median_s"),
+            )
+        ratios = [
+            (
+                "model.generate() in-process, tokens/s",
+                results["reference_generate_tokens_per_s"],
+                "",
+            ),
+            ("daemon over WebSocket / generate()", results["ratio_daemon_vs_generate"], ">= 0.95"),
+            ("aggregate at 8 clients / at 1", results.get("ratio_aggregate_8_vs_1"), ">= 5"),
+            ("median TTFT at 8 clients / at 1", results.get("ratio_ttft_8_vs_1"), "<= 3"),
+        ]
+    against = {}
+    if "vllm-server" in names:
+        for name in (n for n in ("vllm", "transformers") if n in names):
+            against[name] = {
+                key: {
+                    c: paired_ratio(runs, figure(name, c, key), figure("vllm-server", c, key))
+                    for c in levels
+                }
+                for key in ("tokens_per_s", "ttft_median_s")
+            }
+        results["ratios_vs_vllm_server"] = against
+    results["runs"] = runs
 
-    print(f"\n{'clients':>8} {'tokens/s':>10} {'TTFT median':>12} {'TTFT p90':>10}")
-    for clients, row in by_level.items():
+    print(
+        f"\n{'clients':>7}  {'server':<22} {'tokens/s':>9} {'TTFT median':>12}"
+        f" {'TTFT p90':>9} {'load':>5}"
+    )
+    for clients in levels:
+        for name in names:
+            row = by_server[name][clients]
+            print(
+                f"{clients:>7}  {SERVERS[name]:<22} {row['tokens_per_s']:>9.1f}"
+                f" {row['ttft_median_s'] * 1000:>9.0f} ms {row['ttft_p90_s'] * 1000:>6.0f} ms"
+                f" {row['load_1min']:>5.1f}"
+            )
+    if against:
+        heads = [SERVERS[n] for n in against]
         print(
-            f"{clients:>8} {row['tokens_per_s']:>10.1f} {row['ttft_median_s'] * 1000:>9.0f} ms"
-            f" {row['ttft_p90_s'] * 1000:>7.0f} ms"
+            f"\n{'ratio to ' + SERVERS['vllm-server'] + ' (median per repeat)':<44}"
+            + "".join(f" {h:>21}" for h in heads)
+            + f"  goal for {SERVERS['vllm']}"
         )
-    ratios = [
-        ("model.generate() in-process, tokens/s", results["reference_generate_tokens_per_s"], ""),
-        ("daemon over WebSocket / generate()", results["ratio_daemon_vs_generate"], ">= 0.95"),
-        ("aggregate at 8 clients / at 1", results.get("ratio_aggregate_8_vs_1"), ">= 5"),
-        ("median TTFT at 8 clients / at 1", results.get("ratio_ttft_8_vs_1"), "<= 3"),
-        ("daemon peak RSS, MB", results["daemon_peak_rss_mb"], ""),
-    ]
+        for key, what, goal in (
+            ("tokens_per_s", "aggregate tokens/s", ">= 0.95"),
+            ("ttft_median_s", "median TTFT", "<= 1.1"),
+        ):
+            for c in levels:
+                shown = "vllm" in against and (key == "ttft_median_s" or c >= 8)
+                label = f"{what} at {c} {'client' if c == 1 else 'clients'}"
+                print(
+                    f"{label:<44}"
+                    + "".join(f" {against[n][key][c]:>21.2f}" for n in against)
+                    + (f"  {goal}" if shown else "")
+                )
     print()
     for label, value, goal in ratios:
         if value is not None:
             print(f"{label:<40} {value:>8.2f}  {'(goal ' + goal + ')' if goal else ''}")
+    for name in names:
+        server_results = results["servers"][name]
+        print(
+            f"{SERVERS[name] + ': peak RSS, MB':<40} {server_results['peak_rss_mb']:>8}"
+            f"  (up in {server_results['start_s']:.0f} s)"
+        )
+    print(f"prompt token counts: {results['prompt_tokens']}")
+    idle = max((max(r.get("idle_servers_cpu_s", {0: 0}).values()) for r in runs), default=0)
+    print(f"CPU the idle servers used while another was measured: {idle:.1f} s at most")
     print(f"load average before {load_before}, after {results['load_average_after']}")
 
     out = ROOT / "bench" / "results"
