@@ -88,3 +88,31 @@ class StopStringFilter:
                     longest = n
                     break
         return longest
+
+
+class AnswerText:
+    """An answer's text as its tokens come: detokenized, with its stop strings cut.
+
+    What both engines stream: :meth:`push` gives each token's text (``stopped``
+    tells when a stop string ended the answer), :meth:`flush` what was held back
+    at its end.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringFilter(stops) if stops else None
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        text = self._detokenizer.push(token_id)
+        if self._stops is not None and text:
+            text, self.stopped = self._stops.push(text)
+        return text
+
+    def flush(self) -> str:
+        text = self._detokenizer.flush()
+        if self._stops is not None:
+            text, stopped = self._stops.push(text)
+            if not stopped:
+                text += self._stops.flush()
+        return text

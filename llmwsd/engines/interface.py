@@ -7,6 +7,7 @@ imports torch, so the protocol layer and its tests stay light.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,6 +69,25 @@ class Finished:
     finish_reason: str  # "stop", "length" or "cancelled"
     ttft_ms: float
     tokens_per_s: float
+
+    @classmethod
+    def measured(
+        cls,
+        total_tokens: int,
+        finish_reason: str,
+        submitted_at: float,
+        first_token_at: float | None,
+        started_at: float,
+    ) -> Finished:
+        """The end of an answer, timed (monotonic seconds): the time to its first token
+        from its submission, its speed from when the engine started on it."""
+        elapsed = time.monotonic() - started_at
+        return cls(
+            total_tokens=total_tokens,
+            finish_reason=finish_reason,
+            ttft_ms=round((first_token_at - submitted_at) * 1000, 1) if first_token_at else 0.0,
+            tokens_per_s=round(total_tokens / elapsed, 2) if total_tokens and elapsed > 0 else 0.0,
+        )
 
 
 @dataclass(frozen=True)

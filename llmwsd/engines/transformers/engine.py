@@ -32,7 +32,7 @@ import torch
 
 from llmwsd.config import Config
 from llmwsd.engines.chat_template import end_token_ids, template_ids
-from llmwsd.engines.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.detokenize import AnswerText
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -93,8 +93,7 @@ class _Generation:
     prompt_ids: list[int] = field(default_factory=list)
     max_new_tokens: int = 0
     sampler: TokenSampler | None = None
-    detokenizer: IncrementalDetokenizer | None = None
-    stops: StopStringFilter | None = None
+    text: AnswerText | None = None
     generated: list[int] = field(default_factory=list)
     admitted_at: float = 0.0
     first_token_at: float | None = None
@@ -423,8 +422,7 @@ class Engine:
         generation.sampler = TokenSampler(
             settings, prompt, self._vocab_size, self._end_ids, self._device
         )
-        generation.detokenizer = IncrementalDetokenizer(self._tokenizer)
-        generation.stops = StopStringFilter(settings.stop) if settings.stop else None
+        generation.text = AnswerText(self._tokenizer, settings.stop)
         self._emit(generation, Started(len(prompt), generation.max_new_tokens))
         self._waiting.append(generation)
 
@@ -538,7 +536,7 @@ class Engine:
         batch.next_tokens = torch.tensor(tokens, device=self._device)
 
     def _take_token(self, generation: _Generation, token: int) -> None:
-        assert generation.sampler and generation.detokenizer
+        assert generation.sampler and generation.text
         generation.generated.append(token)
         generation.sampler.accept(token)
         if generation.first_token_at is None:
@@ -546,14 +544,10 @@ class Engine:
         if token in self._end_id_set:
             self._finish(generation, "stop")
             return
-        text = generation.detokenizer.push(token)
-        if generation.stops is not None and text:
-            text, stopped = generation.stops.push(text)
-            if stopped:
-                self._emit_text(generation, text)
-                self._finish(generation, "stop", flush=False)
-                return
-        self._emit_text(generation, text)
+        self._emit_text(generation, generation.text.push(token))
+        if generation.text.stopped:
+            self._finish(generation, "stop", flush=False)
+            return
         if len(generation.generated) >= generation.max_new_tokens:
             self._finish(generation, "length")
 
@@ -565,25 +559,17 @@ class Engine:
         """End a request with Finished; ``flush`` emits the text held back."""
         if generation.done:
             return
-        if flush and reason != "cancelled" and generation.detokenizer is not None:
-            text = generation.detokenizer.flush()
-            if generation.stops is not None:
-                text, stopped = generation.stops.push(text)
-                if not stopped:
-                    text += generation.stops.flush()
-            self._emit_text(generation, text)
+        if flush and reason != "cancelled" and generation.text is not None:
+            self._emit_text(generation, generation.text.flush())
         generation.done = True
-        now = time.monotonic()
-        first = generation.first_token_at
-        elapsed = now - (generation.admitted_at or generation.submitted_at)
-        count = len(generation.generated)
         self._emit(
             generation,
-            Finished(
-                total_tokens=count,
-                finish_reason=reason,
-                ttft_ms=round((first - generation.submitted_at) * 1000, 1) if first else 0.0,
-                tokens_per_s=round(count / elapsed, 2) if count and elapsed > 0 else 0.0,
+            Finished.measured(
+                len(generation.generated),
+                reason,
+                generation.submitted_at,
+                generation.first_token_at,
+                generation.admitted_at or generation.submitted_at,
             ),
         )
 

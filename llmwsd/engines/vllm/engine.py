@@ -30,7 +30,7 @@ from typing import Any
 
 from llmwsd.config import Config
 from llmwsd.engines.chat_template import end_token_ids, template_ids
-from llmwsd.engines.detokenize import IncrementalDetokenizer, StopStringFilter
+from llmwsd.engines.detokenize import AnswerText
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -236,8 +236,7 @@ class VllmEngine:
         generation.prompt_ids, generation.max_tokens = list(prompt), budget
         generation.stream(Started(len(prompt), budget))
         params = sampling_params(settings, budget, self._end_ids, self._vocab_size)
-        detokenizer = IncrementalDetokenizer(self._tokenizer)
-        stops = StopStringFilter(settings.stop) if settings.stop else None
+        text = AnswerText(self._tokenizer, settings.stop)
         outputs = self._llm.generate(
             TokensPrompt(prompt_token_ids=list(prompt)),
             params,
@@ -248,7 +247,7 @@ class VllmEngine:
                 self._heard(len(output.outputs[0].token_ids))
                 completion = output.outputs[0]
                 for token in completion.token_ids:
-                    if self._take_token(generation, token, detokenizer, stops):
+                    if self._take_token(generation, token, text):
                         return  # a stop string: the rest is not wanted
                 if output.finished:
                     reason = completion.finish_reason
@@ -256,62 +255,34 @@ class VllmEngine:
                         why = f"vLLM ended the answer ({reason}); see the log"
                         generation.stream(Failed(Interrupted(why)))
                         return
-                    self._finish(generation, reason, detokenizer, stops)
+                    self._finish(generation, reason, text)
                     return
         finally:
             await outputs.aclose()  # an unfinished request is aborted in vLLM
 
-    def _take_token(
-        self,
-        generation: _Generation,
-        token: int,
-        detokenizer: IncrementalDetokenizer,
-        stops: StopStringFilter | None,
-    ) -> bool:
+    def _take_token(self, generation: _Generation, token: int, text: AnswerText) -> bool:
         """Stream one token's text; True when a stop string ended the answer."""
         generation.generated += 1
         if generation.first_token_at is None:
             generation.first_token_at = time.monotonic()
         if token in self._end_id_set:
             return False  # its output says finished, with reason stop
-        text = detokenizer.push(token)
-        if stops is not None and text:
-            text, stopped = stops.push(text)
-            if stopped:
-                self._emit_text(generation, text)
-                self._finish(generation, "stop")
-                return True
-        self._emit_text(generation, text)
-        return False
+        self._emit_text(generation, text.push(token))
+        if text.stopped:
+            self._finish(generation, "stop")
+        return text.stopped
 
     def _emit_text(self, generation: _Generation, text: str) -> None:
         if text:
             generation.stream(TokenText(text))
 
-    def _finish(
-        self,
-        generation: _Generation,
-        reason: str,
-        detokenizer: IncrementalDetokenizer | None = None,
-        stops: StopStringFilter | None = None,
-    ) -> None:
-        if detokenizer is not None:
-            text = detokenizer.flush()
-            if stops is not None:
-                text, stopped = stops.push(text)
-                if not stopped:
-                    text += stops.flush()
-            self._emit_text(generation, text)
-        now = time.monotonic()
-        first, count = generation.first_token_at, generation.generated
-        elapsed = now - generation.submitted_at
+    def _finish(self, generation: _Generation, reason: str, text: AnswerText | None = None) -> None:
+        """End the answer; ``text``: the text held back comes first."""
+        if text is not None:
+            self._emit_text(generation, text.flush())
+        at = generation.submitted_at
         generation.stream(
-            Finished(
-                total_tokens=count,
-                finish_reason=reason,
-                ttft_ms=round((first - generation.submitted_at) * 1000, 1) if first else 0.0,
-                tokens_per_s=round(count / elapsed, 2) if count and elapsed > 0 else 0.0,
-            )
+            Finished.measured(generation.generated, reason, at, generation.first_token_at, at)
         )
 
     def _failed(self, generation: _Generation, error: Exception) -> None:
