@@ -40,67 +40,39 @@ sequence of prompts.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import itertools
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
-import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import DEFAULT_MODEL, RunningDaemon, free_port  # noqa: E402
+from bench.clients import ATTENTION, PROMPTS, new_conversation  # noqa: E402
+from bench.servers import (  # noqa: E402
+    VLLM_KV_CACHE_GB,
+    VLLM_MAX_MODEL_LEN,
+    Llmws,
+    Server,
+    VllmServer,
+    cpu_seconds,
+    peak_rss_bytes,
+)
+from tests.conftest import DEFAULT_MODEL  # noqa: E402
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works.",
-    "Describe the water cycle to a child.",
-    "List some facts about the Moon.",
-    "Write a poem about autumn leaves.",
-    "Explain what a computer network is.",
-    "Describe a busy market in the morning.",
-    "Tell me about the history of tea.",
-]
-REQUEST_NUMBERS = itertools.count(1)
-ATTENTION = "sdpa"
-# What generate() does by default with this model's generation config.
-SETTINGS = {"do_sample": False, "repetition_penalty": 1.0}
-# Both vLLMs: the same KV cache (GiB) and context; the rest is vLLM's defaults, which are
-# the same in process and in its server on CPU (max_num_seqs 128, 2048 batched tokens).
-VLLM_KV_CACHE_GB = 1
-VLLM_MAX_MODEL_LEN = 2048
 SERVERS = {
     "transformers": "llmws (transformers)",
     "vllm": "llmws (vLLM)",
     "vllm-server": "vLLM's server",
 }
-START_TIMEOUT = 900.0  # s: vLLM compiles the model at every start (~70 s, more when busy)
-
-
-def new_conversation(prompt: str, numbers: Iterator[int] = REQUEST_NUMBERS) -> str:
-    """``prompt`` as nobody asked it before (see the module's docstring)."""
-    return f"Question {next(numbers)}. {prompt}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class Reference:
@@ -147,341 +119,6 @@ class Reference:
             )
             elapsed = time.perf_counter() - started
         return (out.shape[1] - self._inputs["input_ids"].shape[1]) / elapsed
-
-
-class Client(Protocol):
-    async def open(self) -> None: ...
-
-    async def ask(self, user: str, new_tokens: int) -> dict[str, float]: ...
-
-    async def close(self) -> None: ...
-
-
-class WebSocketClient:
-    """One llmws client: a WebSocket connection, a new conversation per request."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.ws: websockets.ClientConnection | None = None
-
-    async def open(self) -> None:
-        self.ws = await websockets.connect(self.url, max_size=None)
-        await self.ws.send("{}")
-        json.loads(await self.ws.recv())  # welcome
-
-    async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
-        assert self.ws is not None
-        config = {**SETTINGS, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-        request = {"type": "inference", "prompt": {"system": "", "user": user}, "config": config}
-        started = time.perf_counter()
-        await self.ws.send(json.dumps(request))
-        first = None
-        prompt_tokens = 0
-        while True:
-            event = json.loads(await self.ws.recv())
-            if event["type"] == "start":
-                prompt_tokens = event["tokens_in"]
-            if event["type"] == "token" and first is None:
-                first = time.perf_counter()
-            if event["type"] in ("done", "error"):
-                break
-        if event["type"] == "error":
-            raise RuntimeError(f"the daemon answered an error: {event}")
-        finished = time.perf_counter()
-        return {
-            "tokens": event["total_tokens"],
-            "prompt_tokens": prompt_tokens,
-            "ttft": (first or finished) - started,
-            "started": started,
-            "finished": finished,
-        }
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-
-
-class ChatCompletionsClient:
-    """One client of vLLM's OpenAI server: a keep-alive HTTP connection, streaming chat."""
-
-    def __init__(self, base: str, model: str) -> None:
-        import aiohttp
-
-        self.base = base
-        self.model = model
-        self.connections = 0
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(self._connected)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=3600),
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
-            trace_configs=[trace],
-        )
-
-    async def _connected(self, *_: Any) -> None:
-        self.connections += 1
-
-    async def open(self) -> None:
-        async with self.session.get(self.base + "/health") as response:
-            response.raise_for_status()
-            await response.read()
-
-    async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": user}],
-            "max_tokens": new_tokens,
-            "min_tokens": new_tokens,
-            "temperature": 0.0,
-            "repetition_penalty": 1.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        started = time.perf_counter()
-        first = None
-        usage: dict[str, int] = {}
-        async with self.session.post(self.base + "/v1/chat/completions", json=body) as response:
-            if response.status != 200:
-                raise RuntimeError(
-                    f"vLLM's server answered {response.status}: {(await response.text())[:500]}"
-                )
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and any(
-                    c.get("delta", {}).get("content") for c in chunk.get("choices", ())
-                ):
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-        finished = time.perf_counter()
-        if self.connections != 1:
-            raise RuntimeError(f"a client opened {self.connections} connections instead of 1")
-        return {
-            "tokens": usage["completion_tokens"],
-            "prompt_tokens": usage["prompt_tokens"],
-            "ttft": (first or finished) - started,
-            "started": started,
-            "finished": finished,
-        }
-
-    async def close(self) -> None:
-        await self.session.close()
-
-
-async def concurrent(
-    make_client: Callable[[], Client], prompts: Iterator[str], clients: int, new_tokens: int
-) -> dict[str, Any]:
-    """``clients`` connections that ask at the same moment; aggregate tokens/s and TTFT."""
-    opened = [make_client() for _ in range(clients)]
-    try:
-        await asyncio.gather(*(c.open() for c in opened))
-        users = [next(prompts) for _ in opened]
-        results = await asyncio.gather(
-            *(c.ask(user, new_tokens) for c, user in zip(opened, users, strict=True))
-        )
-    finally:
-        await asyncio.gather(*(c.close() for c in opened))
-    wall = max(r["finished"] for r in results) - min(r["started"] for r in results)
-    ttfts = [r["ttft"] for r in results]
-    tokens = [r["tokens"] for r in results]
-    if any(t != new_tokens for t in tokens):
-        raise RuntimeError(f"asked for {new_tokens} tokens each, got {tokens}")
-    return {
-        "tokens_per_s": sum(tokens) / wall,
-        "ttft_median_s": statistics.median(ttfts),
-        "ttft_p90_s": percentile(ttfts, 0.9),
-        "prompt_tokens": [r["prompt_tokens"] for r in results],
-    }
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    """The process and its descendants (vLLM's engine and worker processes)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """The kernel's high-water mark of resident memory (VmHWM), summed over the tree."""
-    total = 0
-    for process in tree(pid):
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-        except OSError:
-            continue
-        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
-        total += int(hwm.split()[1]) * 1024
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        for process in tree(pid):
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-    return total
-
-
-def stop_tree(proc: subprocess.Popen[bytes], descendants: list[psutil.Process]) -> None:
-    """SIGTERM, then SIGKILL after 60 s; then whatever of its descendants outlived it."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-    _, alive = psutil.wait_procs(descendants, timeout=30)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
-class Server:
-    """One server measured: started once, asked the same sequence of prompts as the others."""
-
-    name = ""
-
-    def __init__(self) -> None:
-        self.numbers = itertools.count(1)
-        self.start_s = 0.0
-
-    def prompts(self) -> Iterator[str]:
-        for i in itertools.count():
-            yield new_conversation(PROMPTS[i % len(PROMPTS)], self.numbers)
-
-    def client(self) -> Client:
-        raise NotImplementedError
-
-    @property
-    def pid(self) -> int:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def measure(self, clients: int, new_tokens: int) -> dict[str, Any]:
-        # A fresh prompt iterator per call: each starts at PROMPTS[0], as every server's does.
-        return asyncio.run(concurrent(self.client, self.prompts(), clients, new_tokens))
-
-
-class Llmws(Server):
-    """llmwsd on one of its engines."""
-
-    def __init__(self, name: str, folder: Path, dtype: str) -> None:
-        super().__init__()
-        self.name = name
-        engine: dict[str, Any] = {"attention": ATTENTION}
-        if name == "vllm":
-            vllm = {"kv_cache_space_gb": VLLM_KV_CACHE_GB, "max_model_len": VLLM_MAX_MODEL_LEN}
-            engine = {"backend": "vllm", "vllm": vllm}
-        folder.mkdir()
-        self.daemon = RunningDaemon(
-            folder,
-            model={"dtype": dtype},
-            engine=engine,
-            server={"max_message_size": 1 << 20},
-            limits={"max_connections_per_address": 1024},
-            sessions={"max_per_client": 1024},
-            generation_defaults=SETTINGS,
-        )
-        self._descendants: list[psutil.Process] = []
-
-    def client(self) -> Client:
-        return WebSocketClient(self.daemon.url)
-
-    @property
-    def pid(self) -> int:
-        assert self.daemon.proc is not None
-        return self.daemon.proc.pid
-
-    def start(self) -> None:
-        started = time.monotonic()
-        self.daemon.start(timeout=START_TIMEOUT)
-        self.start_s = time.monotonic() - started
-        self._descendants = tree(self.pid)[1:]
-
-    def stop(self) -> None:
-        if self.daemon.proc is not None:
-            self._descendants = list({*self._descendants, *tree(self.pid)[1:]})
-            stop_tree(self.daemon.proc, self._descendants)
-
-
-class VllmServer(Server):
-    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)."""
-
-    name = "vllm-server"
-
-    def __init__(self, folder: Path, dtype: str) -> None:
-        super().__init__()
-        self.dtype = dtype
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / "vllm-server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._descendants: list[psutil.Process] = []
-
-    def client(self) -> Client:
-        return ChatCompletionsClient(self.base, str(DEFAULT_MODEL))
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KV_CACHE_GB),
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        }
-        command = [
-            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
-            *("--model", str(DEFAULT_MODEL), "--dtype", self.dtype),
-            *("--max-model-len", str(VLLM_MAX_MODEL_LEN)),
-            *("--host", "127.0.0.1", "--port", str(self.port)),
-            "--disable-uvicorn-access-log",
-        ]
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
-            )
-        while not self._healthy():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() - started > START_TIMEOUT:
-                raise TimeoutError(f"vLLM's server not ready after {START_TIMEOUT} s")
-            time.sleep(0.5)
-        self.start_s = time.monotonic() - started
-        self._descendants = tree(self.pid)[1:]
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                return r.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self._descendants = list({*self._descendants, *tree(self.pid)[1:]})
-            stop_tree(self.proc, self._descendants)
 
 
 def cpu_model() -> str:
