@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,6 @@ class _Generation:
     stream: EventStream
     handle: GenerationHandle
     submitted_at: float
-    prompt_ids: list[int] = field(default_factory=list)
-    max_tokens: int = 0
     generated: int = 0
     first_token_at: float | None = None
 
@@ -233,7 +231,6 @@ class VllmEngine:
         budget = new_token_budget(
             len(prompt), settings.max_new_tokens, self.info.max_context, "truncate"
         )
-        generation.prompt_ids, generation.max_tokens = list(prompt), budget
         generation.stream(Started(len(prompt), budget))
         params = sampling_params(settings, budget, self._end_ids, self._vocab_size)
         text = AnswerText(self._tokenizer, settings.stop)
