@@ -41,6 +41,11 @@ def engine_argument_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
 
 
+def kv_cache_space_gb(config: Config) -> Any:
+    """``kv_cache_space_gb`` as the file says it (checked by :func:`check`)."""
+    return config.engine.vllm.get(KV_CACHE_SPACE_KEY, DEFAULT_KV_CACHE_SPACE_GB)
+
+
 def passed_arguments(config: Config) -> dict[str, Any]:
     """The [engine.vllm] keys that go to vLLM, with "unset" values dropped."""
     table = config.engine.vllm
@@ -63,7 +68,7 @@ def check(config: Config) -> None:
                 f"{where} unknown key {key!r}: not one of vLLM's engine arguments "
                 "(vllm.engine.arg_utils.AsyncEngineArgs)"
             )
-    space = config.engine.vllm.get(KV_CACHE_SPACE_KEY, DEFAULT_KV_CACHE_SPACE_GB)
+    space = kv_cache_space_gb(config)
     if isinstance(space, bool) or not isinstance(space, int) or space < 1:
         # VLLM_CPU_KVCACHE_SPACE is whole GiB; num_gpu_blocks_override sets fewer blocks.
         raise ConfigError(
@@ -84,8 +89,7 @@ def set_environment(config: Config) -> None:
 
     The operator's environment wins (a unit's Environment=).
     """
-    space = config.engine.vllm.get(KV_CACHE_SPACE_KEY, DEFAULT_KV_CACHE_SPACE_GB)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(space))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gb(config)))
     # The daemon has threads: its engine processes are spawned, never forked from it.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     # vLLM's usage statistics would phone home; a daemon on a closed network must not try.

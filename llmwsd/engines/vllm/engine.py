@@ -241,8 +241,8 @@ class VllmEngine:
         )
         try:
             async for output in outputs:
-                self._heard(len(output.outputs[0].token_ids))
                 completion = output.outputs[0]
+                self._heard(len(completion.token_ids))
                 for token in completion.token_ids:
                     if self._take_token(generation, token, text):
                         return  # a stop string: the rest is not wanted
@@ -286,8 +286,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(error, EngineDeadError):
-            self._died(f"the vLLM engine died: {error}")
-            generation.stream(Failed(Interrupted(self._failure or "the vLLM engine died")))
+            generation.stream(Failed(self._died(error)))
             return
         log.error("request %s failed in vLLM", generation.handle.request_id, exc_info=error)
         reason = " ".join(str(error).split())
@@ -301,10 +300,14 @@ class VllmEngine:
 
     # -- health ----------------------------------------------------------------------
 
-    def _died(self, reason: str) -> None:
+    def _died(self, error: Exception) -> Interrupted:
+        """The engine process is gone (``error`` says how): the error its requests end with.
+
+        The first report is kept: later ones are its echoes."""
         if self._failure is None:
-            self._failure = reason
-            log.error("%s; /healthz answers 503 and the watchdog stops", reason)
+            self._failure = f"the vLLM engine died: {error}"
+            log.error("%s; /healthz answers 503 and the watchdog stops", self._failure)
+        return Interrupted(self._failure)
 
     async def _watch_health(self) -> None:
         """Ask vLLM every few seconds whether its engine process lives."""
@@ -312,8 +315,7 @@ class VllmEngine:
             try:
                 await self._llm.check_health()
             except Exception as e:
-                self._died(f"the vLLM engine died: {e}")
-                self.abandon(Interrupted(self._failure or "the vLLM engine died"))
+                self.abandon(self._died(e))
                 return
             await asyncio.sleep(HEALTH_CHECK_EVERY_S)
 
