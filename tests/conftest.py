@@ -17,6 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import psutil
 import pytest
 import websockets
 
@@ -254,6 +255,14 @@ def engine_sections(engine: str) -> dict[str, Any]:
     if engine == "vllm" and not vllm_installed():
         skip_or_fail("vLLM is not installed: run `make vllm`")
     return {"engine": ENGINE_SECTIONS[engine]} if ENGINE_SECTIONS[engine] else {}
+
+
+def vllm_processes(daemon: RunningDaemon) -> list[psutil.Process]:
+    """vLLM's engine and workers (VLLM::EngineCore, VLLM::Worker), not multiprocessing's
+    resource tracker, which stays for the daemon's life."""
+    assert daemon.proc is not None
+    below = psutil.Process(daemon.proc.pid).children(recursive=True)
+    return [p for p in below if p.name().startswith("VLLM")]
 
 
 @pytest.fixture(scope="session", params=ENGINES)

@@ -32,6 +32,7 @@ from tests.conftest import (
     eventually,
     recv_json,
     recv_until,
+    vllm_processes,
     write_config,
 )
 from tests.test_admin import link_model
@@ -42,14 +43,6 @@ pytestmark = pytest.mark.slow
 LLMWSCTL = [sys.executable, "-m", "llmwsctl.cli"]
 LONG = {"user": "Write a very long story about a dragon and a knight."}
 UP_TO_400 = {"max_new_tokens": 400}
-
-
-def vllm_processes(daemon: RunningDaemon) -> list[psutil.Process]:
-    """vLLM's engine and workers (VLLM::EngineCore, VLLM::Worker), not multiprocessing's
-    resource tracker, which stays for the daemon's life."""
-    assert daemon.proc is not None
-    below = psutil.Process(daemon.proc.pid).children(recursive=True)
-    return [p for p in below if p.name().startswith("VLLM")]
 
 
 async def figures(ws: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ none of vLLM's processes behind (docs/scale-out.md).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import time
@@ -23,13 +22,13 @@ import websockets
 
 from llmwsctl.adminclient import AdminClient
 from tests.conftest import (
-    DEFAULT_MODEL,
     REAL,
     RunningDaemon,
     answer_text,
+    engine_sections,
     recv_json,
     recv_until,
-    skip_or_fail,
+    vllm_processes,
 )
 
 START_TIMEOUT_S = 300.0  # vLLM's start with two workers on a busy two-core machine
@@ -45,12 +44,8 @@ PARALLEL_ENGINE = {
         "max_model_len": 2048,
     },
 }
-PARALLEL_ENV = {
-    # One core for each worker (vLLM's CPU build pins its OpenMP threads).
-    "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-    # vLLM logs to stdout, which the test daemon throws away: into its log instead.
-    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-}
+# One core for each worker (vLLM's CPU build pins its OpenMP threads).
+PARALLEL_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(START_TIMEOUT_S + 300)]
 
@@ -72,56 +67,33 @@ def wait_served(daemon: RunningDaemon, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def descendants_or_none(pid: int) -> list[psutil.Process]:
-    try:
-        return descendants(pid)
-    except psutil.NoSuchProcess:
-        return []
-
-
 async def test_pipeline_parallel_two_workers(daemon_factory):
-    if not (DEFAULT_MODEL / "config.json").exists():
-        pytest.fail("the default model is missing: run `make model`")
-    if importlib.util.find_spec("vllm") is None:
-        skip_or_fail("vLLM is not installed: run `make vllm`")
+    engine_sections("vllm")  # the model and vLLM are there
     daemon = daemon_factory(wait=False, env=PARALLEL_ENV, engine=PARALLEL_ENGINE)
-    assert daemon.proc is not None
-    children: list[psutil.Process] = []
-    try:
-        wait_served(daemon, START_TIMEOUT_S)
-        # vLLM's engine process and its two workers: all of them must go with the daemon.
-        children = descendants(daemon.proc.pid)
-        assert len(children) >= 3, [(c.pid, c.name()) for c in children]
+    wait_served(daemon, START_TIMEOUT_S)
+    # vLLM's engine process and its two workers: all of them must go with the daemon.
+    children = vllm_processes(daemon)
+    assert len(children) >= 3, [(c.pid, c.name()) for c in children]
 
-        async with websockets.connect(daemon.url, max_size=None, open_timeout=30) as ws:
-            await ws.send(json.dumps({}))
-            welcome = await recv_json(ws, 30, "welcome")
-            assert welcome["capabilities"]["engine"] == "vllm", welcome
-            message = {"type": "inference", "prompt": {"user": "What is the capital of France?"}}
-            await ws.send(json.dumps({**message, "config": {"do_sample": False}}))
-            events = await recv_until(ws, {"done", "error"}, timeout=REAL)
-        assert events[-1]["type"] == "done", events[-1]
-        assert "Paris" in answer_text(events), answer_text(events)
+    async with websockets.connect(daemon.url, max_size=None, open_timeout=30) as ws:
+        await ws.send(json.dumps({}))
+        welcome = await recv_json(ws, 30, "welcome")
+        assert welcome["capabilities"]["engine"] == "vllm", welcome
+        message = {"type": "inference", "prompt": {"user": "What is the capital of France?"}}
+        await ws.send(json.dumps({**message, "config": {"do_sample": False}}))
+        events = await recv_until(ws, {"done", "error"}, timeout=REAL)
+    assert events[-1]["type"] == "done", events[-1]
+    assert "Paris" in answer_text(events), answer_text(events)
 
-        with AdminClient.connect(str(daemon.admin_socket)) as admin:
-            status = admin.call("status")
-        assert status["engine"] == "vllm", status
-        assert status["model"] == "SmolLM2-135M-Instruct", status
-        assert "pipeline_parallel_size=2" in daemon.log(), daemon.log()[-4000:]
+    with AdminClient.connect(str(daemon.admin_socket)) as admin:
+        status = admin.call("status")
+    assert status["engine"] == "vllm", status
+    assert status["model"] == "SmolLM2-135M-Instruct", status
+    assert "pipeline_parallel_size=2" in daemon.log(), daemon.log()[-4000:]
 
-        assert daemon.stop(signal.SIGTERM, timeout=120) == 0, daemon.log()[-4000:]
-        end = time.monotonic() + 15
-        while any(alive(c) for c in children) and time.monotonic() < end:
-            time.sleep(0.2)
-        left = [(c.pid, c.name()) for c in children if alive(c)]
-        assert not left, f"vLLM processes outlived llmwsd: {left}"
-    finally:
-        # Whatever happened, none of them is left to the next tests (the fixture kills
-        # llmwsd only, and vLLM's workers can outlive it).
-        for child in children or descendants_or_none(daemon.proc.pid):
-            if alive(child):
-                child.kill()
+    assert daemon.stop(signal.SIGTERM, timeout=120) == 0, daemon.log()[-4000:]
+    end = time.monotonic() + 15
+    while any(alive(c) for c in children) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = [(c.pid, c.name()) for c in children if alive(c)]
+    assert not left, f"vLLM processes outlived llmwsd: {left}"
