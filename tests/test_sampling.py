@@ -132,6 +132,7 @@ async def test_the_real_model_samples_with_the_tiniest_settings(real_daemon: Run
         {**tiny, "top_k": 0, "top_p": 1.0},
         {"temperature": 5e-324, "repetition_penalty": 5e-324, "top_k": 1_000_000},
         {"temperature": 100.0, "repetition_penalty": 10.0, "top_k": 0, "top_p": 1.0},
+        {"seed": 2**63 - 1},  # the largest seed a client may send
     ]
     async with websockets.connect(real_daemon.url, max_size=None) as ws:
         await ws.send(json.dumps({}))
@@ -140,7 +141,7 @@ async def test_the_real_model_samples_with_the_tiniest_settings(real_daemon: Run
             message = {
                 "type": "inference",
                 "prompt": {"system": "", "user": "Say something."},
-                "config": {**config, "do_sample": True, "seed": 3, "max_new_tokens": 8},
+                "config": {"do_sample": True, "seed": 3, **config, "max_new_tokens": 8},
             }
             await ws.send(json.dumps(message))
             events = await recv_until(ws, {"done", "error"}, timeout=120)
