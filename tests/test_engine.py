@@ -342,7 +342,9 @@ def test_weights_laid_out_for_onednn_give_the_same_logits(tokenizer):
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
     ids = torch.tensor([template_ids(tokenizer, [{"role": "user", "content": PARIS}])])
     embedding = model.get_input_embeddings().weight
-    with torch.inference_mode():
+    # Both forwards under the engine's lock, with oneDNN on: the flag is one for the whole
+    # process, and another thread (an earlier test's engine) may switch it in between.
+    with torch.inference_mode(), kernels.onednn(True):
         before = model(input_ids=ids).logits
         # No memory to spare for a second copy: every step runs on the packed weights.
         assert kernels.choose_kernels(model, max_rows=2, available_bytes=0) == 0
