@@ -87,11 +87,12 @@ class _Released:
 def api_request_line(head: bytes) -> bool | None:
     """Whether a request starting with ``head`` is for the HTTP APIs (its path under /v1/);
     None while too little of its request line has come to tell."""
-    _method, space, rest = head.partition(b" ")
+    line = head.split(b"\n", 1)
+    _method, space, rest = line[0].partition(b" ")
     if not space:
-        return None if len(head) < 16 else False
+        return None if len(line) == 1 and len(head) < 16 else False
     if len(rest) < 4:
-        return None
+        return None if len(line) == 1 else False
     return rest[:3] == b"/v1" and rest[3:4] in (b"/", b"?", b" ")
 
 
