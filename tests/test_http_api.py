@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from llmwsd.daemon import Daemon
-from tests.conftest import FAST, recv_until, ws_url
+from tests.conftest import FAST, recv_json, recv_until, ws_url
 
 
 def base(daemon: Daemon) -> str:
@@ -197,12 +197,14 @@ async def test_a_client_hanging_up_mid_stream_cancels_its_generation(
 ) -> None:
     daemon = await fake_daemon_factory()
     daemon.slot.engine.token_delay = 0.2
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             base(daemon) + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": " ".join(["w"] * 200)}], "stream": True},
-        ) as r:
-            await r.content.readline()
+        ) as r,
+    ):
+        await r.content.readline()
     engine = daemon.slot.engine
     for _ in range(100):
         if not engine.tasks:
@@ -246,3 +248,65 @@ async def test_tokens_are_checked(fake_daemon_factory: Any, tmp_path: Any) -> No
     client = anthropic.AsyncAnthropic(base_url=base(daemon), api_key=token, max_retries=0)
     message = await client.messages.create(model="fake-model", max_tokens=3, messages=CHAT)
     assert message.content[0].text == "echo: hello there"
+
+
+async def test_http_and_websocket_requests_wait_in_one_fair_queue(fake_daemon_factory: Any) -> None:
+    from tests.test_memory import ask, connect, estimate_for_tests
+
+    daemon = await fake_daemon_factory(limits={"max_queue": 2})
+    # Each request: 10 prompt tokens + 30 new = 40 tokens at 2 bytes; one fits at a time.
+    daemon.slot.engine.info.memory = estimate_for_tests(budget=80 + 79)
+    first, last = await connect(daemon), await connect(daemon)
+    await ask(first, 6, max_new_tokens=30, min_new_tokens=30)
+    assert (await recv_json(first))["type"] == "start"
+    body = {
+        "messages": [{"role": "user", "content": " ".join(["word"] * 6)}],
+        "max_tokens": 30,
+        "min_tokens": 30,
+    }
+    async with aiohttp.ClientSession() as http:
+        url = base(daemon) + "/v1/chat/completions"
+        over_http = asyncio.create_task(http.post(url, json=body))
+        for _ in range(100):
+            if daemon.slot.admission.stats()["waiting_for_memory"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        await ask(last, 6, max_new_tokens=30, min_new_tokens=30)
+        queued = await recv_json(last)
+        assert queued["type"] == "queued" and queued["position"] == 2  # behind the HTTP one
+        async with http.post(url, json=body) as full:  # the queue holds two: one more is busy
+            assert full.status == 429 and (await full.json())["error"]["code"] == "busy"
+        answer = await over_http
+        assert answer.status == 200 and (await answer.json())["usage"]["completion_tokens"] == 7
+        assert daemon.slot.admission.stats()["waiting_for_memory"] <= 1
+        events = await recv_until(last, {"done"})
+        assert events[-1]["total_tokens"] == 7  # "echo:" and the six words
+
+
+async def test_the_apis_over_tls_and_the_host_check(
+    fake_daemon_factory: Any, tmp_path: Any
+) -> None:
+    import ssl
+
+    import httpx
+
+    from tests.test_security import make_certificates
+
+    ca, cert, key = make_certificates(tmp_path, serial=3)
+    daemon = await fake_daemon_factory(server={"tls_cert": str(cert), "tls_key": str(key)})
+    context = ssl.create_default_context(cafile=str(ca))
+    client = openai.AsyncOpenAI(
+        base_url=f"https://127.0.0.1:{daemon.server.port}/v1",
+        api_key="none",
+        max_retries=0,
+        http_client=httpx.AsyncClient(verify=context),
+    )
+    answer = await client.chat.completions.create(model="fake-model", messages=CHAT)
+    assert answer.choices[0].message.content == "echo: hello there world"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"https://127.0.0.1:{daemon.server.port}/v1/models",
+            headers={"Host": "evil.example:8765"},
+            ssl=context,
+        ) as rebound:
+            assert rebound.status == 421  # DNS rebinding: the Host check applies here too
