@@ -187,13 +187,15 @@ class Daemon:
         self.notifier.stopping()
         if self._status_task is not None:
             self._status_task.cancel()
-        await self.server.close()
+        drain = self.config.server.drain_timeout
+        draining_since = time.monotonic()
+        await self.server.close(drain)  # HTTP requests finish first, within the drain timeout
         await self.admin.close()
         await self.models.pulls.close()  # their staging stays: pulled again, they resume
         self.slot.close()
         engine = self.slot.vacate(ModelState.NONE)
         if engine is not None:
-            drain = self.config.server.drain_timeout
+            drain = max(0.0, drain - (time.monotonic() - draining_since))
             log.info("draining running generations (up to %g s)", drain)
             await engine.drain(drain)
             await engine.close()

@@ -92,6 +92,22 @@ class NotFound(LLMWSError):
     code = "not_found"
 
 
+class TooLarge(LLMWSError):
+    """An HTTP request body over ``[server] max_message_size``."""
+
+    code = "too_large"
+
+
+class MethodNotAllowed(LLMWSError):
+    code = "method_not_allowed"
+
+
+class RequestTimeout(LLMWSError):
+    """An HTTP request whose body did not come within ``[server] hello_timeout``."""
+
+    code = "request_timeout"
+
+
 class Interrupted(LLMWSError):
     code = "interrupted"
 
@@ -126,6 +142,9 @@ ERROR_CLASSES: dict[str, type[LLMWSError]] = {
         Unauthorized,
         Unsupported,
         NotFound,
+        TooLarge,
+        MethodNotAllowed,
+        RequestTimeout,
         Interrupted,
         EventsDropped,
         DiskFull,

@@ -121,6 +121,12 @@ class Metrics:
         self.connections = Gauge(
             "llmws_connections", "Open WebSocket connections", registry=self.registry
         )
+        self.http_requests = Counter(
+            "llmws_http_requests",
+            "Requests to the HTTP APIs by API (openai, anthropic), endpoint and status",
+            ["api", "endpoint", "status"],
+            registry=self.registry,
+        )
         self.model_load_seconds = Gauge(
             "llmws_model_load_seconds",
             "How long loading the current model took",
@@ -150,6 +156,9 @@ class Metrics:
     def refused(self, error: LLMWSError) -> None:
         """A request refused before it reached the engine (context_too_long, busy, …)."""
         self.requests.labels(error.code).inc()
+
+    def http_request(self, api: str, endpoint: str, status: int) -> None:
+        self.http_requests.labels(api, endpoint, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,10 @@ from typing import Any
 # Chat templates end a turn with one of these; generation stops on any that exists.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>")
 
+# The role of a raw prompt (OpenAI's /v1/completions): its one message is the whole prompt,
+# tokenized as it is, without the chat template.
+RAW_PROMPT_ROLE = "raw_prompt"
+
 
 def end_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     """EOS ids of the generation config and tokenizer, plus the chat template's end tokens."""
@@ -28,6 +32,8 @@ def end_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
 
 def template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The prompt's token ids: the chat template with the assistant's turn opened."""
+    if len(messages) == 1 and messages[0]["role"] == RAW_PROMPT_ROLE:
+        return list(tokenizer(messages[0]["content"])["input_ids"])
     if getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True

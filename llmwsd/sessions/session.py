@@ -219,6 +219,11 @@ class Session:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + list(self.messages)
 
+    def add_history(self, turns: list[dict[str, str]]) -> None:
+        """Add user/assistant turns a client brings along (an HTTP API's conversation)."""
+        for turn in turns:
+            self._change({"kind": "message", "message": turn})
+
     def _add_message(self, message: dict[str, str]) -> None:
         """Remember ``message``; drop the oldest exchanges beyond the cap."""
         self.messages.append(message)

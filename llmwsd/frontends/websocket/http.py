@@ -1,7 +1,9 @@
 """Plain HTTP on the WebSocket port: the web page, /healthz and /metrics.
 
-websockets hands every request to :func:`HttpRoutes.process_request` first; a
-WebSocket upgrade goes on to the handshake, anything else is answered here.
+A connection whose first request is under ``/v1/`` goes to the HTTP APIs
+(:class:`PublicConnection`). websockets hands every other request to
+:func:`HttpRoutes.process_request` first; a WebSocket upgrade goes on to the
+handshake, anything else is answered here.
 Static files are served from a listing made at start, so no request path is
 ever joined to a filesystem path. Only GET is answered (405 otherwise), and a
 request websockets cannot parse gets a 400 (:class:`PublicConnection`).
@@ -9,6 +11,7 @@ request websockets cannot parse gets a 400 (:class:`PublicConnection`).
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import http
 import json
@@ -25,6 +28,8 @@ from websockets.exceptions import InvalidMessage
 from websockets.http11 import Request, Response
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+# Takes a connection whose first request is for the HTTP APIs: its transport, the bytes read.
+HandOver = Callable[[asyncio.Transport, bytes], None]
 
 log = logging.getLogger("llmwsd.http")
 
@@ -62,26 +67,80 @@ def check_method(request: Request) -> Response | None:
     return None if request.method == "GET" else method_not_allowed()
 
 
-class PublicConnection(ServerConnection):
-    """A connection that answers a request websockets cannot parse with 400 (or 405).
+class _Released:
+    """The transport of a connection handed to the HTTP APIs, as websockets then sees it.
 
-    websockets 17 parses the request line and headers in ``ServerProtocol.parse``;
-    on a failure there (a garbled request line, an HTTP version other than 1.0/1.1,
-    a malformed header, a request body) it sets ``handshake_exc`` to an
-    ``InvalidMessage`` and queues only an EOF: ``process_request`` never runs, and the
-    client would see the connection just close. ``send_data`` is where this class
-    sees that EOF before it reaches the socket, so it writes the answer first. A
-    parsed request with another method than GET goes on to ``process_request``,
-    which answers 405 itself (:func:`check_method`).
+    websockets aborts the transport of a connection whose handshake never came; once
+    the connection belongs to the API server, that must not touch the socket.
     """
 
-    _head = b""  # the first bytes received, to name the method of a request that failed
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return True
+
+
+def api_request_line(head: bytes) -> bool | None:
+    """Whether a request starting with ``head`` is for the HTTP APIs (its path under /v1/);
+    None while too little of its request line has come to tell."""
+    line = head.split(b"\n", 1)
+    _method, space, rest = line[0].partition(b" ")
+    if not space:
+        return None if len(line) == 1 and len(head) < 16 else False
+    if len(rest) < 4:
+        return None if len(line) == 1 else False
+    return rest[:3] == b"/v1" and rest[3:4] in (b"/", b"?", b" ")
+
+
+class PublicConnection(ServerConnection):
+    """A connection on the public port: websockets' unless its first request is for /v1/.
+
+    **The HTTP APIs.** websockets serves only GET (the WebSocket handshake and the
+    routes here); the OpenAI- and Anthropic-compatible APIs need POST. The request line
+    says which server a connection is for: one under ``/v1/`` is handed, with the bytes
+    read so far, to the API server (``hand_over``: llmwsd.frontends.http), on the same
+    TCP or TLS connection, before websockets has parsed anything; every other request
+    stays websockets' exactly as before.
+
+    **Requests websockets cannot parse** are answered with 400 (or 405). websockets 17
+    parses the request line and headers in ``ServerProtocol.parse``; on a failure there
+    (a garbled request line, an HTTP version other than 1.0/1.1, a malformed header, a
+    request body) it sets ``handshake_exc`` to an ``InvalidMessage`` and queues only an
+    EOF: ``process_request`` never runs, and the client would see the connection just
+    close. ``send_data`` is where this class sees that EOF before it reaches the socket,
+    so it writes the answer first. A parsed request with another method than GET goes
+    on to ``process_request``, which answers 405 itself (:func:`check_method`).
+    """
+
+    _head = b""  # the first bytes received: whose request it is, and the method of a failure
+    _decided = False
     _answered = False
 
+    def __init__(self, *args: Any, hand_over: HandOver | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hand_over = hand_over
+
     def data_received(self, data: bytes) -> None:
-        if len(self._head) < 32:
-            self._head += data[: 32 - len(self._head)]
-        super().data_received(data)
+        if self._decided:
+            super().data_received(data)
+            return
+        self._head += data
+        for_api = api_request_line(self._head)
+        if for_api is None:
+            return  # held until the request line says whose it is
+        self._decided = True
+        if for_api and self.hand_over is not None:
+            transport, self.transport = self.transport, _Released()  # type: ignore[assignment]
+            self.hand_over(transport, self._head)
+            # Ends websockets' wait for a handshake: its handler returns without a word.
+            self.connection_lost(None)
+            return
+        super().data_received(self._head)
+        self._head = self._head[:32]
 
     def send_data(self) -> None:
         failure = self.protocol.handshake_exc
@@ -139,7 +198,11 @@ class HttpRoutes:
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
-        path = request.path.split("?", 1)[0]
+        return self.route(request.path)
+
+    def route(self, target: str) -> Response:
+        """The answer to a GET of ``target`` (a path, maybe with a query)."""
+        path = target.split("?", 1)[0]
         if path == "/healthz":
             ready, body = self.health()
             return json_response(200 if ready else 503, body)

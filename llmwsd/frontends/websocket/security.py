@@ -46,6 +46,10 @@ def client_address(connection: ServerConnection) -> str:
     return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
+# An HTTP status and the sentence that says why: what a check refuses a request with.
+Refusal = tuple[int, str]
+
+
 def _forbidden(status: int, text: str) -> Response:
     return response(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
@@ -168,27 +172,32 @@ class Gatekeeper:
 
     def check_host(self, connection: ServerConnection, request: Request) -> Response | None:
         """None when the request's Host is one llmwsd answers to; a 400 or 421 otherwise."""
-        values = request.headers.get_all("Host")
-        if not values and request.protocol == "HTTP/1.0":
+        refusal = self.host_refusal(
+            client_address(connection),
+            request.headers.get_all("Host"),
+            http10=request.protocol == "HTTP/1.0",
+        )
+        return None if refusal is None else _forbidden(*refusal)
+
+    def host_refusal(self, address: str, values: list[str], http10: bool) -> Refusal | None:
+        """The Host check on its own, for any HTTP server on the port: a status and a reason."""
+        if not values and http10:
             return None  # HTTP/1.0 has no Host; browsers always send one
         name = host_name(values[0]) if len(values) == 1 else None
         if name is not None and self.hosts.allows(name):
             return None
-        address = client_address(connection)
         if name is None:
             log.info(
                 "%s: refused a request with Host headers %r", address, [v[:200] for v in values[:3]]
             )
-            return _forbidden(400, "bad request: HTTP/1.1 needs one Host header, host[:port]")
+            return 400, "bad request: HTTP/1.1 needs one Host header, host[:port]"
         log.warning(
             "%s: refused a request for Host %r: not in [server] allowed_hosts "
             "(a DNS rebinding attempt, or a name to add there)",
             address,
             values[0][:200],
         )
-        return _forbidden(
-            421, f"llmwsd does not answer to the name {name!r}: add it to [server] allowed_hosts"
-        )
+        return 421, f"llmwsd does not answer to the name {name!r}: add it to [server] allowed_hosts"
 
     # -- the handshake ---------------------------------------------------------------
 
@@ -198,15 +207,21 @@ class Gatekeeper:
         if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", "")):
             log.info("refused a browser connection from origin %r", origin[:200])
             return _forbidden(403, "origin not allowed: add it to [api] allowed_origins")
-        address = client_address(connection)
-        limits = self.config.limits
-        if sum(self.open_by_address.values()) >= limits.max_connections:
-            return _forbidden(503, "too many connections: try again later")
-        if self.open_by_address[address] >= limits.max_connections_per_address:
-            return _forbidden(429, "too many connections from this address")
+        refusal = self.connection_refusal(client_address(connection))
+        if refusal is not None:
+            return _forbidden(*refusal)
         token = bearer_token(request)
         if token is not None:
             self._handshake_tokens[connection] = token
+        return None
+
+    def connection_refusal(self, address: str) -> Refusal | None:
+        """Whether one more connection from ``address`` is over [limits]: a status and a reason."""
+        limits = self.config.limits
+        if sum(self.open_by_address.values()) >= limits.max_connections:
+            return 503, "too many connections: try again later"
+        if self.open_by_address[address] >= limits.max_connections_per_address:
+            return 429, "too many connections from this address"
         return None
 
     def origin_allowed(self, origin: str, host: str) -> bool:
@@ -218,11 +233,13 @@ class Gatekeeper:
         scheme = "https" if self.config.server.tls_cert else "http"
         return origin.lower() == f"{scheme}://{host.lower()}" and host != ""
 
-    def opened(self, connection: ServerConnection) -> None:
-        self.open_by_address[client_address(connection)] += 1
+    def opened(self, connection: ServerConnection | str) -> None:
+        """Count a connection (a WebSocket one, or an HTTP one by its address)."""
+        address = connection if isinstance(connection, str) else client_address(connection)
+        self.open_by_address[address] += 1
 
-    def closed(self, connection: ServerConnection) -> None:
-        address = client_address(connection)
+    def closed(self, connection: ServerConnection | str) -> None:
+        address = connection if isinstance(connection, str) else client_address(connection)
         self.open_by_address[address] -= 1
         if self.open_by_address[address] <= 0:
             del self.open_by_address[address]
@@ -231,13 +248,16 @@ class Gatekeeper:
 
     def identify(self, connection: ServerConnection, hello_token: object) -> Identity | str:
         """The connection's identity, or the reason to refuse it (a sentence)."""
-        address = client_address(connection)
-        wait = self.auth.limiter.retry_after(address)
-        if wait:
-            return f"too many failed token attempts from this address; retry in {wait:g} s"
         token = self._handshake_tokens.get(connection)
         if token is None and isinstance(hello_token, str):
             token = hello_token
+        return self.identify_token(client_address(connection), token)
+
+    def identify_token(self, address: str, token: str | None) -> Identity | str:
+        """Who ``token`` proves its bearer at ``address`` is, or why it is refused (a sentence)."""
+        wait = self.auth.limiter.retry_after(address)
+        if wait:
+            return f"too many failed token attempts from this address; retry in {wait:g} s"
         identity = self.auth.identify(token)
         if identity is None:
             self.auth.limiter.failed(address)

@@ -8,6 +8,7 @@ prompt, answered with plain text frames and a close with 1000.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,10 @@ from websockets.http11 import Request, Response
 
 from llmwsd.engines.interface import Failed, Finished, GenerationEvent, GenerationRequest, TokenText
 from llmwsd.errors import LLMWSError, NoModel, Unauthorized
+from llmwsd.frontends.http.anthropic import AnthropicApi
+from llmwsd.frontends.http.openai import OpenAiApi
+from llmwsd.frontends.http.responses import ResponsesApi
+from llmwsd.frontends.http.server import ApiServer
 from llmwsd.frontends.websocket.connection import JsonConnection
 from llmwsd.frontends.websocket.http import (
     HttpRoutes,
@@ -50,6 +55,9 @@ class PublicServer:
             find_web_root(self.config.web_root), services.reports.health, services.metrics.render
         )
         self.gate = Gatekeeper(config, services.auth)
+        self.api = ApiServer(services, self.gate, self.routes)
+        for api in (OpenAiApi(services), ResponsesApi(services), AnthropicApi(services)):
+            self.api.add(api.routes())
         self.ssl_context = build_ssl_context(self.config.tls_cert, self.config.tls_key)
         self.server: Server | None = None
 
@@ -80,7 +88,10 @@ class PublicServer:
             self.config.port,
             ssl=self.ssl_context,
             process_request=self.process_request,
-            create_connection=PublicConnection,  # 400/405 for requests websockets cannot parse
+            # /v1/ to the HTTP APIs; 400/405 for requests websockets cannot parse
+            create_connection=functools.partial(  # type: ignore[arg-type]  # a factory is fine
+                PublicConnection, hand_over=self.api.hand_over
+            ),
             max_size=self.config.max_message_size,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout or None,
@@ -108,11 +119,13 @@ class PublicServer:
         assert self.server is not None
         return int(next(iter(self.server.sockets)).getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop listening and close every client with 1001 (going away)."""
+    async def close(self, drain_timeout: float = 0) -> None:
+        """Stop listening and close every WebSocket client with 1001 (going away); HTTP
+        requests running get up to ``drain_timeout`` s to finish, then are cancelled."""
         if self.server is not None:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
+        await self.api.close(drain_timeout)
 
     async def handle(self, ws: ServerConnection) -> None:
         peer = peer_name(ws)

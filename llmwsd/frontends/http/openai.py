@@ -1,0 +1,297 @@
+"""OpenAI's models, chat completions and completions: requests in, chunks out.
+
+A thin front: the body becomes the same GenerationRequest the WebSocket path makes
+(generation.py), and the engine's events become OpenAI's objects and chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from llmwsd.engines.interface import Failed, Finished, TokenText
+from llmwsd.errors import BadRequest, Interrupted, LLMWSError, NotFound, Unsupported
+from llmwsd.frontends.http.errors import openai_error
+from llmwsd.frontends.http.generation import (
+    Answer,
+    EventStream,
+    Generation,
+    raw_prompt,
+    settings_from,
+    text_of,
+)
+from llmwsd.frontends.http.server import Call, Route, route
+from llmwsd.protocol.http_api import ChatCompletionRequest, CompletionRequest, Sampling
+from llmwsd.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from llmwsd.service.services import Services
+
+FINISH_REASONS = ("stop", "length")
+
+
+def served_model(services: Services, asked: str | None) -> str:
+    """The loaded model's name, which a request may name or leave out; NotFound for another."""
+    engine, _ = services.slot.require()
+    name = engine.info.name
+    if asked in (None, "", name):
+        return name
+    raise NotFound(
+        f"the model {asked[:200]!r} is not served here: this llmwsd serves {name!r} "
+        "(llmwsctl models lists the others; llmwsctl switch loads one)",
+        param="model",
+        api_code="model_not_found",
+    )
+
+
+def check_prompt_size(services: Services, messages: list[dict[str, str]]) -> None:
+    limit = services.config().limits.max_prompt_chars
+    size = sum(len(m["content"]) for m in messages)
+    if size > limit:
+        raise BadRequest(
+            f"the prompt has {size} characters; at most {limit} are taken "
+            "([limits] max_prompt_chars)",
+            param="messages",
+        )
+
+
+def sampling_settings(
+    services: Services, body: Sampling, max_tokens: int | None
+) -> GenerationSettings:
+    """Chat's and completions' fields as llmws's settings, checked by their one table."""
+    if body.n != 1:
+        raise Unsupported("n must be 1: llmws makes one choice per request", param="n")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, penalty):
+            raise Unsupported(
+                f"{penalty} is not supported by llmws's engines: use repetition_penalty",
+                param=penalty,
+            )
+    return settings_from(
+        services,
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=0 if body.top_k == -1 else body.top_k,  # vLLM's -1: off
+        min_new_tokens=body.min_tokens,
+        repetition_penalty=body.repetition_penalty,
+        stop=body.stop,
+        seed=body.seed,
+    )
+
+
+def usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": tokens_in,
+        "completion_tokens": tokens_out,
+        "total_tokens": tokens_in + tokens_out,
+    }
+
+
+def finish_reason(event: Finished) -> str:
+    """stop or length; a generation the server cancelled (a shutdown) is an error."""
+    if event.finish_reason not in FINISH_REASONS:
+        raise Interrupted("the server stopped before this answer was complete")
+    return event.finish_reason
+
+
+class OpenAiApi:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def routes(self) -> list[Route]:
+        return [
+            route("GET", "/v1/models", self.models, "models"),
+            route("GET", "/v1/models/{model}", self.model, "models"),
+            route("POST", "/v1/chat/completions", self.chat_completions, "chat_completions"),
+            route("POST", "/v1/completions", self.completions, "completions"),
+        ]
+
+    # -- models ------------------------------------------------------------------------
+
+    async def _model_list(self) -> list[dict[str, Any]]:
+        entries = await self.services.reports.list_models()
+
+        def created(path: str) -> int:
+            try:
+                return int(os.stat(path).st_mtime)
+            except OSError:
+                return 0
+
+        stamps = await asyncio.to_thread(lambda: [created(e["path"]) for e in entries])
+        models = [
+            {
+                "id": entry["name"],
+                "object": "model",
+                "created": stamp,
+                "owned_by": "llmws",
+                "loaded": entry["loaded"],
+            }
+            for entry, stamp in zip(entries, stamps, strict=True)
+        ]
+        engine = self.services.slot.engine
+        if engine is not None and not any(m["loaded"] for m in models):
+            models.insert(
+                0,
+                {
+                    "id": engine.info.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "llmws",
+                    "loaded": True,
+                },
+            )
+        return models
+
+    async def models(self, call: Call) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": await self._model_list()})
+
+    async def model(self, call: Call) -> web.StreamResponse:
+        for model in await self._model_list():
+            if model["id"] == call.params["model"]:
+                return web.json_response(model)
+        raise NotFound(
+            f"no model {call.params['model']!r}", param="model", api_code="model_not_found"
+        )
+
+    # -- chat completions --------------------------------------------------------------
+
+    async def chat_completions(self, call: Call) -> web.StreamResponse:
+        body = call.body(ChatCompletionRequest)
+        for field in ("tools", "functions"):
+            if getattr(body, field):
+                raise Unsupported(f"{field} are not supported yet", param=field)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise Unsupported(
+                "response_format other than text is not supported yet", param="response_format"
+            )
+        if body.logprobs:
+            raise Unsupported("logprobs are not supported", param="logprobs")
+        messages = []
+        for i, message in enumerate(body.messages):
+            if message.role in ("tool", "function"):
+                raise Unsupported(
+                    f"messages[{i}]: {message.role} messages are not supported", param="messages"
+                )
+            role = "system" if message.role == "developer" else message.role
+            messages.append({"role": role, "content": text_of(message.content, f"messages[{i}]")})
+        return await self._run(
+            call, body, messages, body.max_completion_tokens or body.max_tokens, chat=True
+        )
+
+    async def completions(self, call: Call) -> web.StreamResponse:
+        body = call.body(CompletionRequest)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise Unsupported("prompt: one prompt per request", param="prompt")
+            prompt = prompt[0]
+        for field, default in (
+            ("echo", False),
+            ("logprobs", None),
+            ("suffix", None),
+            ("best_of", 1),
+        ):
+            if getattr(body, field) not in (None, default):
+                raise Unsupported(f"{field} is not supported", param=field)
+        return await self._run(call, body, raw_prompt(prompt), body.max_tokens, chat=False)
+
+    async def _run(
+        self,
+        call: Call,
+        body: Sampling,
+        messages: list[dict[str, str]],
+        max_tokens: int | None,
+        chat: bool,
+    ) -> web.StreamResponse:
+        model = served_model(self.services, body.model)
+        check_prompt_size(self.services, messages)
+        settings = sampling_settings(self.services, body, max_tokens)
+        generation = await Generation.start(self.services, messages, settings, call.who)
+        reply = Reply(model, chat)
+        try:
+            if body.stream:
+                include_usage = (
+                    body.stream_options is not None and body.stream_options.include_usage
+                )
+                return await reply.stream(call.request, generation, include_usage)
+            return web.json_response(reply.whole(await generation.answer()))
+        finally:
+            generation.cancel()  # no-op when it ended; stops it when the client left
+
+
+class Reply:
+    """One answer as OpenAI's objects: ``chat.completion`` or ``text_completion``."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **more,
+        }
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        reason = answer.finish_reason
+        if reason not in FINISH_REASONS:
+            raise Interrupted("the server stopped before this answer was complete")
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text},
+            }
+        else:
+            choice = {"index": 0, "text": answer.text}
+        choice |= {"finish_reason": reason, "logprobs": None}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._object(kind, [choice], usage=usage(answer.tokens_in, answer.tokens_out))
+
+    def chunk(self, text: str | None, reason: str | None = None, **more: Any) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            if text == "" and reason is None:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice |= {"finish_reason": reason, "logprobs": None}
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [choice], **more)
+
+    async def stream(
+        self, request: web.BaseRequest, generation: Generation, include_usage: bool
+    ) -> web.StreamResponse:
+        stream = await EventStream().open(request)
+        more: dict[str, Any] = {"usage": None} if include_usage else {}
+        if self.chat:
+            await stream.send(self.chunk("", **more))
+        async for event in generation.events():
+            try:
+                if isinstance(event, TokenText) and event.text:
+                    await stream.send(self.chunk(event.text, **more))
+                elif isinstance(event, Finished):
+                    await stream.send(self.chunk(None, finish_reason(event), **more))
+                    if include_usage:
+                        kind = "chat.completion.chunk" if self.chat else "text_completion"
+                        tally = usage(generation.tokens_in, event.total_tokens)
+                        await stream.send(self._object(kind, [], usage=tally))
+                elif isinstance(event, Failed):
+                    raise event.error
+            except LLMWSError as e:  # after the 200 went out: the error is the stream's last event
+                await stream.send(openai_error(e))
+                break
+        await stream.done()
+        return stream.response

@@ -1,0 +1,133 @@
+"""The HTTP APIs' request bodies: OpenAI's (chat completions, completions, responses) and
+Anthropic's (messages), as typed models.
+
+Validated strictly (no "1" for 1, no "yes" for true); fields these APIs define that
+llmws does not use are accepted and ignored, as the other servers of the field do, and
+those it cannot honour are refused by the frontend (llmwsd.frontends.http) by name.
+Ranges are the APIs' own; what a generation may ask for is then checked once more by
+GenerationSettings.merge, the one table of settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(Body):
+    """A part of a message's content: text (``text``, ``input_text``, ``output_text``), or
+    an image or file, which llmws refuses."""
+
+    type: str
+    text: str | None = None
+
+
+Content = str | list[ContentPart]
+
+# -- OpenAI ------------------------------------------------------------------------------
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class Sampling(Body):
+    """What chat completions and completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions, which its clients (and llmws's benchmark) send
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Content | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class InputMessage(Body):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Content
+
+
+class TextFormat(Body):
+    type: str = "text"
+
+
+class TextOptions(Body):
+    format: TextFormat | None = None
+
+
+class ResponseRequest(Body):
+    model: str | None = None
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    store: bool = True
+    background: bool = False
+    previous_response_id: str | None = None
+    tools: list[Any] | None = None
+    text: TextOptions | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+
+# -- Anthropic ---------------------------------------------------------------------------
+
+
+class AnthropicMessage(Body):
+    role: Literal["user", "assistant"]
+    content: Content
+
+
+class MessagesRequest(Body):
+    model: str | None = None
+    max_tokens: int = Field(ge=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Content | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    stream: bool = False
+    tools: list[Any] | None = None
+    metadata: dict[str, Any] | None = None

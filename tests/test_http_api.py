@@ -1,0 +1,248 @@
+"""The HTTP APIs on the fake engine: the official SDKs and raw HTTP against an in-process daemon.
+
+The same calls on the real model, on both engines, are in test_http_api_real.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+import websockets
+
+from llmwsd.daemon import Daemon
+from tests.conftest import FAST, recv_until, ws_url
+
+
+def base(daemon: Daemon) -> str:
+    return f"http://127.0.0.1:{daemon.server.port}"
+
+
+def sdk(daemon: Daemon, key: str = "none") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=base(daemon) + "/v1", api_key=key, max_retries=0, timeout=FAST
+    )
+
+
+CHAT = [{"role": "user", "content": "hello there world"}]
+
+
+async def test_models_and_chat_completions_through_the_openai_sdk(fake_daemon: Daemon) -> None:
+    client = sdk(fake_daemon)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+    whole = await client.chat.completions.create(model="fake-model", messages=CHAT)
+    assert whole.choices[0].message.content == "echo: hello there world"
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage is not None and whole.usage.completion_tokens == 4
+    pieces = []
+    usage = None
+    async for chunk in await client.chat.completions.create(
+        model="fake-model", messages=CHAT, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+    assert "".join(pieces) == "echo: hello there world"
+    assert usage is not None and usage.completion_tokens == 4
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+async def test_completions_take_the_raw_prompt(fake_daemon: Daemon) -> None:
+    client = sdk(fake_daemon)
+    whole = await client.completions.create(model="fake-model", prompt="one two", max_tokens=2)
+    assert whole.choices[0].text == "echo: one"
+    assert whole.choices[0].finish_reason == "length"
+    engine = fake_daemon.slot.engine
+    assert engine.submitted[-1].messages == [{"role": "raw_prompt", "content": "one two"}]
+    streamed = [
+        c.choices[0].text
+        async for c in await client.completions.create(
+            model="fake-model", prompt="one two", stream=True
+        )
+    ]
+    assert "".join(streamed) == "echo: one two"
+
+
+async def test_errors_in_openai_shape(fake_daemon: Daemon) -> None:
+    client = sdk(fake_daemon)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as many:
+        await client.chat.completions.create(model="fake-model", messages=CHAT, n=2)
+    assert many.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as image:
+        await client.chat.completions.create(
+            model="fake-model",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        )
+    assert "text only" in image.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as typed:
+        await client.chat.completions.create(model="fake-model", messages=CHAT, max_tokens="ten")  # type: ignore[arg-type]
+    assert typed.value.body["param"] == "max_tokens"
+
+
+async def test_anthropic_messages_whole_and_streamed(fake_daemon: Daemon) -> None:
+    client = anthropic.AsyncAnthropic(base_url=base(fake_daemon), api_key="none", max_retries=0)
+    message = await client.messages.create(
+        model="fake-model", max_tokens=10, system="be brief", messages=CHAT
+    )
+    assert message.content[0].text == "echo: hello there world"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens == 4
+    async with client.messages.stream(model="fake-model", max_tokens=2, messages=CHAT) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == "echo: hello"
+    assert final.stop_reason == "max_tokens"
+
+
+async def test_a_background_response_resumes_after_any_event(fake_daemon: Daemon) -> None:
+    client = sdk(fake_daemon)
+    created = await client.responses.create(
+        model="fake-model", input="a b c d e f", background=True
+    )
+    assert created.status in ("queued", "in_progress")
+    events = []
+    async for event in await client.responses.retrieve(created.id, stream=True):
+        events.append(event)
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    whole = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert whole == "echo: a b c d e f"
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(set(numbers))
+    for cut in numbers:
+        rest = [
+            e
+            async for e in await client.responses.retrieve(
+                created.id, stream=True, starting_after=cut
+            )
+        ]
+        assert [e.sequence_number for e in rest] == [n for n in numbers if n > cut]
+    done = await client.responses.retrieve(created.id)
+    assert done.status == "completed" and done.output_text == whole
+    follow = await client.responses.create(
+        model="fake-model", input="next", previous_response_id=created.id
+    )
+    assert follow.output_text == "echo: next"
+    history = fake_daemon.slot.engine.submitted[-1].messages
+    assert history[-3:] == [
+        {"role": "user", "content": "a b c d e f"},
+        {"role": "assistant", "content": whole},
+        {"role": "user", "content": "next"},
+    ]
+
+
+async def raw(daemon: Daemon, data: bytes, timeout: float = FAST) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.read(65536)
+    finally:
+        writer.close()
+
+
+async def test_malformed_bodies_get_clear_errors_and_the_connection_stays(
+    fake_daemon: Daemon,
+) -> None:
+    url = base(fake_daemon) + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        for body, status, words in (
+            (b"{not json", 400, "not JSON"),
+            (b"[1, 2]", 400, "JSON object"),
+            (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+            (json.dumps({"messages": []}).encode(), 400, "messages"),
+            (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), 400, "temperature"),
+            (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), 400, "max_tokens"),
+        ):
+            async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                answer = await r.json()
+                assert r.status == status, answer
+                assert words in answer["error"]["message"], answer
+        huge = b'{"messages": [{"role": "user", "content": "' + b"x" * (17 * 2**20) + b'"}]}'
+        async with http.post(url, data=huge) as r:
+            assert r.status == 413
+        async with http.get(base(fake_daemon) + "/v1/nowhere") as r:
+            assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        async with http.get(url) as r:
+            assert r.status == 405
+        async with http.get(base(fake_daemon) + "/v1/responses/resp_..%2F..%2Fetc_1") as r:
+            assert r.status == 404
+        async with http.post(url, json={"messages": CHAT}) as r:  # still serving
+            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
+
+
+async def test_a_slow_body_times_out(fake_daemon_factory: Any) -> None:
+    daemon = await fake_daemon_factory(server={"hello_timeout": 0.5})
+    answer = await raw(
+        daemon,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{",
+    )
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+async def test_a_client_hanging_up_mid_stream_cancels_its_generation(
+    fake_daemon_factory: Any,
+) -> None:
+    daemon = await fake_daemon_factory()
+    daemon.slot.engine.token_delay = 0.2
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            base(daemon) + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": " ".join(["w"] * 200)}], "stream": True},
+        ) as r:
+            await r.content.readline()
+    engine = daemon.slot.engine
+    for _ in range(100):
+        if not engine.tasks:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.tasks
+
+
+async def test_websocket_and_http_clients_share_the_engine(fake_daemon: Daemon) -> None:
+    client = sdk(fake_daemon)
+    async with websockets.connect(ws_url(fake_daemon)) as ws:
+        await ws.send(json.dumps({"type": "inference", "prompt": {"user": "over websocket"}}))
+        over_http = asyncio.create_task(
+            client.chat.completions.create(model="fake-model", messages=CHAT)
+        )
+        events = await recv_until(ws, {"done"})
+        assert "".join(e["data"] for e in events if e["type"] == "token") == "echo: over websocket"
+        assert (await over_http).choices[0].message.content == "echo: hello there world"
+    metrics = (
+        await asyncio.to_thread(
+            lambda: (
+                __import__("urllib.request").request.urlopen(base(fake_daemon) + "/metrics").read()
+            )
+        )
+    ).decode()
+    assert (
+        'llmws_http_requests_total{api="openai",endpoint="chat_completions",status="200"}'
+        in metrics
+    )
+
+
+async def test_tokens_are_checked(fake_daemon_factory: Any, tmp_path: Any) -> None:
+    from llmwsd.auth import TokenStore
+
+    tokens = tmp_path / "tokens"
+    _, token = TokenStore(tokens).add("alice")
+    daemon = await fake_daemon_factory(api={"tokens_file": str(tokens)})
+    with pytest.raises(openai.AuthenticationError):
+        await sdk(daemon, "llmws_wrong").models.list()
+    assert [m.id for m in (await sdk(daemon, token).models.list()).data] == ["fake-model"]
+    client = anthropic.AsyncAnthropic(base_url=base(daemon), api_key=token, max_retries=0)
+    message = await client.messages.create(model="fake-model", max_tokens=3, messages=CHAT)
+    assert message.content[0].text == "echo: hello there"
