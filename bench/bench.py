@@ -11,10 +11,16 @@ Prints tables and writes bench/results/bench-<time>.json:
   (``transformers``), llmws on vLLM (``vllm``: ``[engine] backend = "vllm"``,
   compiled), and vLLM's own OpenAI server (``vllm-server``: streaming
   ``/v1/chat/completions`` over HTTP);
+* llmws on its transformers engine through its OpenAI API as well (streaming
+  ``POST /v1/chat/completions`` on the WebSocket port, the client vLLM's server
+  gets), at those of the client counts that are 1 or 8: a row "over the OpenAI
+  API" under the transformers engine's in the table;
 * the ratios the performance goals name: for the transformers engine aggregate at
   8 / single (goal >= 5) and median TTFT at 8 / TTFT at 1 (goal <= 3); for llmws
   on vLLM against vLLM's server, aggregate (goal >= 0.95 at 8 and 32 clients) and
-  median TTFT (goal <= 1.1), with the transformers engine's ratios beside;
+  median TTFT (goal <= 1.1), with the transformers engine's ratios beside; for
+  the transformers engine's OpenAI API against its WebSocket API, aggregate
+  (goal >= 0.95) and median TTFT (goal <= 1.1) at 1 and 8 clients;
 * peak RSS of each server, and the load average while measuring.
 
 Both sides do the same work: the same dtype and attention, greedy, no repetition
@@ -26,15 +32,23 @@ every server. The servers are started one after the other and stay up, idle,
 while another is measured; they take turns, never run at once: each repeat runs
 the reference and then every client count on every server, so that a change in
 the machine's load (the cores may be shared) hits both sides of a ratio alike.
+The OpenAI API of the transformers engine is measured right after its WebSocket
+API at the same client count (right before, every other repeat).
 The table shows the median of each figure over the repeats; each ratio is the
 median of the ratios within one repeat. Before measuring, every server is warmed
 up (its first requests are not counted). Clients connect first and then ask
 together, so time to first token measures the scheduler, not handshakes (an HTTP
-client opens its keep-alive connection with a ``GET /health``). Every request is
+client opens its keep-alive connection with a GET: ``/health`` on vLLM's server,
+``/v1/models`` on llmws, where a connection whose first request is not under
+``/v1/`` is the WebSocket server's, closed after a plain GET). Every request is
 a new conversation: its prompt starts with a number never asked of that server
 before, so a prefix cache can reuse the chat template's system prompt, which all
 new chats share, but nothing of earlier requests; every server is asked the same
-sequence of prompts.
+sequence of prompts. The OpenAI API of the transformers engine is asked the
+prompts its WebSocket API is asked at the same client count in the same repeat,
+but for their first word ("Request 17." for "Question 17.", as many tokens): new
+to its prefix cache as well, and the bench checks that every prompt had the same
+token count on both paths.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +88,11 @@ SERVERS = {
     "vllm": "llmws (vLLM)",
     "vllm-server": "vLLM's server",
 }
+# The transformers server through its OpenAI API, at those of --levels that are in
+# OPENAI_LEVELS: a key beside the servers' in each run, and its label in the table.
+OPENAI = "transformers-openai"
+OPENAI_LABEL = "  over the OpenAI API"
+OPENAI_LEVELS = (1, 8)
 
 
 class Reference:
@@ -128,6 +148,11 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def openai_api(server: Server) -> Llmws | None:
+    """The server whose OpenAI API is measured too: llmws on its transformers engine."""
+    return server if isinstance(server, Llmws) and server.name == "transformers" else None
+
+
 def measure(
     servers: list[Server],
     reference: Reference | None,
@@ -135,10 +160,19 @@ def measure(
     new_tokens: int,
     repeats: int,
 ) -> list[dict[str, Any]]:
-    """One entry per repeat: the reference, then every client count of every server in turn."""
+    """One entry per repeat: the reference, then every client count of every server in turn.
+
+    At those of ``levels`` in OPENAI_LEVELS, the transformers server is measured through
+    its OpenAI API right after its WebSocket measurement at the same client count (every
+    other repeat, right before), with the same prompts but for their first word.
+    """
+    api_levels = [c for c in levels if c in OPENAI_LEVELS]
     for server in servers:  # warm-up: each server's first requests
-        server.measure(1, 8)
-        server.measure(max(levels), 8)
+        for clients in (1, max(levels)):
+            first = server.asked + 1
+            server.measure(clients, 8)
+            if (api := openai_api(server)) is not None and api_levels:
+                api.measure_openai(min(clients, max(api_levels)), 8, first)
     runs = []
     for repeat in range(repeats):
         run: dict[str, Any] = {"load_1min": os.getloadavg()[0], "servers": {}}
@@ -147,11 +181,24 @@ def measure(
         for server in servers:
             others = [s.pid for s in servers if s is not server]
             idle_cpu = cpu_seconds(others)
-            figures = {}
+            figures: dict[int, Any] = {}
+            api_figures: dict[int, Any] = {}
+            api = openai_api(server)
             for clients in levels:
-                load = os.getloadavg()[0]
-                figures[clients] = {**server.measure(clients, new_tokens), "load_1min": load}
+                turns = [(figures, partial(server.measure, clients, new_tokens))]
+                if api is not None and clients in api_levels:
+                    first = server.asked + 1  # the same prompts on both
+                    turns.append(
+                        (api_figures, partial(api.measure_openai, clients, new_tokens, first))
+                    )
+                if repeat % 2:
+                    turns.reverse()
+                for into, ask in turns:
+                    load = os.getloadavg()[0]
+                    into[clients] = {**ask(), "load_1min": load}
             run["servers"][server.name] = figures
+            if api_figures:
+                run["servers"][OPENAI] = api_figures
             run.setdefault("idle_servers_cpu_s", {})[server.name] = cpu_seconds(others) - idle_cpu
         if "transformers" in run["servers"]:
             run["levels"] = run["servers"]["transformers"]  # the key before vLLM came
@@ -176,6 +223,16 @@ def paired_ratio(runs: list[dict[str, Any]], numerator: Any, denominator: Any) -
 
 def figure(server: str, clients: int, key: str) -> Callable[[dict[str, Any]], float]:
     return lambda run: run["servers"][server][clients][key]
+
+
+def check_openai_prompts(runs: list[dict[str, Any]], levels: list[int]) -> str:
+    """Whether each prompt had the same token count through the OpenAI API as over WebSocket."""
+    for repeat, run in enumerate(runs):
+        for c in levels:
+            api, ws = (run["servers"][n][c]["prompt_tokens"] for n in (OPENAI, "transformers"))
+            if api != ws:
+                return f"NOT THE SAME: repeat {repeat + 1}, {c} clients: {api} against {ws}"
+    return "the same as over WebSocket"
 
 
 def check_prompts(runs: list[dict[str, Any]], names: list[str]) -> str:
@@ -235,15 +292,16 @@ def main() -> int:
             for server in reversed(servers):
                 server.stop()
 
+    api_levels = [c for c in levels if c in OPENAI_LEVELS] if "transformers" in names else []
     by_server = {
         name: {
             c: {
                 key: statistics.median(run["servers"][name][c][key] for run in runs)
                 for key in ("tokens_per_s", "ttft_median_s", "ttft_p90_s", "load_1min")
             }
-            for c in levels
+            for c in (api_levels if name == OPENAI else levels)
         }
-        for name in names
+        for name in [*names, *([OPENAI] if api_levels else [])]
     }
     results: dict[str, Any] = {
         "date": started,
@@ -319,6 +377,20 @@ def main() -> int:
                 for key in ("tokens_per_s", "ttft_median_s")
             }
         results["ratios_vs_vllm_server"] = against
+    openai_vs_ws = {
+        key: {
+            c: paired_ratio(runs, figure(OPENAI, c, key), figure("transformers", c, key))
+            for c in api_levels
+        }
+        for key in ("tokens_per_s", "ttft_median_s")
+    }
+    if api_levels:
+        results["openai_api"] = {
+            "label": f"{SERVERS['transformers']} over its OpenAI API",
+            "levels": by_server[OPENAI],
+            "prompt_tokens": check_openai_prompts(runs, api_levels),
+        }
+        results["ratios_openai_vs_websocket"] = openai_vs_ws
     results["runs"] = runs
 
     print(
@@ -333,6 +405,13 @@ def main() -> int:
                 f" {row['ttft_median_s'] * 1000:>9.0f} ms {row['ttft_p90_s'] * 1000:>6.0f} ms"
                 f" {row['load_1min']:>5.1f}"
             )
+            if name == "transformers" and clients in api_levels:
+                row = by_server[OPENAI][clients]
+                print(
+                    f"{'':>7}  {OPENAI_LABEL:<22} {row['tokens_per_s']:>9.1f}"
+                    f" {row['ttft_median_s'] * 1000:>9.0f} ms {row['ttft_p90_s'] * 1000:>6.0f} ms"
+                    f" {row['load_1min']:>5.1f}"
+                )
     if against:
         heads = [SERVERS[n] for n in against]
         print(
@@ -356,6 +435,13 @@ def main() -> int:
     for label, value, goal in ratios:
         if value is not None:
             print(f"{label:<40} {value:>8.2f}  {'(goal ' + goal + ')' if goal else ''}")
+    for key, what, goal in (
+        ("tokens_per_s", "aggregate tokens/s", ">= 0.95"),
+        ("ttft_median_s", "median TTFT", "<= 1.1"),
+    ):
+        for c in api_levels:
+            label = f"OpenAI API / WebSocket {what} at {c} {'client' if c == 1 else 'clients'}"
+            print(f"{label:<56} {openai_vs_ws[key][c]:>8.2f}  (goal {goal})")
     for name in names:
         server_results = results["servers"][name]
         print(
@@ -363,6 +449,8 @@ def main() -> int:
             f"  (up in {server_results['start_s']:.0f} s)"
         )
     print(f"prompt token counts: {results['prompt_tokens']}")
+    if api_levels:
+        print(f"prompt token counts, OpenAI API: {results['openai_api']['prompt_tokens']}")
     idle = max((max(r.get("idle_servers_cpu_s", {0: 0}).values()) for r in runs), default=0)
     print(f"CPU the idle servers used while another was measured: {idle:.1f} s at most")
     print(f"load average before {load_before}, after {results['load_average_after']}")

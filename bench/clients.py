@@ -1,4 +1,5 @@
-"""The bench's clients: llmws over WebSocket, vLLM's server over HTTP; many at once."""
+"""The bench's clients: llmws over WebSocket, OpenAI's chat API over HTTP (vLLM's server,
+llmws's); many at once."""
 
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ PROMPTS = [
     "Tell me about the history of tea.",
 ]
 REQUEST_NUMBERS = itertools.count(1)
+QUESTION = "Question"  # the first word of a prompt (servers.py: another for llmws's OpenAI API)
 ATTENTION = "sdpa"
 # What generate() does by default with this model's generation config.
 SETTINGS = {"do_sample": False, "repetition_penalty": 1.0}
 
 
-def new_conversation(prompt: str, numbers: Iterator[int] = REQUEST_NUMBERS) -> str:
-    """``prompt`` as nobody asked it before (see the module's docstring)."""
-    return f"Question {next(numbers)}. {prompt}"
+def new_conversation(
+    prompt: str, numbers: Iterator[int] = REQUEST_NUMBERS, opening: str = QUESTION
+) -> str:
+    """``prompt`` as nobody asked it before (see bench.py's docstring)."""
+    return f"{opening} {next(numbers)}. {prompt}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -92,13 +96,21 @@ class WebSocketClient:
 
 
 class ChatCompletionsClient:
-    """One client of vLLM's OpenAI server: a keep-alive HTTP connection, streaming chat."""
+    """One client of an OpenAI-compatible server: a keep-alive HTTP connection, streaming chat.
 
-    def __init__(self, base: str, model: str) -> None:
+    ``health`` is the GET that opens the connection before the clients ask (vLLM's
+    ``/health``); ``model`` None leaves the field out; ``server`` names it in errors.
+    """
+
+    def __init__(
+        self, base: str, model: str | None, health: str = "/health", server: str = "vLLM's server"
+    ) -> None:
         import aiohttp
 
         self.base = base
         self.model = model
+        self.health = health
+        self.server = server
         self.connections = 0
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(self._connected)
@@ -112,13 +124,12 @@ class ChatCompletionsClient:
         self.connections += 1
 
     async def open(self) -> None:
-        async with self.session.get(self.base + "/health") as response:
+        async with self.session.get(self.base + self.health) as response:
             response.raise_for_status()
             await response.read()
 
     async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
-        body = {
-            "model": self.model,
+        body: dict[str, Any] = {
             "messages": [{"role": "user", "content": user}],
             "max_tokens": new_tokens,
             "min_tokens": new_tokens,
@@ -127,13 +138,15 @@ class ChatCompletionsClient:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.model is not None:
+            body["model"] = self.model
         started = time.perf_counter()
         first = None
         usage: dict[str, int] = {}
         async with self.session.post(self.base + "/v1/chat/completions", json=body) as response:
             if response.status != 200:
                 raise RuntimeError(
-                    f"vLLM's server answered {response.status}: {(await response.text())[:500]}"
+                    f"{self.server} answered {response.status}: {(await response.text())[:500]}"
                 )
             async for line in response.content:
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -146,6 +159,8 @@ class ChatCompletionsClient:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
         finished = time.perf_counter()
+        if not usage:
+            raise RuntimeError(f"{self.server} streamed no chunk with usage")
         if self.connections != 1:
             raise RuntimeError(f"a client opened {self.connections} connections instead of 1")
         return {

@@ -1,4 +1,8 @@
-"""The servers the bench measures: llmwsd on either engine, vLLM's own OpenAI server."""
+"""The servers the bench measures: llmwsd on either engine, vLLM's own OpenAI server.
+
+llmwsd on its transformers engine is also measured through its OpenAI API (``POST
+/v1/chat/completions`` on the WebSocket port: :meth:`Llmws.measure_openai`).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from bench.clients import (  # noqa: E402
     ATTENTION,
     PROMPTS,
+    QUESTION,
     SETTINGS,
     ChatCompletionsClient,
     Client,
@@ -37,6 +42,13 @@ from tests.conftest import DEFAULT_MODEL, RunningDaemon, free_port  # noqa: E402
 VLLM_KV_CACHE_GB = 1
 VLLM_MAX_MODEL_LEN = 2048
 START_TIMEOUT = 900.0  # s: vLLM compiles the model at every start (~70 s, more when busy)
+# llmws's OpenAI API is asked the prompts just asked (or about to be) over WebSocket, but
+# opening with this word instead of QUESTION: one token as well, so the prompts have the
+# same token counts, and its prefix cache holds no more of them than of new conversations.
+OPENAI_OPENING = "Request"
+# The GET that opens each client's keep-alive connection to llmws's OpenAI API: under /v1/,
+# since a connection whose first request is not is the WebSocket server's, closed after it.
+LLMWS_OPENAI_HEALTH = "/v1/models"
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -94,12 +106,17 @@ class Server:
     name = ""
 
     def __init__(self) -> None:
-        self.numbers = itertools.count(1)
+        self.asked = 0  # the prompts numbered 1 to this were asked of this server
         self.start_s = 0.0
 
-    def prompts(self) -> Iterator[str]:
+    def prompts(self, first: int | None = None, opening: str = QUESTION) -> Iterator[str]:
+        """New conversations numbered from the first never asked, or again from ``first``."""
+        numbers = itertools.count(self.asked + 1 if first is None else first)
         for i in itertools.count():
-            yield new_conversation(PROMPTS[i % len(PROMPTS)], self.numbers)
+            prompt = new_conversation(PROMPTS[i % len(PROMPTS)], numbers, opening)
+            if first is None:
+                self.asked += 1
+            yield prompt
 
     def client(self) -> Client:
         raise NotImplementedError
@@ -143,6 +160,17 @@ class Llmws(Server):
 
     def client(self) -> Client:
         return WebSocketClient(self.daemon.url)
+
+    def openai_client(self) -> Client:
+        return ChatCompletionsClient(
+            self.daemon.http, DEFAULT_MODEL.name, health=LLMWS_OPENAI_HEALTH, server="llmws"
+        )
+
+    def measure_openai(self, clients: int, new_tokens: int, first: int) -> dict[str, Any]:
+        """:meth:`measure` through the OpenAI API, asking the prompts numbered from ``first``
+        (those :meth:`measure` asks or asked) with OPENAI_OPENING for their first word."""
+        prompts = self.prompts(first, OPENAI_OPENING)
+        return asyncio.run(concurrent(self.openai_client, prompts, clients, new_tokens))
 
     @property
     def pid(self) -> int:
