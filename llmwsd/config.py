@@ -132,9 +132,9 @@ class LimitsConfig:
     # requests waiting for memory; one more is refused with busy
     max_queue: int = bounded(64, 0, MAX_COUNT)
     on_overflow: str = "truncate"  # prompt + max_new_tokens over max_context: truncate or refuse
-    max_connections: int = bounded(256, 1, MAX_COUNT)  # open WebSocket connections in total
+    max_connections: int = bounded(256, 1, MAX_COUNT)  # open connections (WebSocket, HTTP)
     max_connections_per_address: int = bounded(32, 1, MAX_COUNT)
-    # per connection, sustained; bursts up to message_burst
+    # per WebSocket connection (HTTP API requests: per address), sustained; bursts to message_burst
     messages_per_second: float = bounded(20.0, 0, 1_000_000, lo_open=True)
     message_burst: int = bounded(40, 1, 1_000_000)
     # characters of one prompt (system + user); no message carries more than 64 Mi

@@ -25,8 +25,9 @@ SERVER_INSTALL = "pip install 'llmws[server]'"
 
 DESCRIPTION = """\
 Serve a local LLM (with llmws's transformers engine or with vLLM: [engine]
-backend) over the LLMWS WebSocket protocol on one port, together with the web
-page, /healthz and /metrics, and an admin socket for llmwsctl. Under systemd it
+backend) over the LLMWS WebSocket protocol on one port, together with OpenAI's
+and Anthropic's HTTP APIs under /v1/, the web page, /healthz and /metrics, and an
+admin socket for llmwsctl. Under systemd it
 reports READY=1 once the model is loaded.
 
 Signals: SIGTERM/SIGINT stop (running answers get [server] drain_timeout to

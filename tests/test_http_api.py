@@ -303,10 +303,25 @@ async def test_the_apis_over_tls_and_the_host_check(
     )
     answer = await client.chat.completions.create(model="fake-model", messages=CHAT)
     assert answer.choices[0].message.content == "echo: hello there world"
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
             f"https://127.0.0.1:{daemon.server.port}/v1/models",
             headers={"Host": "evil.example:8765"},
             ssl=context,
-        ) as rebound:
-            assert rebound.status == 421  # DNS rebinding: the Host check applies here too
+        ) as rebound,
+    ):
+        assert rebound.status == 421  # DNS rebinding: the Host check applies here too
+
+
+async def test_a_page_of_another_origin_is_refused(fake_daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = base(fake_daemon) + "/v1/chat/completions"
+        # A "simple" cross-origin POST, which a browser sends without asking first.
+        body = json.dumps({"messages": CHAT})
+        headers = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+        async with http.post(url, data=body, headers=headers) as refused:
+            assert refused.status == 403
+        own = {"Origin": base(fake_daemon), "Content-Type": "text/plain"}
+        async with http.post(url, data=body, headers=own) as served:
+            assert served.status == 200

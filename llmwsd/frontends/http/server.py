@@ -10,9 +10,10 @@ when its client hangs up. uvicorn (what vLLM and SGLang run) would have meant mo
 WebSocket API onto ASGI: a second implementation of everything the first wave tested.
 
 Every request goes through one pipeline (:meth:`ApiServer.handle`): the Host check, the
-connection caps, the route, the token (``Authorization: Bearer`` or ``x-api-key``), the
-per-address request rate, a body no larger than ``[server] max_message_size`` read within
-``[server] hello_timeout``, then the route's handler; every error is answered in the
+browser Origin (as for WebSocket), the route, the token (``Authorization: Bearer`` or
+``x-api-key``), the per-address request rate, a body no larger than ``[server]
+max_message_size`` read within ``[server] hello_timeout``, then the route's handler; the
+connection caps apply when a connection is handed over. Every error is answered in the
 API's own shape (errors.py) and counted in /metrics by API and status.
 """
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from llmwsd.auth import Identity
 from llmwsd.errors import (
     BadRequest,
+    Forbidden,
     InvalidJSON,
     LLMWSError,
     MethodNotAllowed,
@@ -215,6 +217,10 @@ class ApiServer:
         )
         if refusal is not None:
             return web.Response(status=refusal[0], text=refusal[1] + "\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.gate.origin_allowed(origin, request.host):
+            # A page elsewhere may send a "simple" POST without asking first: refused here.
+            raise Forbidden("origin not allowed: add it to [api] allowed_origins")
         if not request.path.startswith("/v1/") and request.path != "/v1":
             return self._plain(request)  # a kept-alive connection asking for a page
         if found is None:
