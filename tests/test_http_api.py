@@ -325,3 +325,117 @@ async def test_a_page_of_another_origin_is_refused(fake_daemon: Daemon) -> None:
         own = {"Origin": base(fake_daemon), "Content-Type": "text/plain"}
         async with http.post(url, data=body, headers=own) as served:
             assert served.status == 200
+
+
+async def test_a_response_is_cancelled_by_its_endpoint_or_by_its_client_leaving(
+    fake_daemon: Daemon,
+) -> None:
+    fake_daemon.slot.engine.token_delay = 0.1
+    client = sdk(fake_daemon)
+    long_input = " ".join(["w"] * 100)
+    created = await client.responses.create(model="fake-model", input=long_input, background=True)
+    cancelled = await client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    assert (await client.responses.retrieve(created.id)).status == "cancelled"
+    # Stored but not background: a client that hangs up cancels it.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            base(fake_daemon) + "/v1/responses", json={"input": long_input, "stream": True}
+        ) as r:
+            created_line = b""
+            while b"response.created" not in created_line:
+                created_line = await r.content.readline()
+            rid = json.loads((await r.content.readline())[6:])["response"]["id"]
+    for _ in range(100):
+        if (await client.responses.retrieve(rid)).status == "cancelled":
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.responses.retrieve(rid)).status == "cancelled"
+
+
+async def test_a_response_longer_than_the_session_buffer_keeps_its_whole_text(
+    fake_daemon_factory: Any,
+) -> None:
+    daemon = await fake_daemon_factory(sessions={"max_buffered_events": 8})
+    client = sdk(daemon)
+    words = " ".join(f"w{i}" for i in range(30))
+    done = await client.responses.create(model="fake-model", input=words)
+    assert done.output_text == "echo: " + words
+    assert (await client.responses.retrieve(done.id)).output_text == "echo: " + words
+    events = [
+        e async for e in await client.responses.retrieve(done.id, stream=True, starting_after=1)
+    ]
+    assert events[0].type == "error" and events[0].code == "events_dropped"
+    assert events[-1].type == "response.completed"
+
+
+async def test_another_tokens_response_is_unknown(fake_daemon_factory: Any, tmp_path: Any) -> None:
+    from llmwsd.auth import TokenStore
+
+    tokens = tmp_path / "tokens"
+    store = TokenStore(tokens)
+    _, alice = store.add("alice")
+    _, bob = store.add("bob")
+    daemon = await fake_daemon_factory(api={"tokens_file": str(tokens)})
+    made = await sdk(daemon, alice).responses.create(model="fake-model", input="secret")
+    with pytest.raises(openai.NotFoundError):
+        await sdk(daemon, bob).responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        await sdk(daemon, bob).responses.create(input="more", previous_response_id=made.id)
+    with pytest.raises(anthropic.AuthenticationError):
+        await anthropic.AsyncAnthropic(
+            base_url=base(daemon), api_key="llmws_wrong", max_retries=0
+        ).messages.create(model="fake-model", max_tokens=3, messages=CHAT)
+    assert (await sdk(daemon, alice).responses.retrieve(made.id)).output_text == "echo: secret"
+
+
+async def test_the_limits_apply_to_http_requests(fake_daemon_factory: Any) -> None:
+    daemon = await fake_daemon_factory(
+        limits={"messages_per_second": 0.001, "message_burst": 2, "max_connections_per_address": 1}
+    )
+    url = base(daemon) + "/v1/models"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        for _ in range(2):
+            async with http.get(url) as r:
+                assert r.status == 200
+        async with http.get(url) as r:
+            assert r.status == 429 and (await r.json())["error"]["code"] == "rate_limited"
+        # The same kept-alive connection also serves the plain routes.
+        async with http.get(base(daemon) + "/healthz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        # A second connection from this address is over the cap.
+        answer = await raw(daemon, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 429"), answer
+
+
+async def test_without_a_model_the_apis_say_503(fake_daemon: Daemon) -> None:
+    from llmwsd.service.model_slot import ModelState
+
+    fake_daemon.slot.vacate(ModelState.NONE)
+    with pytest.raises(openai.InternalServerError) as refused:
+        await sdk(fake_daemon).chat.completions.create(model="fake-model", messages=CHAT)
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "no_model"
+
+
+async def test_a_stream_running_at_shutdown_gets_the_drain_timeout(
+    fake_daemon_factory: Any,
+) -> None:
+    daemon = await fake_daemon_factory(server={"drain_timeout": 30})
+    daemon.slot.engine.token_delay = 0.05
+    client = sdk(daemon)
+    stream = await client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": " ".join(["w"] * 20)}],
+        stream=True,
+    )
+    pieces = []
+    shutdown = None
+    async for chunk in stream:
+        pieces += [c.delta.content or "" for c in chunk.choices]
+        if shutdown is None and len(pieces) > 3:
+            shutdown = asyncio.create_task(daemon.shutdown())
+        if chunk.choices and chunk.choices[0].finish_reason:
+            reason = chunk.choices[0].finish_reason
+    assert reason == "stop" and "".join(pieces) == "echo: " + " ".join(["w"] * 20)
+    assert shutdown is not None
+    await shutdown

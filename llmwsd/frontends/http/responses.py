@@ -34,6 +34,7 @@ from llmwsd.errors import BadRequest, NotFound, Unsupported
 from llmwsd.frontends.http.generation import EventStream, Generation, settings_from, text_of
 from llmwsd.frontends.http.openai import check_prompt_size, served_model
 from llmwsd.frontends.http.server import Call, Route, route
+from llmwsd.protocol import messages
 from llmwsd.protocol.http_api import ResponseRequest
 from llmwsd.sessions.session import Session
 
@@ -70,7 +71,9 @@ class ResponseView:
         self.background = background
         self.item_id = "msg_" + rid.removeprefix("resp_")
 
-    def object(self, events: Iterable[Event]) -> dict[str, Any]:
+    def object(self, events: Iterable[Event], answer: str | None = None) -> dict[str, Any]:
+        """The response after ``events``; ``answer``: its whole text, where the session's
+        buffer no longer holds all of its tokens."""
         status, text, tokens_in, tokens_out = "queued", [], 0, 0
         error = incomplete = None
         for event in events:
@@ -90,6 +93,8 @@ class ResponseView:
                 status = "failed"
                 error = {"code": event["code"], "message": event["message"]}
         ended = status not in ("queued", "in_progress")
+        if answer is not None:
+            text = [answer]
         output = []
         if text or (ended and status != "failed"):
             output.append(
@@ -140,6 +145,14 @@ class ResponseView:
     def stream_event(self, event: Event, so_far: list[Event]) -> dict[str, Any]:
         """The Responses event for one session event; ``so_far`` ends with it."""
         kind = event["type"]
+        if kind == "error" and "seq" not in event:  # events_dropped: OpenAI's error event
+            return {
+                "type": "error",
+                "code": event["code"],
+                "message": event["message"],
+                "param": None,
+                "sequence_number": event["last_seq"],
+            }
         number = event["seq"]
         if kind == "token":
             return {
@@ -239,9 +252,10 @@ class ResponsesApi:
             if body.stream:
                 return await self._stream(call, session, request_id, view, None)
             if body.background:
-                return web.json_response(view.object(self._events_of(session, request_id)))
-            events = [e async for e in self._follow(session, request_id, None)]
-            return web.json_response(view.object(events))
+                return web.json_response(self._whole(session, request_id, view))
+            async for _ in self._follow(session, request_id, None):
+                pass  # until it ends
+            return web.json_response(self._whole(session, request_id, view))
         finally:
             running = session.running
             if not body.background and running is not None and running.request_id == request_id:
@@ -333,16 +347,38 @@ class ResponsesApi:
     def _events_of(session: Session, request_id: str) -> list[Event]:
         return [e for e in session.events_after(None) if e.get("request_id") == request_id]
 
+    def _whole(self, session: Session, request_id: str, view: ResponseView) -> dict[str, Any]:
+        """A stored response as it is now. Its text is its token events; once the session's
+        buffer ([sessions] max_buffered_events) dropped the first of them, the latest
+        response's text is the conversation's last answer, which the session keeps whole."""
+        events = self._events_of(session, request_id)
+        answer = None
+        if (
+            not any(e["type"] == "start" for e in events)
+            and self._ended(session, request_id)
+            and session.requests == int(request_id.lstrip("r"))
+            and session.messages
+            and session.messages[-1]["role"] == "assistant"
+        ):
+            answer = session.messages[-1]["content"]
+        return view.object(events, answer)
+
     async def _follow(
         self, session: Session, request_id: str, after: int | None
     ) -> AsyncIterator[Event]:
         """The turn's events after seq ``after``, buffered then live, until its last."""
         if self._ended(session, request_id):
+            lost = session.lost_after(after or 0)
+            if lost is not None:
+                yield messages.Error.from_exception(lost).to_wire()
             for event in self._events_of(session, request_id):
                 if after is None or event["seq"] > after:
                     yield event
             return
         async for event in session.stream_from(after):
+            if event.get("code") == "events_dropped":
+                yield event  # the buffer cap dropped some of them: said, not skipped
+                continue
             if event.get("request_id") != request_id:
                 continue
             yield event
@@ -364,7 +400,7 @@ class ResponsesApi:
         view = self._view(session, request_id)
         query = call.request.query
         if query.get("stream", "false").lower() != "true":
-            return web.json_response(view.object(self._events_of(session, request_id)))
+            return web.json_response(self._whole(session, request_id, view))
         after = query.get("starting_after")
         try:
             start = int(after) if after is not None else None
@@ -381,9 +417,7 @@ class ResponsesApi:
                 async with asyncio.timeout(10):
                     async for _ in self._follow(session, request_id, None):
                         pass
-        return web.json_response(
-            self._view(session, request_id).object(self._events_of(session, request_id))
-        )
+        return web.json_response(self._whole(session, request_id, self._view(session, request_id)))
 
     # -- streaming ---------------------------------------------------------------------
 
@@ -409,7 +443,8 @@ class ResponsesApi:
             await stream.send(view.created(), event="response.created")
         so_far = list(seen or [])
         async for event in events:
-            so_far.append(event)
+            if "seq" in event:  # not an events_dropped notice
+                so_far.append(event)
             message = view.stream_event(event, so_far)
             await stream.send(message, event=message["type"])
         return stream.response
