@@ -338,14 +338,16 @@ async def test_a_response_is_cancelled_by_its_endpoint_or_by_its_client_leaving(
     assert cancelled.status == "cancelled"
     assert (await client.responses.retrieve(created.id)).status == "cancelled"
     # Stored but not background: a client that hangs up cancels it.
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             base(fake_daemon) + "/v1/responses", json={"input": long_input, "stream": True}
-        ) as r:
-            created_line = b""
-            while b"response.created" not in created_line:
-                created_line = await r.content.readline()
-            rid = json.loads((await r.content.readline())[6:])["response"]["id"]
+        ) as r,
+    ):
+        created_line = b""
+        while b"response.created" not in created_line:
+            created_line = await r.content.readline()
+        rid = json.loads((await r.content.readline())[6:])["response"]["id"]
     for _ in range(100):
         if (await client.responses.retrieve(rid)).status == "cancelled":
             break
