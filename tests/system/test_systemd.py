@@ -167,6 +167,30 @@ def test_websocket_client_gets_an_answer(root: SystemdRoot) -> None:
     assert journal_line(root, r"session \S+ \(new\)", 6)
 
 
+OPENAI_CLIENT = """
+import json, sys, urllib.request
+def call(path, body=None):
+    data = body and json.dumps(body).encode()
+    request = urllib.request.Request("http://127.0.0.1:8765" + path, data)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.load(response)
+chat = {"messages": [{"role": "user", "content": sys.argv[1]}], "max_tokens": 24, "temperature": 0}
+print(json.dumps({"models": call("/v1/models"), "chat": call("/v1/chat/completions", chat)}))
+"""
+
+
+def test_openai_api_client_gets_an_answer(root: SystemdRoot) -> None:
+    args = [VENV_PYTHON, "-c", OPENAI_CLIENT, "What is the capital of France?"]
+    result = json.loads(root.run(args, timeout=600).stdout)
+    assert MODEL_NAME in [model["id"] for model in result["models"]["data"]]
+    assert "Paris" in result["chat"]["choices"][0]["message"]["content"]
+    assert result["chat"]["usage"]["prompt_tokens"] > 0
+    assert journal_line(
+        root, r": 127\.0\.0\.1: chat_completions: (stop|length), [1-9]\d* tokens in", 6
+    )
+
+
 def test_reload_keeps_serving_and_logs_a_bad_config_as_error(root: SystemdRoot) -> None:
     pid = unit(root, "MainPID")["MainPID"]
     config = root.root / "etc/llmws/llmws.toml"
