@@ -443,6 +443,12 @@ async def http_raw(run: Run, data: bytes, timeout: float = 10) -> str:
         writer.close()
 
 
+def api_post(headers: str, body: str) -> str:
+    """A chat completion request with ``body``, as raw HTTP."""
+    length = len(body.encode("latin-1"))
+    return f"POST /v1/chat/completions HTTP/1.1\r\n{headers}Content-Length: {length}\r\n\r\n{body}"
+
+
 async def http_cases(run: Run) -> None:
     """DNS rebinding, POST and garbage: each answer is recorded, hangs and 2xx/5xx are defects."""
     port = run.port
@@ -457,6 +463,40 @@ async def http_cases(run: Run) -> None:
         ("GET without a version", "GET /\r\n\r\n", {"400"}),
         ("HTTP/9.9", f"GET / HTTP/9.9\r\n{local}\r\n", {"400", "505"}),
         ("a 64 KiB header", f"GET / HTTP/1.1\r\n{local}X: {'a' * 65536}\r\n\r\n", {"400", "431"}),
+        # The HTTP APIs (/v1/): each refusal in OpenAI's shape, the connection kept.
+        ("API: DNS rebinding", f"GET /v1/models HTTP/1.1\r\n{evil}\r\n", {"421", "403"}),
+        (
+            "API: a page elsewhere",
+            api_post(f"Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n", "{}"),
+            {"403"},
+        ),
+        (
+            "API: broken JSON",
+            api_post(local, '{"messages": [{"role": "user", "content": "hi"'),
+            {"400"},
+        ),
+        ("API: nested JSON", api_post(local, "[" * 100_000 + "]" * 100_000), {"400"}),
+        (
+            "API: wrong types",
+            api_post(local, '{"messages": [{"role": 7, "content": []}], "n": "2"}'),
+            {"400"},
+        ),
+        (
+            "API: an image",
+            api_post(local, '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'),
+            {"400"},
+        ),
+        (
+            "API: a body over the limit",
+            f"POST /v1/chat/completions HTTP/1.1\r\n{local}Content-Length: 99999999\r\n\r\n",
+            {"413"},
+        ),
+        (
+            "API: a .. response id",
+            f"GET /v1/responses/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\n{local}\r\n",
+            {"404"},
+        ),
+        ("API: an unknown route", f"DELETE /v1/everything HTTP/1.1\r\n{local}\r\n", {"404"}),
     ]
     for label, text, good in cases:
         try:

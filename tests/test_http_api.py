@@ -161,6 +161,7 @@ async def test_malformed_bodies_get_clear_errors_and_the_connection_stays(
         for body, status, words in (
             (b"{not json", 400, "not JSON"),
             (b"[1, 2]", 400, "JSON object"),
+            (b"[" * 100_000 + b"]" * 100_000, 400, "nested"),
             (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
             (json.dumps({"messages": []}).encode(), 400, "messages"),
             (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), 400, "temperature"),

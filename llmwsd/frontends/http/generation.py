@@ -26,6 +26,7 @@ from llmwsd.engines.interface import (
     TokenText,
 )
 from llmwsd.errors import BadRequest
+from llmwsd.frontends.http.server import STREAMING
 from llmwsd.protocol.http_api import Content
 from llmwsd.settings import GenerationSettings
 
@@ -135,6 +136,7 @@ class EventStream:
         )
 
     async def open(self, request: web.BaseRequest) -> EventStream:
+        request[STREAMING] = True
         await self.response.prepare(request)
         return self
 

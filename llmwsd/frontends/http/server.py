@@ -34,6 +34,7 @@ from llmwsd.auth import Identity
 from llmwsd.errors import (
     BadRequest,
     Forbidden,
+    InternalError,
     InvalidJSON,
     LLMWSError,
     MethodNotAllowed,
@@ -54,6 +55,9 @@ log = logging.getLogger("llmwsd.http")
 
 B = TypeVar("B", bound=BaseModel)
 
+# Set on a request whose answer is a stream that has begun (generation.EventStream).
+STREAMING = "llmws_streaming"
+
 
 @dataclass
 class Call:
@@ -73,6 +77,8 @@ class Call:
             data = json.loads(self.raw_body)
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidJSON(f"the request body is not JSON: {e}") from None
+        except RecursionError:
+            raise InvalidJSON("the request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise InvalidJSON("the request body must be a JSON object")
         try:
@@ -194,6 +200,13 @@ class ApiServer:
             answer = await self._serve(call, found)
         except LLMWSError as e:
             answer = self.error(call, e)
+        except ConnectionError:
+            raise  # the client left mid-answer: nobody to answer
+        except Exception:
+            log.exception("%s: failed", call.who)
+            if STREAMING in call.request:
+                raise  # its 200 went out: aiohttp ends the connection
+            answer = self.error(call, InternalError("internal error: the daemon's log says more"))
         self.services.metrics.http_request(call.api, call.endpoint, answer.status)
         return answer
 
