@@ -7,6 +7,7 @@ overrides and the configuration's defaults are all checked by :meth:`GenerationS
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,72 @@ SETTING_RANGES: dict[str, Range] = {
 INTEGER_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "top_k", "seed"})
 
 
+FORMAT_TYPES = ("json_schema", "json", "regex", "choice")
+MAX_FORMAT_CHARS = 64 * 1024  # a schema, pattern or the choices together, as JSON text
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """The shape an answer must have, enforced token by token (llmwsd.engines.grammar).
+
+    ``json_schema``: JSON matching ``schema``; ``json``: any JSON object; ``regex``: text
+    matching ``pattern`` whole; ``choice``: one of ``choices``, exactly.
+    """
+
+    type: str
+    schema: str = ""  # the JSON schema, as canonical JSON text (frozen, and hashable)
+    pattern: str = ""
+    choices: tuple[str, ...] = ()
+
+    @classmethod
+    def from_wire(cls, value: Any) -> OutputFormat | None:
+        """A client's ``format`` object (None: no format), checked for shape, or BadRequest."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or value.get("type") not in FORMAT_TYPES:
+            raise BadRequest(
+                "format must be an object whose type is one of " + ", ".join(FORMAT_TYPES),
+                param="format",
+            )
+        kind = value["type"]
+        if kind == "json_schema":
+            schema = value.get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest("format.schema must be a JSON schema (an object)", param="format")
+            found = cls(kind, schema=json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        elif kind == "regex":
+            pattern = value.get("pattern")
+            if not isinstance(pattern, str) or not pattern:
+                raise BadRequest("format.pattern must be a regular expression", param="format")
+            found = cls(kind, pattern=pattern)
+        elif kind == "choice":
+            choices = value.get("choices")
+            if (
+                not isinstance(choices, list)
+                or not choices
+                or not all(isinstance(c, str) and c for c in choices)
+            ):
+                raise BadRequest(
+                    "format.choices must be a list of non-empty strings", param="format"
+                )
+            found = cls(kind, choices=tuple(choices))
+        else:
+            found = cls(kind)
+        if len(json.dumps(found.to_dict())) > MAX_FORMAT_CHARS:
+            raise BadRequest(f"format is over {MAX_FORMAT_CHARS} characters", param="format")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type}
+        if self.type == "json_schema":
+            data["schema"] = json.loads(self.schema)
+        elif self.type == "regex":
+            data["pattern"] = self.pattern
+        elif self.type == "choice":
+            data["choices"] = list(self.choices)
+        return data
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Per-request sampling settings; ``merge`` validates what a client sends."""
@@ -65,6 +132,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_new_tokens: int = 0
+    format: OutputFormat | None = None  # the answer's shape: JSON (schema), regex or a choice
 
     def merge(self, data: Any) -> GenerationSettings:
         """Return these settings updated by ``data`` (a client's dict), or raise BadRequest."""
@@ -81,6 +149,7 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["stop"] = list(self.stop)
+        data["format"] = self.format.to_dict() if self.format else None
         return data
 
 
@@ -111,6 +180,8 @@ def _validate_setting(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise BadRequest("do_sample must be true or false")
         return value
+    if key == "format":
+        return OutputFormat.from_wire(value)
     if key == "stop":
         if isinstance(value, str):
             value = [value]

@@ -25,7 +25,7 @@ from llmwsd.engines.interface import (
     Started,
     TokenText,
 )
-from llmwsd.errors import Interrupted, LLMWSError
+from llmwsd.errors import BadRequest, Interrupted, LLMWSError
 
 
 class FakeHandle:
@@ -74,6 +74,10 @@ class FakeEngine:
     def answer(self, request: GenerationRequest) -> list[str]:
         words = ["echo:", *request.messages[-1]["content"].split()]
         return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    def prepare_format(self, fmt: Any) -> None:
+        if fmt.type == "regex" and fmt.pattern == "(":  # stands for one a library refuses
+            raise BadRequest("format (regex) cannot be enforced: the parenthesis is not closed")
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> FakeHandle:
         self.submitted.append(request)

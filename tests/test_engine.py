@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import re
 import subprocess
 import sys
 import threading
@@ -43,7 +45,7 @@ from llmwsd.engines.transformers.loading import (
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
 from llmwsd.errors import Busy, ConfigError, ContextTooLong, InternalError
 from llmwsd.service import health
-from llmwsd.settings import GenerationSettings
+from llmwsd.settings import GenerationSettings, OutputFormat
 from tests.conftest import REAL, eventually, skip_or_fail, within
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
@@ -758,3 +760,44 @@ async def test_a_long_request_does_not_starve_short_ones(engine, monkeypatch):
     first_rows = [rows[-1] for rows in steps if len(rows) == 2]
     assert [name for i, name in enumerate(first_rows) if name not in first_rows[:i]] == names[1:]
     assert all(r.end.total_tokens == (40 if n == "long" else 4) for n, r in runs.items())
+
+
+async def test_constrained_and_free_rows_in_one_batch(engine):
+    """Half the rows with a format, half without: the free ones answer as they do alone
+    (greedy, float32: exact), the constrained ones match their formats."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "big": {"type": "boolean"}},
+        "required": ["city", "big"],
+    }
+    formats = [
+        OutputFormat.from_wire({"type": "json_schema", "schema": schema}),
+        OutputFormat.from_wire({"type": "regex", "pattern": r"\d{4}-\d{2}-\d{2}"}),
+        OutputFormat.from_wire({"type": "choice", "choices": ["yes", "no"]}),
+        OutputFormat.from_wire({"type": "json"}),
+    ]
+    free = [PARIS, "Write a haiku about the sea.", "Who wrote Hamlet?", "Name a color."]
+    asks = [
+        "Describe Paris as JSON.",
+        "When was the Eiffel Tower built?",
+        "Is water wet?",
+        "A cat?",
+    ]
+    alone = [await generate(engine, p, max_new_tokens=24) for p in free]
+    together = await asyncio.gather(
+        *(generate(engine, p, max_new_tokens=24) for p in free),
+        *(
+            generate(engine, p, max_new_tokens=60, format=f)
+            for p, f in zip(asks, formats, strict=True)
+        ),
+    )
+    for a, t in zip(alone, together[:4], strict=True):
+        assert t.text == a.text
+    json_answer, date, choice, anything = (run.text for run in together[4:])
+    jsonschema.validate(json.loads(json_answer), schema)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date)
+    assert choice in ("yes", "no")
+    assert isinstance(json.loads(anything), dict)
+    assert all(run.end.finish_reason == "stop" for run in together[4:])

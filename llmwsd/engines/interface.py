@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmwsd.errors import ContextTooLong, LLMWSError
-from llmwsd.settings import GenerationSettings
+from llmwsd.settings import FORMAT_TYPES, GenerationSettings, OutputFormat
 
 if TYPE_CHECKING:
     from llmwsd.engines.memory import Capacity
@@ -169,6 +169,7 @@ class ModelInfo:
             "device": self.device,
             "max_context": self.max_context,
             "engine": self.engine,
+            "formats": list(FORMAT_TYPES),  # the answer formats both engines enforce
             "training": False,
         }
 
@@ -186,6 +187,11 @@ class EngineLike(Protocol):
 
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         """The messages through the chat template; thread-safe, called off the event loop."""
+        ...
+
+    def prepare_format(self, fmt: OutputFormat) -> None:
+        """Compile an answer's format for this model (cached), or raise BadRequest saying why
+        it cannot be enforced; called off the event loop, before admission."""
         ...
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle: ...

@@ -72,7 +72,7 @@ class Prompt:
 
 @dataclass(frozen=True, kw_only=True)
 class Inference(Message):
-    """One turn; ``config``: settings for this answer only."""
+    """One turn; ``config``: settings for this answer only (``format`` may also stand beside)."""
 
     TYPE = "inference"
     prompt: Prompt
@@ -85,6 +85,8 @@ class Inference(Message):
     def from_wire(cls, message: dict[str, Any]) -> Self:
         prompt = wire.parse_prompt(message.get("prompt"))  # also a legacy prompt string
         config = message.get("config")
+        if "format" in message:  # the answer's shape: a setting of this answer, like config's
+            config = {**_settings(config or {}), "format": message["format"]}
         return cls(
             prompt=Prompt(system=prompt["system"], user=prompt["user"]),
             config=None if config is None else _settings(config),

@@ -139,6 +139,8 @@ class GenerationService:
             else:
                 raise Busy("the model kept changing while the request was counted: retry")
             assert ids is not None
+            if request.settings.format is not None:  # one it cannot enforce: before any token
+                await asyncio.to_thread(engine.prepare_format, request.settings.format)
             request = context.with_budget(
                 request, ids, engine.info.max_context, self.limits.on_overflow
             )

@@ -33,6 +33,7 @@ import torch
 from llmwsd.config import Config
 from llmwsd.engines.chat_template import end_token_ids, template_ids
 from llmwsd.engines.detokenize import AnswerText
+from llmwsd.engines.grammar import Grammars
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -52,7 +53,15 @@ from llmwsd.engines.transformers.batch import Batch, joined, prefill_groups, row
 from llmwsd.engines.transformers.loading import load_model
 from llmwsd.engines.transformers.prefix_cache import PrefixCache
 from llmwsd.engines.transformers.sampling import TokenSampler, choose_tokens
-from llmwsd.errors import Busy, ContextTooLong, InternalError, Interrupted, LLMWSError
+from llmwsd.errors import (
+    BadRequest,
+    Busy,
+    ContextTooLong,
+    InternalError,
+    Interrupted,
+    LLMWSError,
+)
+from llmwsd.settings import OutputFormat
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,7 @@ class Engine:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._end_ids = end_token_ids(tokenizer, model.generation_config)
         self._end_id_set = set(self._end_ids)
+        self._grammars = Grammars(prompt_tokenizer, self._vocab_size, self._end_ids)
         self._rows_can_join = rows_can_join(model.config)
         estimate = info.memory
         self._prefix_cache = (
@@ -194,6 +204,9 @@ class Engine:
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         with self._prompt_lock:
             return template_ids(self._prompt_tokenizer, messages)
+
+    def prepare_format(self, fmt: OutputFormat) -> None:
+        self._grammars.compile(fmt)
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle:
         """Queue ``request``; its events go to ``on_event`` on the calling event loop."""
@@ -419,8 +432,13 @@ class Engine:
             return
         generation.prompt_ids = list(prompt)
         generation.max_new_tokens = budget
+        try:
+            grammar = self._grammars.matcher(settings.format) if settings.format else None
+        except BadRequest as e:  # a direct caller's: the service compiled it before
+            self._fail(generation, e)
+            return
         generation.sampler = TokenSampler(
-            settings, prompt, self._vocab_size, self._end_ids, self._device
+            settings, prompt, self._vocab_size, self._end_ids, self._device, grammar
         )
         generation.text = AnswerText(self._tokenizer, settings.stop)
         self._emit(generation, Started(len(prompt), generation.max_new_tokens))

@@ -6,7 +6,7 @@ The work over the whole vocabulary (argmax, top-k) runs once for the batch and
 the rest per row on a few candidates, because a per-row pass over 49k logits
 costs as much as a good part of a decoding step on a small CPU. The order is
 that of transformers' ``generate()``: repetition penalty, minimum length,
-temperature, top-k, top-p.
+the answer's format (a token mask: llmwsd.engines.grammar), temperature, top-k, top-p.
 
 Every setting the ranges of llmwsd.engines.interface accept samples a valid token: the
 settings are float64 and the logits float32, where 1e-300 is 0.0, so a divisor
@@ -20,6 +20,7 @@ from __future__ import annotations
 import secrets
 
 import torch
+import xgrammar
 
 from llmwsd.settings import GenerationSettings
 
@@ -40,8 +41,10 @@ class TokenSampler:
         vocab_size: int,
         end_token_ids: list[int],
         device: torch.device,
+        grammar: xgrammar.GrammarMatcher | None = None,
     ) -> None:
         self.settings = settings
+        self.grammar = grammar  # the answer's format (llmwsd.engines.grammar), token by token
         self.greedy = is_greedy(settings)
         self.vocab_size = vocab_size
         self._device = device
@@ -72,11 +75,18 @@ class TokenSampler:
             seen = logits[self._seen_ids]
             raised = (seen / penalty).clamp_(max=_FLOAT32.max)  # finite, not +inf
             logits[self._seen_ids] = torch.where(seen < 0, seen * penalty, raised)
-        if generated < self.settings.min_new_tokens and self._end_tokens.numel():
+        # A format decides when the answer may end: min_new_tokens gives way to it.
+        if (
+            generated < self.settings.min_new_tokens
+            and self._end_tokens.numel()
+            and self.grammar is None
+        ):
             logits[self._end_tokens] = float("-inf")
 
     def accept(self, token_id: int) -> None:
-        """Record a generated token (for the repetition penalty)."""
+        """Record a generated token (for the repetition penalty and the format)."""
+        if self.grammar is not None and not self.grammar.accept_token(token_id):
+            raise ValueError(f"token {token_id} does not fit the answer's format")
         if self._penalized and token_id not in self._seen and token_id < self.vocab_size:
             self._seen.add(token_id)
             new = torch.tensor([token_id], dtype=torch.long, device=self._device)
@@ -132,6 +142,19 @@ def choose_tokens(
             sampler.adjust(logits[row], generated[row])
         except Exception as e:
             results[row] = e
+    constrained = [
+        row
+        for row, sampler in enumerate(samplers)
+        if sampler.grammar is not None and not isinstance(results[row], Exception)
+    ]
+    if constrained:
+        # What each format allows next, for its rows only; one mask for all of them.
+        mask = xgrammar.allocate_token_bitmask(len(samplers), logits.shape[-1])
+        for row in constrained:
+            grammar = samplers[row].grammar
+            assert grammar is not None
+            grammar.fill_next_token_bitmask(mask, row)
+        xgrammar.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=constrained)
     best = logits.argmax(dim=-1).tolist()
     top_k_rows, full_rows = [], []
     for row, sampler in enumerate(samplers):

@@ -31,6 +31,7 @@ from typing import Any
 from llmwsd.config import Config
 from llmwsd.engines.chat_template import end_token_ids, template_ids
 from llmwsd.engines.detokenize import AnswerText
+from llmwsd.engines.grammar import Grammars
 from llmwsd.engines.interface import (
     EventCallback,
     EventStream,
@@ -47,6 +48,7 @@ from llmwsd.engines.memory import PagedKVCache, kv_layout, max_context_of
 from llmwsd.engines.vllm import arguments
 from llmwsd.engines.vllm.sampling import sampling_params
 from llmwsd.errors import Busy, ContextTooLong, InternalError, Interrupted, LLMWSError
+from llmwsd.settings import OutputFormat
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class VllmEngine:
         self._end_ids = end_token_ids(tokenizer, _generation_config(Path(info.path)))
         self._end_id_set = set(self._end_ids)
         self._vocab_size = len(tokenizer)
+        # Formats are compiled here to be checked before admission; vLLM compiles its own.
+        self._grammars = Grammars(prompt_tokenizer, self._vocab_size, self._end_ids)
         self._live: dict[_Generation, None] = {}
         self._draining = False
         self._closed = False
@@ -132,6 +136,9 @@ class VllmEngine:
     def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         with self._prompt_lock:
             return template_ids(self._prompt_tokenizer, messages)
+
+    def prepare_format(self, fmt: OutputFormat) -> None:
+        self._grammars.compile(fmt)
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> GenerationHandle:
         handle = GenerationHandle(request.request_id or uuid.uuid4().hex)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmwsd.settings import GenerationSettings
+from llmwsd.engines.grammar import json_schema_of
+from llmwsd.settings import GenerationSettings, OutputFormat
 
 # vLLM takes temperatures from 0.01 (it raises smaller ones, with a warning a request) to 2:
 # llmws's wider range (up to 100) is held to that. Past 2 the model's choice is near
@@ -22,7 +23,7 @@ def sampling_params(
     settings: GenerationSettings, max_tokens: int, end_ids: list[int], vocab_size: int
 ) -> Any:
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     greedy = not settings.do_sample or settings.temperature == 0
     low, high = VLLM_TEMPERATURE
@@ -40,4 +41,16 @@ def sampling_params(
         stop_token_ids=list(end_ids),
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=None
+        if settings.format is None
+        else StructuredOutputsParams(**structured_output(settings.format)),
     )
+
+
+def structured_output(fmt: OutputFormat) -> dict[str, Any]:
+    """A format as vLLM's structured-output fields: the grammar llmws compiles (grammar.py)."""
+    if fmt.type in ("json_schema", "json"):
+        return {"json": json_schema_of(fmt), "disable_any_whitespace": True}
+    if fmt.type == "regex":
+        return {"regex": fmt.pattern}
+    return {"choice": list(fmt.choices)}
