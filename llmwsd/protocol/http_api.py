@@ -57,6 +57,20 @@ class Sampling(Body):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
 
 
+class JsonSchemaSpec(Body):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    """Chat completions' ``response_format``: text, any JSON object, or JSON by a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Content | None = None
@@ -69,7 +83,7 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(Sampling):
@@ -87,7 +101,12 @@ class InputMessage(Body):
 
 
 class TextFormat(Body):
-    type: str = "text"
+    """The Responses API's ``text.format``: text, JSON, or JSON by a schema (flattened)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class TextOptions(Body):

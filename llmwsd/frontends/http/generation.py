@@ -59,6 +59,17 @@ def settings_from(services: Services, **fields: Any) -> GenerationSettings:
     return services.defaults().settings.merge(changes)
 
 
+def output_format(kind: str, schema: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
+    """OpenAI's text / json_object / json_schema as llmws's ``format`` (None: free text)."""
+    if kind == "json_object":
+        return {"type": "json"}
+    if kind == "json_schema":
+        if schema is None:
+            raise BadRequest(f"{param}: a json_schema format needs its schema", param=param)
+        return {"type": "json_schema", "schema": schema}
+    return None
+
+
 def raw_prompt(text: str) -> list[dict[str, str]]:
     """A completion's prompt, as the one message the engines tokenize without a template."""
     return [{"role": RAW_PROMPT_ROLE, "content": text}]

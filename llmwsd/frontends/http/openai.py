@@ -21,6 +21,7 @@ from llmwsd.frontends.http.generation import (
     Answer,
     EventStream,
     Generation,
+    output_format,
     raw_prompt,
     settings_from,
     text_of,
@@ -61,7 +62,7 @@ def check_prompt_size(services: Services, messages: list[dict[str, str]]) -> Non
 
 
 def sampling_settings(
-    services: Services, body: Sampling, max_tokens: int | None
+    services: Services, body: Sampling, max_tokens: int | None, fmt: dict[str, Any] | None = None
 ) -> GenerationSettings:
     """Chat's and completions' fields as llmws's settings, checked by their one table."""
     if body.n != 1:
@@ -82,6 +83,7 @@ def sampling_settings(
         repetition_penalty=body.repetition_penalty,
         stop=body.stop,
         seed=body.seed,
+        format=fmt,
     )
 
 
@@ -166,10 +168,6 @@ class OpenAiApi:
         for field in ("tools", "functions"):
             if getattr(body, field):
                 raise Unsupported(f"{field} are not supported yet", param=field)
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise Unsupported(
-                "response_format other than text is not supported yet", param="response_format"
-            )
         if body.logprobs:
             raise Unsupported("logprobs are not supported", param="logprobs")
         messages = []
@@ -180,8 +178,18 @@ class OpenAiApi:
                 )
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": text_of(message.content, f"messages[{i}]")})
+        wanted = body.response_format
+        fmt = (
+            None
+            if wanted is None
+            else output_format(
+                wanted.type,
+                wanted.json_schema.json_schema if wanted.json_schema else None,
+                "response_format",
+            )
+        )
         return await self._run(
-            call, body, messages, body.max_completion_tokens or body.max_tokens, chat=True
+            call, body, messages, body.max_completion_tokens or body.max_tokens, chat=True, fmt=fmt
         )
 
     async def completions(self, call: Call) -> web.StreamResponse:
@@ -208,10 +216,11 @@ class OpenAiApi:
         messages: list[dict[str, str]],
         max_tokens: int | None,
         chat: bool,
+        fmt: dict[str, Any] | None = None,
     ) -> web.StreamResponse:
         model = served_model(self.services, body.model)
         check_prompt_size(self.services, messages)
-        settings = sampling_settings(self.services, body, max_tokens)
+        settings = sampling_settings(self.services, body, max_tokens, fmt)
         generation = await Generation.start(self.services, messages, settings, call.who)
         reply = Reply(model, chat)
         try:

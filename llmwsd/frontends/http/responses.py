@@ -31,7 +31,13 @@ from aiohttp import web
 
 from llmwsd.engines.interface import Failed, Finished, Started, TokenText
 from llmwsd.errors import BadRequest, NotFound, Unsupported
-from llmwsd.frontends.http.generation import EventStream, Generation, settings_from, text_of
+from llmwsd.frontends.http.generation import (
+    EventStream,
+    Generation,
+    output_format,
+    settings_from,
+    text_of,
+)
 from llmwsd.frontends.http.openai import check_prompt_size, served_model
 from llmwsd.frontends.http.server import Call, Route, route
 from llmwsd.protocol import messages
@@ -212,10 +218,6 @@ class ResponsesApi:
         body = call.body(ResponseRequest)
         if body.tools:
             raise Unsupported("tools are not supported yet", param="tools")
-        if body.text and body.text.format and body.text.format.type != "text":
-            raise Unsupported(
-                "text.format other than text is not supported yet", param="text.format"
-            )
         if body.background and not body.store:
             raise BadRequest(
                 "a background response must be stored (store: true)", param="background"
@@ -229,6 +231,7 @@ class ResponsesApi:
                 ("max_new_tokens", body.max_output_tokens),
                 ("temperature", body.temperature),
                 ("top_p", body.top_p),
+                ("format", self._format(body)),
             )
             if value is not None
         }
@@ -260,6 +263,13 @@ class ResponsesApi:
             running = session.running
             if not body.background and running is not None and running.request_id == request_id:
                 running.request_cancel()  # the client left a response it waited for
+
+    @staticmethod
+    def _format(body: ResponseRequest) -> dict[str, Any] | None:
+        wanted = body.text.format if body.text else None
+        if wanted is None:
+            return None
+        return output_format(wanted.type, wanted.json_schema, "text.format")
 
     def _session_for(self, call: Call, previous: str | None) -> Session:
         assert call.identity is not None
