@@ -3,6 +3,7 @@ over the WebSocket API; the HTTP APIs' response_format and tools are in test_too
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -121,3 +122,32 @@ async def test_a_format_that_cannot_be_enforced_is_refused_before_any_token(
     history = await recv_json(ws)
     assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
     await ws.close()
+
+
+async def test_eight_at_once_half_of_them_constrained(real_daemon: RunningDaemon) -> None:
+    """All right together (the transformers engine's free rows are also checked to answer as
+    they do alone, exactly, in test_engine.py's float32 batch)."""
+    date = {"type": "regex", "pattern": r"\d{4}-\d{2}-\d{2}"}
+    person = {"type": "json_schema", "schema": PERSON}
+    asks = [
+        ("Describe a person as JSON.", {"format": person, "max_new_tokens": 400}),
+        ("When did the Berlin wall fall?", {"format": date}),
+        ("Is the sea salty?", {"format": {"type": "choice", "choices": ["yes", "no"]}}),
+        ("Describe a cat as JSON.", {"format": person, "max_new_tokens": 400, **SAMPLED}),
+        ("What is the capital of France?", {}),
+        ("Name a color.", {}),
+        ("Write a haiku about the sea.", SAMPLED),
+        ("Who wrote Hamlet?", {}),
+    ]
+    sockets = [(await connect(real_daemon))[0] for _ in asks]
+    results = await asyncio.gather(
+        *(answer(ws, user, **config) for ws, (user, config) in zip(sockets, asks, strict=True))
+    )
+    texts = [text for text, _ in results]
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", texts[1])
+    assert texts[2] in ("yes", "no")
+    jsonschema.validate(json.loads(texts[3]), PERSON)
+    assert "Paris" in texts[4] and all(texts[5:])
+    for ws in sockets:
+        await ws.close()
