@@ -15,12 +15,20 @@ Prints tables and writes bench/results/bench-<time>.json:
   ``POST /v1/chat/completions`` on the WebSocket port, the client vLLM's server
   gets), at those of the client counts that are 1 or 8: a row "over the OpenAI
   API" under the transformers engine's in the table;
+* llmws on either engine (``transformers``, ``vllm``: those of ``--servers``) with
+  every answer constrained to JSON as well, at the same client counts: the same
+  WebSocket requests with a ``format`` in their config, a JSON schema whose one
+  string cannot close within the budget (``minLength`` 100000: servers.JSON_FORMAT),
+  so that every answer still has exactly its new tokens; a row "constrained JSON"
+  under the server's in the table;
 * the ratios the performance goals name: for the transformers engine aggregate at
   8 / single (goal >= 5) and median TTFT at 8 / TTFT at 1 (goal <= 3); for llmws
   on vLLM against vLLM's server, aggregate (goal >= 0.95 at 8 and 32 clients) and
   median TTFT (goal <= 1.1), with the transformers engine's ratios beside; for
   the transformers engine's OpenAI API against its WebSocket API, aggregate
-  (goal >= 0.95) and median TTFT (goal <= 1.1) at 1 and 8 clients;
+  (goal >= 0.95) and median TTFT (goal <= 1.1) at 1 and 8 clients; for each llmws
+  server, constrained JSON against free answers, aggregate (goal >= 0.8) and median
+  TTFT (no goal) at 1 and 8 clients;
 * peak RSS of each server, and the load average while measuring.
 
 Both sides do the same work: the same dtype and attention, greedy, no repetition
@@ -33,7 +41,8 @@ while another is measured; they take turns, never run at once: each repeat runs
 the reference and then every client count on every server, so that a change in
 the machine's load (the cores may be shared) hits both sides of a ratio alike.
 The OpenAI API of the transformers engine is measured right after its WebSocket
-API at the same client count (right before, every other repeat).
+API at the same client count (right before, every other repeat), a server's
+constrained JSON right before its free answers (right after, every other repeat).
 The table shows the median of each figure over the repeats; each ratio is the
 median of the ratios within one repeat. Before measuring, every server is warmed
 up (its first requests are not counted). Clients connect first and then ask
@@ -48,7 +57,9 @@ sequence of prompts. The OpenAI API of the transformers engine is asked the
 prompts its WebSocket API is asked at the same client count in the same repeat,
 but for their first word ("Request 17." for "Question 17.", as many tokens): new
 to its prefix cache as well, and the bench checks that every prompt had the same
-token count on both paths.
+token count on both paths. The constrained JSON answers are asked the same way,
+opening with "Task 17.", checked the same way, and each checked to begin
+``{"text"``.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -73,6 +85,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.clients import ATTENTION, PROMPTS, new_conversation  # noqa: E402
 from bench.servers import (  # noqa: E402
+    JSON_FORMAT,
     VLLM_KV_CACHE_GB,
     VLLM_MAX_MODEL_LEN,
     Llmws,
@@ -93,6 +106,75 @@ SERVERS = {
 OPENAI = "transformers-openai"
 OPENAI_LABEL = "  over the OpenAI API"
 OPENAI_LEVELS = (1, 8)
+# Either llmws server with every answer in JSON (servers.JSON_FORMAT), at JSON_LEVELS.
+JSON_LABEL = "  constrained JSON"
+JSON_LEVELS = (1, 8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another way of asking one llmws server: measured next to its plain WebSocket
+    measurement at the same client count, in the same repeat, with the same prompts but
+    for their first word (``measure``, a method of Llmws, asks them: measure_openai,
+    measure_json)."""
+
+    key: str  # its figures', beside the servers' in each run
+    name: str  # in words
+    server: str  # the server's name
+    label: str  # its row in the table, under the server's
+    levels: tuple[int, ...]  # the client counts it is measured at, of --levels
+    measure: Callable[[Llmws, int, int, int], dict[str, Any]]  # clients, new tokens, first
+    before: bool  # right before the server's measurement (right after, every other repeat)
+    against: str  # its ratios' label: "<it> / <the server's WebSocket API>"
+    goals: tuple[str, str]  # of its aggregate tokens/s ratio and its median TTFT ratio
+    same: str  # the prompt check's words when every prompt had the server's token count
+
+    def levels_in(self, levels: list[int]) -> list[int]:
+        return [c for c in levels if c in self.levels]
+
+    def ask(self, server: Server, clients: int, new_tokens: int, first: int) -> dict[str, Any]:
+        assert isinstance(server, Llmws) and server.name == self.server
+        return self.measure(server, clients, new_tokens, first)
+
+
+VARIANTS = [
+    Variant(
+        OPENAI,
+        "OpenAI API",
+        "transformers",
+        OPENAI_LABEL,
+        OPENAI_LEVELS,
+        Llmws.measure_openai,
+        before=False,
+        against="OpenAI API / WebSocket",
+        goals=(">= 0.95", "<= 1.1"),
+        same="the same as over WebSocket",
+    ),
+    *(
+        Variant(
+            f"{name}-json",
+            f"constrained JSON on {SERVERS[name]}",
+            name,
+            JSON_LABEL,
+            JSON_LEVELS,
+            Llmws.measure_json,
+            before=True,
+            against=f"{SERVERS[name]}: constrained JSON / free",
+            goals=(">= 0.8", ""),
+            same="the same as without a format",
+        )
+        for name in ("transformers", "vllm")
+    ),
+]
+
+
+# One measurement in a repeat: where its figures go, by client count, and what takes them.
+Turn = tuple[dict[int, Any], Callable[[], dict[str, Any]]]
+
+
+def variants_of(server: str, levels: list[int]) -> list[Variant]:
+    """The variants measured of that server at some of ``levels``."""
+    return [v for v in VARIANTS if v.server == server and v.levels_in(levels)]
 
 
 class Reference:
@@ -148,11 +230,6 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def openai_api(server: Server) -> Llmws | None:
-    """The server whose OpenAI API is measured too: llmws on its transformers engine."""
-    return server if isinstance(server, Llmws) and server.name == "transformers" else None
-
-
 def measure(
     servers: list[Server],
     reference: Reference | None,
@@ -162,17 +239,18 @@ def measure(
 ) -> list[dict[str, Any]]:
     """One entry per repeat: the reference, then every client count of every server in turn.
 
-    At those of ``levels`` in OPENAI_LEVELS, the transformers server is measured through
-    its OpenAI API right after its WebSocket measurement at the same client count (every
-    other repeat, right before), with the same prompts but for their first word.
+    At a client count of its levels, each of the server's variants is measured right next
+    to its WebSocket measurement: before it or after it (the other way every other
+    repeat), with the same prompts but for their first word. The transformers server's
+    turns at 1 and at 8 clients are then its constrained JSON, its WebSocket API, its
+    OpenAI API (in odd-numbered repeats; the other way round in even-numbered ones).
     """
-    api_levels = [c for c in levels if c in OPENAI_LEVELS]
     for server in servers:  # warm-up: each server's first requests
         for clients in (1, max(levels)):
             first = server.asked + 1
             server.measure(clients, 8)
-            if (api := openai_api(server)) is not None and api_levels:
-                api.measure_openai(min(clients, max(api_levels)), 8, first)
+            for variant in variants_of(server.name, levels):
+                variant.ask(server, min(clients, max(variant.levels_in(levels))), 8, first)
     runs = []
     for repeat in range(repeats):
         run: dict[str, Any] = {"load_1min": os.getloadavg()[0], "servers": {}}
@@ -182,23 +260,25 @@ def measure(
             others = [s.pid for s in servers if s is not server]
             idle_cpu = cpu_seconds(others)
             figures: dict[int, Any] = {}
-            api_figures: dict[int, Any] = {}
-            api = openai_api(server)
+            variants = variants_of(server.name, levels)
+            variant_figures: dict[str, dict[int, Any]] = {v.key: {} for v in variants}
             for clients in levels:
-                turns = [(figures, partial(server.measure, clients, new_tokens))]
-                if api is not None and clients in api_levels:
-                    first = server.asked + 1  # the same prompts on both
-                    turns.append(
-                        (api_figures, partial(api.measure_openai, clients, new_tokens, first))
-                    )
+                first = server.asked + 1  # the same prompts on every path
+                before: list[Turn] = []
+                after: list[Turn] = []
+                for v in variants:
+                    if clients in v.levels:
+                        turn = partial(v.ask, server, clients, new_tokens, first)
+                        (before if v.before else after).append((variant_figures[v.key], turn))
+                free: Turn = (figures, partial(server.measure, clients, new_tokens))
+                turns = [*before, free, *after]
                 if repeat % 2:
                     turns.reverse()
                 for into, ask in turns:
                     load = os.getloadavg()[0]
                     into[clients] = {**ask(), "load_1min": load}
             run["servers"][server.name] = figures
-            if api_figures:
-                run["servers"][OPENAI] = api_figures
+            run["servers"] |= variant_figures
             run.setdefault("idle_servers_cpu_s", {})[server.name] = cpu_seconds(others) - idle_cpu
         if "transformers" in run["servers"]:
             run["levels"] = run["servers"]["transformers"]  # the key before vLLM came
@@ -225,14 +305,16 @@ def figure(server: str, clients: int, key: str) -> Callable[[dict[str, Any]], fl
     return lambda run: run["servers"][server][clients][key]
 
 
-def check_openai_prompts(runs: list[dict[str, Any]], levels: list[int]) -> str:
-    """Whether each prompt had the same token count through the OpenAI API as over WebSocket."""
+def check_variant_prompts(runs: list[dict[str, Any]], variant: Variant, levels: list[int]) -> str:
+    """Whether each prompt had the same token count on the variant as on its server."""
     for repeat, run in enumerate(runs):
-        for c in levels:
-            api, ws = (run["servers"][n][c]["prompt_tokens"] for n in (OPENAI, "transformers"))
-            if api != ws:
-                return f"NOT THE SAME: repeat {repeat + 1}, {c} clients: {api} against {ws}"
-    return "the same as over WebSocket"
+        for c in variant.levels_in(levels):
+            mine, its = (
+                run["servers"][n][c]["prompt_tokens"] for n in (variant.key, variant.server)
+            )
+            if mine != its:
+                return f"NOT THE SAME: repeat {repeat + 1}, {c} clients: {mine} against {its}"
+    return variant.same
 
 
 def check_prompts(runs: list[dict[str, Any]], names: list[str]) -> str:
@@ -292,16 +374,17 @@ def main() -> int:
             for server in reversed(servers):
                 server.stop()
 
-    api_levels = [c for c in levels if c in OPENAI_LEVELS] if "transformers" in names else []
+    variants = [v for name in names for v in variants_of(name, levels)]
+    levels_of = {name: levels for name in names} | {v.key: v.levels_in(levels) for v in variants}
     by_server = {
         name: {
             c: {
                 key: statistics.median(run["servers"][name][c][key] for run in runs)
                 for key in ("tokens_per_s", "ttft_median_s", "ttft_p90_s", "load_1min")
             }
-            for c in (api_levels if name == OPENAI else levels)
+            for c in at
         }
-        for name in [*names, *([OPENAI] if api_levels else [])]
+        for name, at in levels_of.items()
     }
     results: dict[str, Any] = {
         "date": started,
@@ -377,20 +460,35 @@ def main() -> int:
                 for key in ("tokens_per_s", "ttft_median_s")
             }
         results["ratios_vs_vllm_server"] = against
-    openai_vs_ws = {
-        key: {
-            c: paired_ratio(runs, figure(OPENAI, c, key), figure("transformers", c, key))
-            for c in api_levels
+    # Each variant against its server's WebSocket API, within each repeat.
+    variant_ratios = {
+        v.key: {
+            key: {
+                c: paired_ratio(runs, figure(v.key, c, key), figure(v.server, c, key))
+                for c in levels_of[v.key]
+            }
+            for key in ("tokens_per_s", "ttft_median_s")
         }
-        for key in ("tokens_per_s", "ttft_median_s")
+        for v in variants
     }
-    if api_levels:
-        results["openai_api"] = {
-            "label": f"{SERVERS['transformers']} over its OpenAI API",
-            "levels": by_server[OPENAI],
-            "prompt_tokens": check_openai_prompts(runs, api_levels),
-        }
-        results["ratios_openai_vs_websocket"] = openai_vs_ws
+    prompt_checks = {v.key: check_variant_prompts(runs, v, levels) for v in variants}
+    for v in variants:
+        if v.key == OPENAI:
+            results["openai_api"] = {
+                "label": f"{SERVERS['transformers']} over its OpenAI API",
+                "levels": by_server[OPENAI],
+                "prompt_tokens": prompt_checks[OPENAI],
+            }
+            results["ratios_openai_vs_websocket"] = variant_ratios[OPENAI]
+        else:
+            results.setdefault("constrained_json", {})[v.server] = {
+                "label": f"{SERVERS[v.server]}, every answer in JSON",
+                "format": JSON_FORMAT,
+                "levels": by_server[v.key],
+                "prompt_tokens": prompt_checks[v.key],
+            }
+            ratios_json = results.setdefault("ratios_constrained_json_vs_free", {})
+            ratios_json[v.server] = variant_ratios[v.key]
     results["runs"] = runs
 
     print(
@@ -405,10 +503,12 @@ def main() -> int:
                 f" {row['ttft_median_s'] * 1000:>9.0f} ms {row['ttft_p90_s'] * 1000:>6.0f} ms"
                 f" {row['load_1min']:>5.1f}"
             )
-            if name == "transformers" and clients in api_levels:
-                row = by_server[OPENAI][clients]
+            for v in variants_of(name, levels):
+                if clients not in v.levels:
+                    continue
+                row = by_server[v.key][clients]
                 print(
-                    f"{'':>7}  {OPENAI_LABEL:<22} {row['tokens_per_s']:>9.1f}"
+                    f"{'':>7}  {v.label:<22} {row['tokens_per_s']:>9.1f}"
                     f" {row['ttft_median_s'] * 1000:>9.0f} ms {row['ttft_p90_s'] * 1000:>6.0f} ms"
                     f" {row['load_1min']:>5.1f}"
                 )
@@ -435,13 +535,20 @@ def main() -> int:
     for label, value, goal in ratios:
         if value is not None:
             print(f"{label:<40} {value:>8.2f}  {'(goal ' + goal + ')' if goal else ''}")
-    for key, what, goal in (
-        ("tokens_per_s", "aggregate tokens/s", ">= 0.95"),
-        ("ttft_median_s", "median TTFT", "<= 1.1"),
-    ):
-        for c in api_levels:
-            label = f"OpenAI API / WebSocket {what} at {c} {'client' if c == 1 else 'clients'}"
-            print(f"{label:<56} {openai_vs_ws[key][c]:>8.2f}  (goal {goal})")
+    lines = []
+    for v in variants:
+        for key, what, goal in zip(
+            ("tokens_per_s", "ttft_median_s"),
+            ("aggregate tokens/s", "median TTFT"),
+            v.goals,
+            strict=True,
+        ):
+            for c in levels_of[v.key]:
+                label = f"{v.against} {what} at {c} {'client' if c == 1 else 'clients'}"
+                lines.append((label, variant_ratios[v.key][key][c], goal))
+    width = max([56, *(len(label) for label, _, _ in lines)])
+    for label, value, goal in lines:
+        print(f"{label:<{width}} {value:>8.2f}  {'(goal ' + goal + ')' if goal else ''}".rstrip())
     for name in names:
         server_results = results["servers"][name]
         print(
@@ -449,8 +556,8 @@ def main() -> int:
             f"  (up in {server_results['start_s']:.0f} s)"
         )
     print(f"prompt token counts: {results['prompt_tokens']}")
-    if api_levels:
-        print(f"prompt token counts, OpenAI API: {results['openai_api']['prompt_tokens']}")
+    for v in variants:
+        print(f"prompt token counts, {v.name}: {prompt_checks[v.key]}")
     idle = max((max(r.get("idle_servers_cpu_s", {0: 0}).values()) for r in runs), default=0)
     print(f"CPU the idle servers used while another was measured: {idle:.1f} s at most")
     print(f"load average before {load_before}, after {results['load_average_after']}")

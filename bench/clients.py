@@ -52,10 +52,17 @@ class Client(Protocol):
 
 
 class WebSocketClient:
-    """One llmws client: a WebSocket connection, a new conversation per request."""
+    """One llmws client: a WebSocket connection, a new conversation per request.
 
-    def __init__(self, url: str) -> None:
+    ``config``: more of each request's config, on top of SETTINGS and the token counts
+    (a ``format``, say); ``opening``: what every answer must begin with (as much of it as
+    the answer has), else a RuntimeError.
+    """
+
+    def __init__(self, url: str, config: dict[str, Any] | None = None, opening: str = "") -> None:
         self.url = url
+        self.config = config or {}
+        self.opening = opening
         self.ws: websockets.ClientConnection | None = None
 
     async def open(self) -> None:
@@ -65,22 +72,33 @@ class WebSocketClient:
 
     async def ask(self, user: str, new_tokens: int) -> dict[str, float]:
         assert self.ws is not None
-        config = {**SETTINGS, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        config = {
+            **SETTINGS,
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            **self.config,
+        }
         request = {"type": "inference", "prompt": {"system": "", "user": user}, "config": config}
         started = time.perf_counter()
         await self.ws.send(json.dumps(request))
         first = None
         prompt_tokens = 0
+        begun = ""  # the answer's first characters, as many as the opening has
         while True:
             event = json.loads(await self.ws.recv())
             if event["type"] == "start":
                 prompt_tokens = event["tokens_in"]
-            if event["type"] == "token" and first is None:
-                first = time.perf_counter()
+            if event["type"] == "token":
+                if first is None:
+                    first = time.perf_counter()
+                if len(begun) < len(self.opening):
+                    begun += event["data"]
             if event["type"] in ("done", "error"):
                 break
         if event["type"] == "error":
             raise RuntimeError(f"the daemon answered an error: {event}")
+        if not (begun.startswith(self.opening) or self.opening.startswith(begun)):
+            raise RuntimeError(f"an answer began {begun!r}, not {self.opening!r}")
         finished = time.perf_counter()
         return {
             "tokens": event["total_tokens"],

@@ -1,7 +1,8 @@
 """The servers the bench measures: llmwsd on either engine, vLLM's own OpenAI server.
 
 llmwsd on its transformers engine is also measured through its OpenAI API (``POST
-/v1/chat/completions`` on the WebSocket port: :meth:`Llmws.measure_openai`).
+/v1/chat/completions`` on the WebSocket port: :meth:`Llmws.measure_openai`), and llmwsd
+on either engine with answers constrained to a JSON schema (:meth:`Llmws.measure_json`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ OPENAI_OPENING = "Request"
 # The GET that opens each client's keep-alive connection to llmws's OpenAI API: under /v1/,
 # since a connection whose first request is not is the WebSocket server's, closed after it.
 LLMWS_OPENAI_HEALTH = "/v1/models"
+# The constrained answers' format: a JSON object whose one string cannot close within any
+# budget the bench asks for, so that every answer has exactly its new tokens (a format
+# decides when an answer may end: min_new_tokens gives way to it).
+JSON_FORMAT = {
+    "type": "json_schema",
+    "schema": {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 100000}},
+        "required": ["text"],
+    },
+}
+# How each of them begins, checked by the client (after it xgrammar puts ': "', its
+# separator, today: not part of the check).
+JSON_ANSWER_OPENING = '{"text"'
+# Their prompts: those asked (or about to be) without a format, opening with this word
+# (one token, as OPENAI_OPENING is).
+JSON_OPENING = "Task"
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -132,8 +150,20 @@ class Server:
         raise NotImplementedError
 
     def measure(self, clients: int, new_tokens: int) -> dict[str, Any]:
+        return self.measure_with(self.client, clients, new_tokens)
+
+    def measure_with(
+        self,
+        make_client: Callable[[], Client],
+        clients: int,
+        new_tokens: int,
+        first: int | None = None,
+        opening: str = QUESTION,
+    ) -> dict[str, Any]:
+        """``clients`` of ``make_client`` asking at once the prompts :meth:`prompts` yields."""
         # A fresh prompt iterator per call: each starts at PROMPTS[0], as every server's does.
-        return asyncio.run(concurrent(self.client, self.prompts(), clients, new_tokens))
+        prompts = self.prompts(first, opening)
+        return asyncio.run(concurrent(make_client, prompts, clients, new_tokens))
 
 
 class Llmws(Server):
@@ -166,11 +196,18 @@ class Llmws(Server):
             self.daemon.http, DEFAULT_MODEL.name, health=LLMWS_OPENAI_HEALTH, server="llmws"
         )
 
+    def json_client(self) -> Client:
+        return WebSocketClient(self.daemon.url, {"format": JSON_FORMAT}, JSON_ANSWER_OPENING)
+
     def measure_openai(self, clients: int, new_tokens: int, first: int) -> dict[str, Any]:
         """:meth:`measure` through the OpenAI API, asking the prompts numbered from ``first``
         (those :meth:`measure` asks or asked) with OPENAI_OPENING for their first word."""
-        prompts = self.prompts(first, OPENAI_OPENING)
-        return asyncio.run(concurrent(self.openai_client, prompts, clients, new_tokens))
+        return self.measure_with(self.openai_client, clients, new_tokens, first, OPENAI_OPENING)
+
+    def measure_json(self, clients: int, new_tokens: int, first: int) -> dict[str, Any]:
+        """:meth:`measure` with every answer in JSON_FORMAT, asking the prompts numbered from
+        ``first`` with JSON_OPENING for their first word."""
+        return self.measure_with(self.json_client, clients, new_tokens, first, JSON_OPENING)
 
     @property
     def pid(self) -> int:
