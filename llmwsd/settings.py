@@ -149,7 +149,10 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["stop"] = list(self.stop)
-        data["format"] = self.format.to_dict() if self.format else None
+        if self.format is None:
+            del data["format"]  # no format: no key, as before formats existed
+        else:
+            data["format"] = self.format.to_dict()
         return data
 
 
