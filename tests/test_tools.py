@@ -430,7 +430,12 @@ def test_a_required_call_is_valid_whole_streamed_and_answered(real_daemon: Runni
 
     client = sdk(real_daemon)
     whole = client.chat.completions.create(
-        messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=100
+        model=DEFAULT_MODEL.name,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=100,
     )
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -439,7 +444,12 @@ def test_a_required_call_is_valid_whole_streamed_and_answered(real_daemon: Runni
     jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
 
     streamed = client.chat.completions.create(
-        messages=ASK, tools=[WEATHER], tool_choice="required", stream=True, max_tokens=100
+        model=DEFAULT_MODEL.name,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        stream=True,
+        max_tokens=100,
     )
     deltas = [c.choices[0].delta for c in streamed if c.choices]
     calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
@@ -455,6 +465,7 @@ def test_a_required_call_is_valid_whole_streamed_and_answered(real_daemon: Runni
         {"role": "tool", "tool_call_id": call.id, "content": result},
     ]
     second = client.chat.completions.create(
+        model=DEFAULT_MODEL.name,
         messages=turns,
         tools=[WEATHER],
         temperature=0,
@@ -490,6 +501,7 @@ def test_a_required_call_is_valid_whole_streamed_and_answered(real_daemon: Runni
 def test_a_named_call_and_a_malformed_tool(real_daemon: RunningDaemon) -> None:
     client = sdk(real_daemon)
     whole = client.chat.completions.create(
+        model=DEFAULT_MODEL.name,
         messages=[{"role": "user", "content": "What is 2 plus 3?"}],
         tools=[WEATHER, ADD],
         tool_choice={"type": "function", "function": {"name": "add"}},
@@ -504,9 +516,13 @@ def test_a_named_call_and_a_malformed_tool(real_daemon: RunningDaemon) -> None:
         "function": {"name": "broken", "parameters": {"type": "object", "properties": 5}},
     }
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(messages=ASK, tools=[WEATHER, broken], max_tokens=5)
+        client.chat.completions.create(
+            model=DEFAULT_MODEL.name, messages=ASK, tools=[WEATHER, broken], max_tokens=5
+        )
     assert "tools[1] (broken)" in refused.value.body["message"]  # type: ignore[index]
-    again = client.chat.completions.create(messages=ASK, tools=[WEATHER], max_tokens=5)
+    again = client.chat.completions.create(
+        model=DEFAULT_MODEL.name, messages=ASK, tools=[WEATHER], max_tokens=5
+    )
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
