@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,11 @@ class FakeEngine:
 
         return load
 
-    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(range(sum(len(m["content"].split()) + 4 for m in messages)))
+    def tokenize(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        words = sum(len(m["content"].split()) + 4 for m in messages)
+        return list(range(words + sum(len(json.dumps(t).split()) for t in tools or [])))
 
     def answer(self, request: GenerationRequest) -> list[str]:
         words = ["echo:", *request.messages[-1]["content"].split()]

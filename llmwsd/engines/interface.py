@@ -25,13 +25,17 @@ class GenerationRequest:
 
     ``prompt_ids`` are the messages through the model's chat template, as the service
     counted them to fit the context (``EngineLike.tokenize``): the engine runs those,
-    and tokenizes the messages itself only when a caller gave none.
+    and tokenizes the messages itself only when a caller gave none. ``tools`` (OpenAI's
+    function tools, the HTTP APIs') are rendered into the prompt with the messages, whose
+    assistant turns may then carry ``tool_calls`` and whose ``tool`` turns are results
+    (llmwsd.engines.chat_template).
     """
 
     messages: list[dict[str, str]]
     settings: GenerationSettings
     request_id: str = ""
     prompt_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 def new_token_budget(
@@ -185,8 +189,11 @@ class EngineLike(Protocol):
 
     info: ModelInfo
 
-    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        """The messages through the chat template; thread-safe, called off the event loop."""
+    def tokenize(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The messages (and tools) through the chat template; thread-safe, called off the
+        event loop."""
         ...
 
     def prepare_format(self, fmt: OutputFormat) -> None:

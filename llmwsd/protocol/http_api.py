@@ -29,6 +29,9 @@ class ContentPart(Body):
 
 Content = str | list[ContentPart]
 
+# A tool's name, as both APIs allow it.
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
 # -- OpenAI ------------------------------------------------------------------------------
 
 
@@ -71,17 +74,57 @@ class ResponseFormat(Body):
     json_schema: JsonSchemaSpec | None = None
 
 
+class FunctionSpec(Body):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; None: no arguments
+    strict: bool | None = None
+
+
+class ChatTool(Body):
+    """A chat completion's tool: a function the model may call."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI gives it
+
+
+class ChatToolCall(Body):
+    """A call an assistant message made, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Content | None = None
     name: str | None = None
+    tool_calls: list[ChatToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # one call per answer, whatever it says
     functions: list[Any] | None = None
     response_format: ResponseFormat | None = None
 
@@ -133,9 +176,35 @@ class ResponseRequest(Body):
 # -- Anthropic ---------------------------------------------------------------------------
 
 
+class AnthropicBlock(ContentPart):
+    """A content block: text, or a tool_use (an assistant's) or tool_result (a user's)."""
+
+    id: str | None = None  # tool_use
+    name: str | None = None  # tool_use
+    input: dict[str, Any] | None = None  # tool_use
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[ContentPart] | None = None  # tool_result
+    is_error: bool | None = None  # tool_result
+
+
 class AnthropicMessage(Body):
     role: Literal["user", "assistant"]
-    content: Content
+    content: str | list[AnthropicBlock]
+
+
+class AnthropicTool(Body):
+    """A client tool; the server tools (web search and the like) have a ``type``."""
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: str | None = None
+
+
+class AnthropicToolChoice(Body):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None  # one call per answer, whatever it says
 
 
 class MessagesRequest(Body):
@@ -148,5 +217,6 @@ class MessagesRequest(Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     stream: bool = False
-    tools: list[Any] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None

@@ -133,7 +133,7 @@ class GenerationService:
                 if ids is not None and tokenized_by is engine:
                     break
                 # The model changed since (a switch swapped it in): its own tokenizer counts.
-                ids = await asyncio.to_thread(engine.tokenize, request.messages)
+                ids = await asyncio.to_thread(engine.tokenize, request.messages, request.tools)
                 tokenized_by = engine
                 engine, admission = self.slot.require()
             else:

@@ -113,7 +113,9 @@ class ModelSlot:
         if ticket.state == "done":
             return None  # cancelled while it waited for the switch
         try:
-            ids = await asyncio.to_thread(engine.tokenize, ticket.request.messages)
+            ids = await asyncio.to_thread(
+                engine.tokenize, ticket.request.messages, ticket.request.tools
+            )
             request = context.with_budget(
                 ticket.request, ids, engine.info.max_context, self.limits.on_overflow
             )

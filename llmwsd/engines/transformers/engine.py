@@ -201,9 +201,11 @@ class Engine:
 
     # -- the event loop's side -----------------------------------------------------
 
-    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         with self._prompt_lock:
-            return template_ids(self._prompt_tokenizer, messages)
+            return template_ids(self._prompt_tokenizer, messages, tools)
 
     def prepare_format(self, fmt: OutputFormat) -> None:
         self._grammars.compile(fmt)
@@ -417,7 +419,9 @@ class Engine:
         request = generation.request
         settings = request.settings
         try:
-            prompt = request.prompt_ids or template_ids(self._tokenizer, request.messages)
+            prompt = request.prompt_ids or template_ids(
+                self._tokenizer, request.messages, request.tools
+            )
         except Exception as e:
             log.error("cannot apply the chat template", exc_info=True)
             self._fail(generation, InternalError(f"cannot apply the chat template: {e}"))

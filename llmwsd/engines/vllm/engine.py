@@ -133,9 +133,11 @@ class VllmEngine:
 
     # -- the interface ---------------------------------------------------------------
 
-    def tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         with self._prompt_lock:
-            return template_ids(self._prompt_tokenizer, messages)
+            return template_ids(self._prompt_tokenizer, messages, tools)
 
     def prepare_format(self, fmt: OutputFormat) -> None:
         self._grammars.compile(fmt)
@@ -233,7 +235,7 @@ class VllmEngine:
         settings = request.settings
         prompt = request.prompt_ids
         if prompt is None:
-            prompt = await asyncio.to_thread(self.tokenize, request.messages)
+            prompt = await asyncio.to_thread(self.tokenize, request.messages, request.tools)
         # The service budgeted the request already; this holds direct callers to it.
         budget = new_token_budget(
             len(prompt), settings.max_new_tokens, self.info.max_context, "truncate"

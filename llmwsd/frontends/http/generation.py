@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from llmwsd.engines.interface import (
 )
 from llmwsd.errors import BadRequest
 from llmwsd.frontends.http.server import STREAMING
-from llmwsd.protocol.http_api import Content
+from llmwsd.protocol.http_api import ContentPart
 from llmwsd.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from llmwsd.service.services import Services
 
 
-def text_of(content: Content | None, where: str) -> str:
+def text_of(content: str | Sequence[ContentPart] | None, where: str) -> str:
     """A message's text: the string, or its text parts joined; images and files refused."""
     if content is None:
         return ""
@@ -95,15 +95,15 @@ class Generation:
     async def start(
         cls,
         services: Services,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         settings: GenerationSettings,
         who: str,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Generation:
         """Admit it; a refusal (no_model, context_too_long, busy) is raised before any compute."""
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        ticket = await services.generation.submit(
-            GenerationRequest(messages, settings), events.put_nowait, who=who
-        )
+        request = GenerationRequest(messages, settings, tools=tools)
+        ticket = await services.generation.submit(request, events.put_nowait, who=who)
         return cls(ticket, events)
 
     async def events(self) -> AsyncIterator[GenerationEvent]:

@@ -7,6 +7,7 @@ A thin front: the body becomes the same GenerationRequest the WebSocket path mak
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from llmwsd.engines.interface import Failed, Finished, TokenText
 from llmwsd.errors import BadRequest, Interrupted, LLMWSError, NotFound, Unsupported
+from llmwsd.frontends.http import tools
 from llmwsd.frontends.http.errors import openai_error
 from llmwsd.frontends.http.generation import (
     Answer,
@@ -24,9 +26,9 @@ from llmwsd.frontends.http.generation import (
     output_format,
     raw_prompt,
     settings_from,
-    text_of,
 )
 from llmwsd.frontends.http.server import Call, Route, route
+from llmwsd.frontends.http.tools import CallWatch, ToolCall, ToolUse
 from llmwsd.protocol.http_api import ChatCompletionRequest, CompletionRequest, Sampling
 from llmwsd.settings import GenerationSettings
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from llmwsd.service.services import Services
 
 FINISH_REASONS = ("stop", "length")
+NO_TOOLS = ToolUse()
 
 
 def served_model(services: Services, asked: str | None) -> str:
@@ -50,9 +53,12 @@ def served_model(services: Services, asked: str | None) -> str:
     )
 
 
-def check_prompt_size(services: Services, messages: list[dict[str, str]]) -> None:
+def check_prompt_size(
+    services: Services, messages: list[dict[str, Any]], use: ToolUse = NO_TOOLS
+) -> None:
     limit = services.config().limits.max_prompt_chars
-    size = sum(len(m["content"]) for m in messages)
+    size = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages)
+    size += use.prompt_chars()
     if size > limit:
         raise BadRequest(
             f"the prompt has {size} characters; at most {limit} are taken "
@@ -165,19 +171,14 @@ class OpenAiApi:
 
     async def chat_completions(self, call: Call) -> web.StreamResponse:
         body = call.body(ChatCompletionRequest)
-        for field in ("tools", "functions"):
-            if getattr(body, field):
-                raise Unsupported(f"{field} are not supported yet", param=field)
+        if body.functions:
+            raise Unsupported(
+                "functions (the old API) are not supported: use tools", param="functions"
+            )
         if body.logprobs:
             raise Unsupported("logprobs are not supported", param="logprobs")
-        messages = []
-        for i, message in enumerate(body.messages):
-            if message.role in ("tool", "function"):
-                raise Unsupported(
-                    f"messages[{i}]: {message.role} messages are not supported", param="messages"
-                )
-            role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": text_of(message.content, f"messages[{i}]")})
+        use = tools.from_openai(body)
+        messages = tools.chat_messages(body.messages)
         wanted = body.response_format
         fmt = (
             None
@@ -188,9 +189,14 @@ class OpenAiApi:
                 "response_format",
             )
         )
-        return await self._run(
-            call, body, messages, body.max_completion_tokens or body.max_tokens, chat=True, fmt=fmt
-        )
+        if fmt is not None and use.forced:
+            raise BadRequest(
+                "response_format and a tool_choice that forces a call cannot both be enforced",
+                param="response_format",
+            )
+        await tools.check(self.services, use)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await self._run(call, body, messages, max_tokens, True, fmt or use.format(), use)
 
     async def completions(self, call: Call) -> web.StreamResponse:
         body = call.body(CompletionRequest)
@@ -213,16 +219,19 @@ class OpenAiApi:
         self,
         call: Call,
         body: Sampling,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         max_tokens: int | None,
         chat: bool,
         fmt: dict[str, Any] | None = None,
+        use: ToolUse = NO_TOOLS,
     ) -> web.StreamResponse:
         model = served_model(self.services, body.model)
-        check_prompt_size(self.services, messages)
+        check_prompt_size(self.services, messages, use)
         settings = sampling_settings(self.services, body, max_tokens, fmt)
-        generation = await Generation.start(self.services, messages, settings, call.who)
-        reply = Reply(model, chat)
+        generation = await Generation.start(
+            self.services, messages, settings, call.who, use.rendered()
+        )
+        reply = Reply(model, chat, use)
         try:
             if body.stream:
                 include_usage = (
@@ -237,9 +246,10 @@ class OpenAiApi:
 class Reply:
     """One answer as OpenAI's objects: ``chat.completion`` or ``text_completion``."""
 
-    def __init__(self, model: str, chat: bool) -> None:
+    def __init__(self, model: str, chat: bool, use: ToolUse = NO_TOOLS) -> None:
         self.model = model
         self.chat = chat
+        self.use = use
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -258,21 +268,30 @@ class Reply:
         if reason not in FINISH_REASONS:
             raise Interrupted("the server stopped before this answer was complete")
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+            tool_call = self.use.parse(answer.text)
+            if tool_call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [wire(tool_call)]}
+                reason = "tool_calls"
+            choice: dict[str, Any] = {"index": 0, "message": message}
         else:
             choice = {"index": 0, "text": answer.text}
         choice |= {"finish_reason": reason, "logprobs": None}
         kind = "chat.completion" if self.chat else "text_completion"
         return self._object(kind, [choice], usage=usage(answer.tokens_in, answer.tokens_out))
 
-    def chunk(self, text: str | None, reason: str | None = None, **more: Any) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str | None,
+        reason: str | None = None,
+        delta: dict[str, Any] | None = None,
+        **more: Any,
+    ) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            if text == "" and reason is None:
-                delta["role"] = "assistant"
+            if delta is None:
+                delta = {} if text is None else {"content": text}
+                if text == "" and reason is None:
+                    delta["role"] = "assistant"
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
@@ -287,12 +306,23 @@ class Reply:
         more: dict[str, Any] = {"usage": None} if include_usage else {}
         if self.chat:
             await stream.send(self.chunk("", **more))
+        watch = CallWatch(self.use)  # passes all on but for a chat with tools
         async for event in generation.events():
             try:
                 if isinstance(event, TokenText) and event.text:
-                    await stream.send(self.chunk(event.text, **more))
+                    text = watch.feed(event.text)
+                    if text:
+                        await stream.send(self.chunk(text, **more))
                 elif isinstance(event, Finished):
-                    await stream.send(self.chunk(None, finish_reason(event), **more))
+                    reason = finish_reason(event)
+                    text, tool_call = watch.end()
+                    if text:
+                        await stream.send(self.chunk(text, **more))
+                    if tool_call is not None:
+                        for delta in call_deltas(tool_call):
+                            await stream.send(self.chunk(None, delta=delta, **more))
+                        reason = "tool_calls"
+                    await stream.send(self.chunk(None, reason, **more))
                     if include_usage:
                         kind = "chat.completion.chunk" if self.chat else "text_completion"
                         tally = usage(generation.tokens_in, event.total_tokens)
@@ -304,3 +334,20 @@ class Reply:
                 break
         await stream.done()
         return stream.response
+
+
+def wire(call: ToolCall) -> dict[str, Any]:
+    """A call as a message's ``tool_calls`` entry: the arguments as JSON text."""
+    function = {"name": call.name, "arguments": call.arguments_json()}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def call_deltas(call: ToolCall) -> list[dict[str, Any]]:
+    """A call as stream deltas: its id and name (arguments ""), then the arguments' pieces."""
+    first = wire(call)
+    first["function"]["arguments"] = ""
+    deltas = [{"tool_calls": [{"index": 0, **first}]}]
+    deltas += [
+        {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in call.pieces()
+    ]
+    return deltas
