@@ -66,7 +66,7 @@ class OutputFormat:
     """
 
     type: str
-    schema: str = ""  # the JSON schema, as canonical JSON text (frozen, and hashable)
+    schema: str = ""  # the JSON schema as JSON text, its keys in the order given (generated so)
     pattern: str = ""
     choices: tuple[str, ...] = ()
 
@@ -85,7 +85,7 @@ class OutputFormat:
             schema = value.get("schema")
             if not isinstance(schema, dict):
                 raise BadRequest("format.schema must be a JSON schema (an object)", param="format")
-            found = cls(kind, schema=json.dumps(schema, sort_keys=True, separators=(",", ":")))
+            found = cls(kind, schema=json.dumps(schema, separators=(",", ":")))  # in its order
         elif kind == "regex":
             pattern = value.get("pattern")
             if not isinstance(pattern, str) or not pattern:
