@@ -56,7 +56,7 @@ log = logging.getLogger("llmwsd.http")
 B = TypeVar("B", bound=BaseModel)
 
 # Set on a request whose answer is a stream that has begun (generation.EventStream).
-STREAMING = "llmws_streaming"
+STREAMING = web.RequestKey("llmws_streaming", bool)
 
 
 @dataclass
