@@ -17,10 +17,10 @@ from typing import Any
 import xgrammar
 
 from llmwsd.errors import BadRequest
-from llmwsd.settings import FORMAT_TYPES, OutputFormat
+from llmwsd.settings import OutputFormat
 
-# The formats both engines enforce (welcome's capabilities say so).
-SUPPORTED_FORMATS = list(FORMAT_TYPES)
+# Compiled grammars kept for reuse, per model; bounded, since clients choose the schemas.
+GRAMMAR_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def json_schema_of(fmt: OutputFormat) -> str:
@@ -36,7 +36,9 @@ class Grammars:
             tokenizer, vocab_size=vocab_size, stop_token_ids=end_token_ids or None
         )
         self.end_token_ids = end_token_ids
-        self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
+        self.compiler = xgrammar.GrammarCompiler(
+            self.info, max_threads=1, cache_enabled=True, cache_limit_bytes=GRAMMAR_CACHE_BYTES
+        )
         self._lock = threading.Lock()  # worker threads check formats, the engine's uses them
 
     def compile(self, fmt: OutputFormat) -> xgrammar.CompiledGrammar:
