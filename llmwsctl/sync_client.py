@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -116,41 +117,46 @@ class SyncClient:
 class SyncStream(Iterator[T]):
     """Iterates an async iterator on the client's loop.
 
-    A KeyboardInterrupt while waiting leaves the pending read in place, so the
-    caller can cancel the answer and keep reading it to its end.
+    One task on the loop reads the source into a queue, and ``next`` takes from the
+    queue: a KeyboardInterrupt while waiting (or at any other moment in the caller's
+    thread) loses nothing and starts no second read, so the caller can cancel the
+    answer and keep reading it to its end.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, source: AsyncIterator[T]) -> None:
         self._loop = loop
         self._source = source
-        self._pending: concurrent.futures.Future[tuple[bool, T | None]] | None = None
-        self._task: asyncio.Task[Any] | None = None
+        self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._pump: concurrent.futures.Future[None] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the reading task, on the loop
+        self._ended = False
 
-    async def _next(self) -> tuple[bool, T | None]:
+    async def _read(self) -> None:
         self._task = asyncio.current_task()
         try:
-            return True, await anext(self._source)
-        except StopAsyncIteration:
-            return False, None
+            async for item in self._source:
+                self._items.put(("item", item))
+        except Exception as e:  # the caller's next() raises it
+            self._items.put(("error", e))
+        else:
+            self._items.put(("end", None))
 
     def __next__(self) -> T:
-        if self._pending is None:
-            self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-        try:
-            more, item = self._pending.result()
-        except KeyboardInterrupt:
-            raise  # still pending: the next call goes on waiting for the same item
-        except BaseException:
-            self._pending = None
-            raise
-        self._pending = None
-        if not more:
+        if self._ended:
             raise StopIteration
-        return item  # type: ignore[return-value]
+        if self._pump is None:
+            self._pump = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        kind, value = self._items.get()
+        if kind == "item":
+            return value  # type: ignore[no-any-return]
+        self._ended = True
+        if kind == "error":
+            raise value
+        raise StopIteration
 
     def close(self) -> None:
         """Stop reading; an unfinished answer is cancelled on the server."""
-        self._pending = None
+        self._ended = True
         asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result()
 
     async def _aclose(self) -> None:
