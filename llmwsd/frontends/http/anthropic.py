@@ -63,9 +63,7 @@ class AnthropicApi:
             if body.stream:
                 return await message.stream(call.request, generation)
             answer = await generation.answer()
-            reason = STOP_REASONS[
-                finish_reason(Finished(answer.tokens_out, answer.finish_reason, 0, 0))
-            ]
+            reason = STOP_REASONS[finish_reason(answer.finish_reason)]
             tool_call = use.parse(answer.text)
             content = [{"type": "text", "text": answer.text}]
             if tool_call is not None:
@@ -146,7 +144,7 @@ class Message:
                     if text:
                         await send_text(text)
                 elif isinstance(event, Finished):
-                    reason = STOP_REASONS[finish_reason(event)]
+                    reason = STOP_REASONS[finish_reason(event.finish_reason)]
                     text, tool_call = watch.end()
                     if text or tool_call is None:
                         await send_text(text)

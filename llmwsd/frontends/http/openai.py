@@ -101,11 +101,11 @@ def usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
     }
 
 
-def finish_reason(event: Finished) -> str:
+def finish_reason(reason: str) -> str:
     """stop or length; a generation the server cancelled (a shutdown) is an error."""
-    if event.finish_reason not in FINISH_REASONS:
+    if reason not in FINISH_REASONS:
         raise Interrupted("the server stopped before this answer was complete")
-    return event.finish_reason
+    return reason
 
 
 class OpenAiApi:
@@ -264,9 +264,7 @@ class Reply:
         }
 
     def whole(self, answer: Answer) -> dict[str, Any]:
-        reason = answer.finish_reason
-        if reason not in FINISH_REASONS:
-            raise Interrupted("the server stopped before this answer was complete")
+        reason = finish_reason(answer.finish_reason)
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": answer.text}
             tool_call = self.use.parse(answer.text)
@@ -314,7 +312,7 @@ class Reply:
                     if text:
                         await stream.send(self.chunk(text, **more))
                 elif isinstance(event, Finished):
-                    reason = finish_reason(event)
+                    reason = finish_reason(event.finish_reason)
                     text, tool_call = watch.end()
                     if text:
                         await stream.send(self.chunk(text, **more))

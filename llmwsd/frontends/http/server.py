@@ -46,7 +46,7 @@ from llmwsd.errors import (
 )
 from llmwsd.frontends.http.errors import anthropic_error, openai_error, status_of
 from llmwsd.frontends.websocket.http import HttpRoutes, response
-from llmwsd.frontends.websocket.security import Gatekeeper, MessageRate
+from llmwsd.frontends.websocket.security import Gatekeeper, MessageRate, bearer_of
 
 if TYPE_CHECKING:
     from llmwsd.service.services import Services
@@ -255,11 +255,8 @@ class ApiServer:
 
     def _authenticate(self, call: Call) -> None:
         headers = call.request.headers
-        token = None
-        authorization = headers.get("Authorization", "")
-        if authorization[:7].lower() == "bearer ":
-            token = authorization[7:].strip()
-        elif "x-api-key" in headers:
+        token = bearer_of(headers.get("Authorization", ""))
+        if token is None and "x-api-key" in headers:  # Anthropic's header
             token = headers["x-api-key"].strip()
         identity = self.gate.identify_token(call.address, token)
         if isinstance(identity, str):

@@ -268,10 +268,15 @@ class Gatekeeper:
         return MessageRate(self.config.limits.messages_per_second, self.config.limits.message_burst)
 
 
+def bearer_of(authorization: str) -> str | None:
+    """The token in an ``Authorization: Bearer …`` header's value; None for another scheme."""
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+
+
 def bearer_token(request: Request) -> str | None:
     """The token from ``Authorization: Bearer …`` or, for browsers, ``?token=…``."""
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
+    token = bearer_of(request.headers.get("Authorization", ""))
+    if token is not None:
+        return token
     values = parse_qs(urlsplit(request.path).query).get("token")
     return values[0] if values else None
